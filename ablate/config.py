@@ -1,0 +1,321 @@
+"""Typed run configuration: defaults, presets, `key=value` overrides, flattening and hashing.
+
+The defaults are the paper's (Lin et al. 2017, sections 4-5 and Table 1) unless a comment says
+otherwise. A *preset* is a named set of overrides for a budget (`tiny` for a laptop CPU, `paper`
+for COCO on GPUs); an experiment file starts from a preset and overrides a handful of keys.
+Keys are dotted (`loss.gamma`); an unknown key or a value of the wrong type is a `ConfigError`
+naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ablate.errors import ConfigError
+
+
+@dataclass
+class SynthConfig:
+    """The embedded procedural data set (ablate.data.synth); ignored for COCO."""
+
+    seed: int = 0
+    num_train: int = 4000
+    num_val: int = 500
+    image_size: int = 128
+    # 5 shapes x 4 colours = 20 classes: enough classes that the sigmoid outputs are mostly
+    # negatives, as with COCO's 80, while the set stays learnable in minutes.
+    num_shapes: int = 5
+    num_colors: int = 4
+    min_objects: int = 1
+    max_objects: int = 4
+    # Small objects (6-24 px on 128 px images) are what makes the anchor set lopsided: a handful
+    # of foreground anchors against ~3k background ones per image, times 20 classes.
+    min_object_size: int = 6
+    max_object_size: int = 24
+    # Shapes of colours that are no class, and noise strokes: hard negatives.
+    num_distractors: int = 3
+    clutter: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    # "synth": the embedded procedural set, generated into `cache_dir` on first use.
+    # "coco": a folder in the COCO 2017 layout (annotations/instances_{split}2017.json, {split}2017/).
+    source: str = "synth"
+    root: str = ""
+    cache_dir: str = ""  # empty: $ABLATE_CACHE or ~/.cache/ablate
+    train_split: str = "train"
+    val_split: str = "val"
+    max_train_images: int = 0  # 0 = all; the first N images by id, for quick subsets
+    max_val_images: int = 0
+    categories: list[str] = field(default_factory=list)  # empty = all categories
+    # Table 1 trains and tests at 600 px (shorter side); 1000 caps the longer side as in Detectron.
+    min_size: int = 600
+    max_size: int = 1000
+    hflip_prob: float = 0.5  # the paper's only augmentation
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | tiny
+    weights: str = ""  # path to a local state dict for the trunk (nothing is downloaded)
+    # Trained from scratch there is no ImageNet statistic to freeze, so BatchNorm trains.
+    trunk_norm: str = "bn"  # bn | frozen_bn
+    tiny_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    fpn_channels: int = 256
+    head_convs: int = 4
+    head_channels: int = 256
+    head_norm: str = "none"  # none (the paper) | gn (GroupNorm, used by small presets)
+    # pi of the classification bias b = -log((1 - pi) / pi); None keeps b = 0 (prior ablation).
+    prior: float | None = 0.01
+    # Anchor side on P3 (doubling per level up to P7): 32 -> 512 as in the paper.
+    anchor_size: float = 32.0
+    num_scales: int = 3  # scales 2^(k / num_scales), k = 0..num_scales-1
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # h / w
+    # Anchor centres at cell centres, as Detectron's (stride - 1) / 2.
+    anchor_offset: float = 0.5
+
+
+@dataclass
+class MatcherConfig:
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.4
+    # Each ground-truth box also keeps the anchor(s) it overlaps best, so that no object goes
+    # unassigned (Detectron and torchvision do this for RetinaNet).
+    allow_low_quality: bool = True
+
+
+@dataclass
+class LossConfig:
+    cls: str = "focal"  # ce | alpha_ce | focal | focal_star | ohem
+    alpha: float = 0.25  # alpha_ce, focal (weight of positives; negatives get 1 - alpha)
+    gamma: float = 2.0  # focal, focal_star
+    beta: float = 1.0  # focal_star
+    ohem_batch: int = 128  # examples kept per image
+    ohem_nms: float = 0.7  # NMS IoU over the examples' boxes before the top-B selection
+    ohem_fg_fraction: float | None = None  # 0.25 is the paper's "1:3"; None: no ratio forced
+    normalizer: str = "batch"  # batch: total foreground anchors in the batch | ema: its EMA
+    normalizer_momentum: float = 0.9
+    box: str = "smooth_l1"  # smooth_l1 | l1 | giou
+    smooth_l1_beta: float = 0.11  # the paper gives none; Detectron's RetinaNet used 0.11
+    box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    box_loss_weight: float = 1.0
+
+
+@dataclass
+class InferConfig:
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000  # per level
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    iterations: int = 90_000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3  # lr starts at lr * warmup_factor (Detectron)
+    # Step decays at these fractions of the run: 60k and 80k of 90k in the paper.
+    lr_steps: list[float] = field(default_factory=lambda: [2.0 / 3, 8.0 / 9])
+    lr_decay: float = 0.1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    checkpoint_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    out_dir: str = "runs"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Keys that change where or how fast a run goes, never what it computes: left out of the hash.
+UNHASHED_KEYS = frozenset({"train.out_dir", "train.log_every", "data.num_workers", "data.cache_dir"})
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synth", "coco"),
+    "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"),
+    "model.trunk_norm": ("bn", "frozen_bn"),
+    "model.head_norm": ("none", "gn"),
+    "loss.cls": ("ce", "alpha_ce", "focal", "focal_star", "ohem"),
+    "loss.normalizer": ("batch", "ema"),
+    "loss.box": ("smooth_l1", "l1", "giou"),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's Table 1 setting on COCO: ResNet-50-FPN, 600 px, 90k iterations of 16 images.
+    "paper": {},
+    # A laptop-CPU budget on the embedded data set: a narrow residual trunk, 64-channel FPN and
+    # 2-conv GroupNorm heads at 128 px. GroupNorm keeps the from-scratch heads trainable at
+    # lr 0.01 for every loss; the schedule is set once for all losses, never per loss.
+    "tiny": {
+        "data.source": "synth",
+        "data.min_size": 128,
+        "data.max_size": 128,
+        "data.num_workers": 1,
+        "model.trunk": "tiny",
+        "model.fpn_channels": 64,
+        "model.head_convs": 2,
+        "model.head_channels": 64,
+        "model.head_norm": "gn",
+        "model.anchor_size": 12.0,
+        "train.batch_size": 16,
+        "train.iterations": 800,
+        "train.warmup_iters": 100,
+        "train.log_every": 10,
+    },
+}
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{'section.key': value} for every field, lists as lists."""
+    out: dict[str, Any] = {}
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            out[f"{section.name}.{f.name}"] = getattr(getattr(cfg, section.name), f.name)
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable hash of everything that can change a run's result."""
+    items = {k: v for k, v in flatten(cfg).items() if k not in UNHASHED_KEYS}
+    return hashlib.sha1(json.dumps(items, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(nested: dict[str, dict[str, Any]], source: str = "config") -> Config:
+    """Inverse of `to_dict`, validated (used to reload a checkpoint's config)."""
+    flat = {f"{s}.{k}": v for s, section in nested.items() for k, v in section.items()}
+    return apply_overrides(Config(), flat, source)
+
+
+def _field_type(key: str) -> Any:
+    section, _, name = key.partition(".")
+    hints = typing.get_type_hints(type(getattr(Config(), section)))
+    return hints[name]
+
+
+def _known_keys() -> set[str]:
+    return set(flatten(Config()))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """`value` checked against the field type `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, source)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(v, inner, key, source) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{source}: '{key}' must be an int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
+    """A copy of `cfg` with dotted-key `overrides` applied and validated.
+
+    `source` names where the overrides came from (a file, `--set`), for the error message.
+    """
+    cfg = dataclasses.replace(cfg, **{s.name: dataclasses.replace(getattr(cfg, s.name))
+                                      for s in dataclasses.fields(cfg)})
+    known = _known_keys()
+    for key, value in overrides.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, known)}")
+        value = _coerce(value, _field_type(key), key, source)
+        choices = CHOICES.get(key)
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        section, _, name = key.partition(".")
+        setattr(getattr(cfg, section), name, value)
+    _check_ranges(cfg, source)
+    return cfg
+
+
+def _suggest(key: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    checks = [
+        ("loss.alpha", 0.0 <= cfg.loss.alpha <= 1.0, "in [0, 1]"),
+        ("loss.gamma", cfg.loss.gamma >= 0.0, ">= 0"),
+        ("model.prior", cfg.model.prior is None or 0.0 < cfg.model.prior < 1.0, "in (0, 1) or none"),
+        ("matcher.bg_iou_thresh", cfg.matcher.bg_iou_thresh <= cfg.matcher.fg_iou_thresh,
+         "<= matcher.fg_iou_thresh"),
+        ("model.num_scales", cfg.model.num_scales >= 1, ">= 1"),
+        ("model.aspect_ratios", len(cfg.model.aspect_ratios) >= 1
+         and all(r > 0 for r in cfg.model.aspect_ratios), "a non-empty list of positive ratios"),
+        ("loss.box_weights", len(cfg.loss.box_weights) == 4, "a list of 4 numbers"),
+        ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),
+        ("train.iterations", cfg.train.iterations >= 1, ">= 1"),
+        ("loss.ohem_fg_fraction", cfg.loss.ohem_fg_fraction is None
+         or 0.0 < cfg.loss.ohem_fg_fraction < 1.0, "in (0, 1) or none"),
+    ]
+    for key, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' must be {what}")
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'key=value' from the command line; the value is read as JSON when it parses
+    (numbers, true/false, null, [lists]), `none` as None, else kept as a string."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set: expected key=value, got '{assignment}'")
+    key, _, raw = assignment.partition("=")
+    raw = raw.strip()
+    if raw.lower() in ("none", "null"):
+        return key.strip(), None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(preset: str = "paper", overrides: dict[str, Any] | None = None,
+                 source: str = "--set") -> Config:
+    """The preset's config with `overrides` on top."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    cfg = apply_overrides(Config(), PRESETS[preset], f"preset {preset}")
+    return apply_overrides(cfg, overrides or {}, source)

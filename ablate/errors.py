@@ -1,0 +1,36 @@
+"""The one exception type the CLI turns into a single clear line (no traceback).
+
+Raise `AblateError` (or a subclass) for anything the *user* can fix: a bad path, malformed JSON,
+an unknown config key, a wrong type. Bugs stay ordinary exceptions and keep their traceback.
+"""
+
+from __future__ import annotations
+
+
+class AblateError(Exception):
+    """A user-facing error; its message names the file or field at fault."""
+
+
+class ConfigError(AblateError):
+    """An unknown key, a value of the wrong type, or an invalid experiment file."""
+
+
+class DataError(AblateError):
+    """A missing data folder, malformed annotations, or an unreadable image."""
+
+
+def one_line(error: BaseException) -> str:
+    """The user-facing line of `error`.
+
+    A DataLoader worker re-raises our exception with the worker's whole traceback folded into the
+    message; the line we raised is then its last line, after the exception's qualified name.
+    """
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1].strip()
+    for cls in (AblateError, ConfigError, DataError):
+        prefix = f"{cls.__module__}.{cls.__name__}: "
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last

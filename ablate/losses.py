@@ -1,0 +1,118 @@
+"""The classification-loss family of Table 1 and the box losses, as pure tensor functions.
+
+Classification losses are elementwise over sigmoid outputs: logits and 0/1 targets of the same
+shape (typically [B, N, K]) in, an unreduced loss of that shape out; the caller masks ignored
+anchors, sums and normalises. All are computed from logits (log-sigmoid / softplus) for
+numerical stability. Notation of the paper: p = sigmoid(x), p_t = p if y = 1 else 1 - p.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import batched_nms, generalized_box_iou_loss
+
+
+def sigmoid_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """CE(p_t) = -log(p_t), elementwise. logits, targets: float [...]; returns float [...]."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+
+
+def alpha_weights(targets: Tensor, alpha: float) -> Tensor:
+    """alpha_t: alpha for positives, 1 - alpha for negatives (same shape as targets)."""
+    return alpha * targets + (1.0 - alpha) * (1.0 - targets)
+
+
+def alpha_ce(logits: Tensor, targets: Tensor, alpha: float) -> Tensor:
+    """alpha-balanced CE: -alpha_t log(p_t), elementwise."""
+    return alpha_weights(targets, alpha) * sigmoid_ce(logits, targets)
+
+
+def focal(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float | None = 0.25) -> Tensor:
+    """Focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t), elementwise.
+
+    gamma = 0 gives alpha-CE; alpha = None drops the balancing (alpha_t = 1). Equal to
+    torchvision.ops.sigmoid_focal_loss(reduction="none") for alpha in [0, 1].
+    """
+    ce = sigmoid_ce(logits, targets)
+    if gamma != 0:
+        p = torch.sigmoid(logits)
+        p_t = p * targets + (1 - p) * (1 - targets)
+        ce = ce * (1 - p_t) ** gamma
+    return ce if alpha is None else alpha_weights(targets, alpha) * ce
+
+
+def focal_star(logits: Tensor, targets: Tensor, gamma: float = 4.0, beta: float = 0.0) -> Tensor:
+    """FL* of the appendix: -log(sigmoid(gamma * x_t + beta)) / gamma, elementwise.
+
+    x_t = x for positives and -x for negatives.
+    """
+    x_t = logits * (2 * targets - 1)
+    return F.softplus(-(gamma * x_t + beta)) / gamma
+
+
+def per_image_rank(image_index: Tensor, num_images: int) -> Tensor:
+    """Rank of each entry among the entries of its image, in the given order.
+
+    image_index: int64 [E] in 0..num_images-1. Returns int64 [E]: 0 for an image's first entry,
+    1 for its second, ... (a cumulative count per image, without a loop over images).
+    """
+    one_hot = F.one_hot(image_index, num_images)  # [E, B]
+    return (one_hot.cumsum(0) * one_hot).sum(1) - 1
+
+
+def ohem_select(example_loss: Tensor, boxes: Tensor, is_fg: Tensor, valid: Tensor,
+                batch_size: int = 128, nms_thresh: float = 0.7, fg_fraction: float | None = None,
+                num_candidates: int | None = None) -> Tensor:
+    """Online hard example mining (Table 1d): which anchors each image keeps for its loss.
+
+    Examples (anchors) are scored by `example_loss`; NMS at `nms_thresh` over their boxes removes
+    near-duplicates; each image then keeps its `batch_size` highest-loss survivors. With
+    `fg_fraction` (0.25 for the paper's 1:3), at most that share of the batch is foreground and
+    background fills the rest.
+
+    example_loss: float [B, N] (e.g. CE summed over classes; detached); boxes: float [B, N, 4]
+    (the examples' predicted boxes); is_fg, valid: bool [B, N] (valid excludes ignored anchors).
+    num_candidates: examples per image entering NMS (default min(N, 16 * batch_size)): NMS over all
+    ~100k anchors would cost far more than the loss itself, and only the top of the ranking survives.
+    Returns bool [B, N], the selected examples.
+    """
+    b, n = example_loss.shape
+    k = min(n, num_candidates or 16 * batch_size)
+    scores = example_loss.detach().masked_fill(~valid, -1.0)
+    top_scores, top_idx = scores.topk(k, dim=1)  # [B, k]
+    image = torch.arange(b, device=scores.device)[:, None].expand(b, k)
+    flat = (image * n + top_idx).reshape(-1)
+    ok = top_scores.reshape(-1) >= 0  # drop ignored anchors that fell into the top-k
+    flat, cand_scores, cand_image = flat[ok], top_scores.reshape(-1)[ok], image.reshape(-1)[ok]
+    keep = batched_nms(boxes.detach().reshape(-1, 4)[flat].float(), cand_scores.float(), cand_image, nms_thresh)
+    flat, kept_image = flat[keep], cand_image[keep]  # sorted by decreasing loss
+    fg = is_fg.reshape(-1)[flat]
+    if fg_fraction is None:
+        chosen = per_image_rank(kept_image, b) < batch_size
+    else:
+        max_fg = int(batch_size * fg_fraction)
+        fg_rank = per_image_rank(kept_image[fg], b)
+        fg_take = fg_rank < max_fg
+        num_fg = torch.bincount(kept_image[fg][fg_take], minlength=b)  # [B]
+        bg_rank = per_image_rank(kept_image[~fg], b)
+        bg_take = bg_rank < (batch_size - num_fg)[kept_image[~fg]]
+        chosen = torch.zeros_like(fg)
+        chosen[fg] = fg_take
+        chosen[~fg] = bg_take
+    selected = torch.zeros(b * n, dtype=torch.bool, device=scores.device)
+    selected[flat[chosen]] = True
+    return selected.view(b, n)
+
+
+def smooth_l1(pred: Tensor, target: Tensor, beta: float = 0.11) -> Tensor:
+    """Smooth-L1 per element: 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta. [..., 4] -> [..., 4]."""
+    if beta == 0:
+        return (pred - target).abs()
+    return F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
+
+
+def giou_loss(pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+    """1 - GIoU per box pair: [E, 4] x1y1x2y2 each -> [E]."""
+    return generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
