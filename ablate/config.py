@@ -9,8 +9,10 @@ naming the key and where it came from.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import math
 import json
 import types
 import typing
@@ -242,6 +244,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{source}: '{key}' must be an int, got {value!r}")
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
     if not isinstance(value, tp):
         raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -252,8 +256,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
 
     `source` names where the overrides came from (a file, `--set`), for the error message.
     """
-    cfg = dataclasses.replace(cfg, **{s.name: dataclasses.replace(getattr(cfg, s.name))
-                                      for s in dataclasses.fields(cfg)})
+    cfg = copy.deepcopy(cfg)
     known = _known_keys()
     for key, value in overrides.items():
         if key not in known:
@@ -288,6 +291,8 @@ def _check_ranges(cfg: Config, source: str) -> None:
         ("loss.box_weights", len(cfg.loss.box_weights) == 4, "a list of 4 numbers"),
         ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),
         ("train.iterations", cfg.train.iterations >= 1, ">= 1"),
+        ("train.log_every", cfg.train.log_every >= 1, ">= 1"),
+        ("train.lr", cfg.train.lr > 0, "> 0"),
         ("loss.ohem_fg_fraction", cfg.loss.ohem_fg_fraction is None
          or 0.0 < cfg.loss.ohem_fg_fraction < 1.0, "in (0, 1) or none"),
     ]

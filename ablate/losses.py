@@ -37,9 +37,10 @@ def focal(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float | No
     """
     ce = sigmoid_ce(logits, targets)
     if gamma != 0:
-        p = torch.sigmoid(logits)
-        p_t = p * targets + (1 - p) * (1 - targets)
-        ce = ce * (1 - p_t) ** gamma
+        # (1 - p_t)^gamma as exp(gamma * log sigmoid(-x_t)): for gamma < 1 the power form has an
+        # infinite derivative where 1 - p_t rounds to 0 (|x| > ~17), which turns gradients to NaN.
+        x_t = logits * (2 * targets - 1)
+        ce = ce * torch.exp(gamma * F.logsigmoid(-x_t))
     return ce if alpha is None else alpha_weights(targets, alpha) * ce
 
 

@@ -1,0 +1,93 @@
+"""Builders: the only place that reads a `Config` to make data sets, loaders, model and optimiser.
+
+Components take plain arguments; this module turns config sections into those arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ablate.config import Config, DataConfig, TrainConfig
+from ablate.criterion import DetectionLoss
+from ablate.data.coco import Batch, CocoDetection, collate
+from ablate.data.synth import ensure_synth
+from ablate.errors import ConfigError
+from ablate.model.retinanet import RetinaNet
+
+
+def data_root(cfg: Config, progress: bool = True) -> Path:
+    """The COCO-layout folder to read: the synth set (generated on first use) or `data.root`."""
+    if cfg.data.source == "synth":
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
+        return ensure_synth(cfg.synth, cache, progress=progress)
+    if not cfg.data.root:
+        raise ConfigError("data.root: set it to the COCO folder for data.source=coco (or use --data coco:PATH)")
+    return Path(cfg.data.root).expanduser()
+
+
+def build_dataset(cfg: DataConfig, root: Path, split: str, train: bool) -> CocoDetection:
+    return CocoDetection(root, split, min_size=cfg.min_size, max_size=cfg.max_size,
+                         hflip_prob=cfg.hflip_prob if train else 0.0,
+                         max_images=cfg.max_train_images if train else cfg.max_val_images,
+                         categories=cfg.categories)
+
+
+def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, shuffle: bool,
+                 seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader yielding padded `Batch`es; seeded so that a run's image order is reproducible."""
+    workers = max(0, min(num_workers, (os.cpu_count() or 1)))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      collate_fn=collate, drop_last=shuffle, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=workers > 0)
+
+
+def forever(loader: DataLoader) -> Iterator[Batch]:
+    """Cycle through `loader` epoch after epoch (training counts iterations, not epochs)."""
+    if len(loader) == 0:
+        raise ConfigError("train.batch_size: larger than the training set; lower it or add images")
+    while True:
+        yield from loader
+
+
+def build_model(cfg: Config, num_classes: int) -> RetinaNet:
+    return RetinaNet(cfg.model, num_classes)
+
+
+def build_criterion(cfg: Config) -> DetectionLoss:
+    return DetectionLoss(cfg.loss, cfg.matcher)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay on every parameter (paper 4.1)."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(iteration: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at `iteration` (0-based): linear warm-up from warmup_factor, then
+    a step decay by lr_decay at each fraction in lr_steps of the run."""
+    factor = 1.0
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        factor = cfg.warmup_factor * (1 - alpha) + alpha
+    for step in cfg.lr_steps:
+        if iteration >= int(step * cfg.iterations):
+            factor *= cfg.lr_decay
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is available")
+    return torch.device(name)

@@ -1,0 +1,17 @@
+"""Data: COCO-format detection sets (`coco`) and the embedded procedural set written in that
+format (`synth`), so that both go through the same reader, transforms and collate."""
+
+from ablate.data.coco import Batch, CocoDetection, DataStats, collate
+from ablate.data.synth import class_names, default_cache_dir, ensure_synth, synth_root, synth_stats
+
+__all__ = [
+    "Batch",
+    "CocoDetection",
+    "DataStats",
+    "collate",
+    "class_names",
+    "default_cache_dir",
+    "ensure_synth",
+    "synth_root",
+    "synth_stats",
+]

@@ -1,0 +1,142 @@
+"""The training loop and evaluation. Both return plain metric dicts; what to do with them (files,
+MLflow) is the caller's business, reached through the `on_log` / `on_checkpoint` callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ablate.config import InferConfig, TrainConfig
+from ablate.criterion import DetectionLoss
+from ablate.data.coco import Batch, CocoDetection
+from ablate.evaluation import coco_evaluate, detections_to_coco
+from ablate.postprocess import postprocess
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainOutcome:
+    status: str  # "finished" or "diverged"
+    iterations: int  # iterations completed
+    seconds: float
+    diverged_at: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not enabled)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Batch],
+          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          cfg: TrainConfig, device: torch.device, *, on_log: LogFn | None = None,
+          on_checkpoint: Callable[[int], None] | None = None, show_progress: bool = True) -> TrainOutcome:
+    """Run `cfg.iterations` SGD steps. A non-finite loss stops the run with status "diverged"
+    (before the step that would poison the weights); everything logged until then is kept."""
+    model.train()
+    channels_last = cfg.channels_last and device.type == "cuda"
+    sums: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    start = interval_start = time.perf_counter()
+    data_seconds = 0.0
+    images_in_interval = 0
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("train", total=cfg.iterations, info="")
+        for it in range(cfg.iterations):
+            t0 = time.perf_counter()
+            batch = next(batches).to(device, non_blocking=True)
+            data_seconds += time.perf_counter() - t0
+            images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
+            with autocast(device, cfg.amp):
+                cls_logits, box_deltas, anchors, _ = model(images)
+            out = criterion(cls_logits, box_deltas, anchors, batch.gt_boxes, batch.gt_labels)
+            loss = out["loss"]
+            out["loss"] = loss.item()  # also the divergence check (one sync per step)
+            if not math.isfinite(out["loss"]):
+                return TrainOutcome("diverged", it, time.perf_counter() - start, diverged_at=it, history=history)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for key in ("loss", "loss_cls", "loss_box_reg", "num_fg", "num_bg", "num_ignored"):
+                sums[key] = sums.get(key, 0.0) + float(out[key])
+            images_in_interval += len(batch.images)
+            done = it + 1
+            if done % cfg.log_every == 0 or done == cfg.iterations:
+                n = done - (history[-1]["iteration"] if history else 0)
+                elapsed = time.perf_counter() - interval_start
+                metrics = {"iteration": done, "lr": optimizer.param_groups[0]["lr"],
+                           **{k: v / n for k, v in sums.items()},
+                           "img_per_s": images_in_interval / elapsed, "data_fraction": data_seconds / elapsed}
+                for key in ("num_fg", "num_bg", "num_ignored"):  # per image, not per batch
+                    metrics[key] /= images_in_interval / n
+                history.append(metrics)
+                if on_log:
+                    on_log(done, metrics)
+                bar.update(task, completed=done, info=f"loss {metrics['loss']:.3f} "
+                           f"({metrics['img_per_s']:.1f} img/s)")
+                sums, images_in_interval, data_seconds = {}, 0, 0.0
+                interval_start = time.perf_counter()
+            if on_checkpoint and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+                on_checkpoint(done)
+    return TrainOutcome("finished", cfg.iterations, time.perf_counter() - start, history=history)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batch: Batch, infer: InferConfig, box_weights, device: torch.device,
+            amp: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Detections of one batch, boxes in the ORIGINAL image pixels (undoing the resize)."""
+    model.eval()
+    batch = batch.to(device)
+    with autocast(device, amp):
+        cls_logits, box_deltas, anchors, per_level = model(batch.images)
+    dets = postprocess(cls_logits, box_deltas, anchors, per_level, batch.image_sizes, infer.score_thresh,
+                       infer.topk_candidates, infer.nms_thresh, infer.detections_per_img, box_weights)
+    scale = (batch.orig_sizes / batch.image_sizes).float()  # [B, 2] (h, w)
+    for det, (sy, sx) in zip(dets, scale.tolist()):
+        det["boxes"] = det["boxes"] * det["boxes"].new_tensor([sx, sy, sx, sy])
+    return dets
+
+
+def evaluate(model: torch.nn.Module, loader, dataset: CocoDetection, infer: InferConfig, box_weights,
+             device: torch.device, *, amp: bool = True, show_progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """COCO metrics of `model` on `dataset` and the detections as COCO result records.
+
+    Adds `infer_ms_per_img`: network plus post-processing time per image.
+    """
+    records: list[dict] = []
+    seconds, num_images = 0.0, 0
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("eval", total=len(loader), info="")
+        for batch in loader:
+            t0 = time.perf_counter()
+            dets = predict(model, batch, infer, box_weights, device, amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            num_images += len(dets)
+            counts = [len(d["scores"]) for d in dets]
+            records += detections_to_coco(
+                torch.cat([d["boxes"] for d in dets]).cpu(), torch.cat([d["scores"] for d in dets]).cpu(),
+                torch.cat([d["labels"] for d in dets]).cpu(),
+                torch.repeat_interleave(batch.image_ids, torch.tensor(counts)), dataset.category_ids)
+            bar.advance(task)
+    metrics = coco_evaluate(dataset.coco, records, image_ids=dataset.image_ids, category_ids=dataset.category_ids)
+    metrics["infer_ms_per_img"] = 1000 * seconds / max(1, num_images)
+    return metrics, records

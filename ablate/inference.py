@@ -1,0 +1,34 @@
+"""Detection on image files for `ablate infer`: decode, resize as in training, detect, draw, save."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ablate import builders
+from ablate.config import Config
+from ablate.data.coco import collate, decode_image, make_transform
+from ablate.engine import predict
+from ablate.visualize import draw_detections, save_png
+
+
+def detect_files(model: torch.nn.Module, cfg: Config, class_names: Sequence[str], paths: Sequence[Path],
+                 out_dir: Path, score_min: float) -> Iterator[tuple[Path, int]]:
+    """For each image: write out_dir/<stem>.png with its detections drawn; yield (path, count drawn)."""
+    device = builders.resolve_device(cfg.train.device)
+    model = model.to(device)
+    resize = make_transform(cfg.data.min_size, cfg.data.max_size, 0.0)
+    for path in paths:
+        original = decode_image(Path(path))
+        resized = resize(original)
+        target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 0,
+                  "orig_size": tuple(original.shape[-2:])}
+        (det,) = predict(model, collate([(resized, target)]), cfg.infer, cfg.loss.box_weights, device, cfg.train.amp)
+        det = {k: v.cpu() for k, v in det.items()}
+        drawn = draw_detections(original, det["boxes"], det["labels"], det["scores"], class_names,
+                                score_min=score_min)
+        out_path = out_dir / f"{Path(path).stem}.png"
+        save_png(drawn, out_path)
+        yield out_path, int((det["scores"] >= score_min).sum())

@@ -1,0 +1,136 @@
+"""One training run end to end, with its files: config, metrics, checkpoint, detections, COCO stats.
+
+This is the edge where a run touches the disk; the engine only computes. A run folder holds:
+    config.json        the resolved config (nested) and its hash
+    metrics.jsonl      one line per logged interval
+    checkpoint.pt      model weights + config + class names (and every N iterations: checkpoint_N.pt)
+    detections.json    COCO results on the val split
+    eval.json          COCO metrics
+    summary.json       status (finished / diverged), final metrics, timings, data statistics
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from ablate import builders, engine
+from ablate.analysis import anchor_balance
+from ablate.config import Config, config_hash, from_dict, to_dict
+from ablate.errors import AblateError
+from ablate.evaluation import save_results
+from ablate.model.retinanet import RetinaNet
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(out_dir: str | Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(out_dir) / f"{stamp}-{name}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(out_dir) / f"{stamp}-{name}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)  # atomic: an interrupted write never leaves half a file
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, class_names: list[str],
+                    category_ids: list[int], iteration: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "class_names": class_names,
+                "category_ids": category_ids, "iteration": iteration}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[RetinaNet, Config, dict]:
+    """(model on CPU in eval mode, its config with `overrides` applied, the raw checkpoint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AblateError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = from_dict(ckpt["config"], f"{path} (config)")
+    except AblateError:
+        raise
+    except Exception as e:
+        raise AblateError(f"{path}: not an ablate checkpoint ({type(e).__name__})") from None
+    from ablate.config import apply_overrides
+
+    cfg = apply_overrides(cfg, overrides or {}, "--set")
+    cfg.model.weights = ""  # the checkpoint holds every weight already
+    model = RetinaNet(cfg.model, len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, ckpt
+
+
+def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = None,
+                 console: Console | None = None, show_progress: bool = True,
+                 on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train, checkpoint and evaluate one config; returns the summary (also in summary.json)."""
+    console = console or Console(stderr=True)
+    run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
+    write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
+    set_seed(cfg.train.seed)
+    device = builders.resolve_device(cfg.train.device)
+    root = builders.data_root(cfg, progress=show_progress)
+    train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
+    val_set = builders.build_dataset(cfg.data, root, cfg.data.val_split, train=False)
+    balance = anchor_balance(train_set, cfg.model, cfg.matcher)
+    console.print(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
+                  f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}")
+    console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground {balance['fg_per_image']:.1f}, "
+                  f"background {balance['bg_per_image']:.0f} (1:{balance['bg_per_fg']:.0f}), "
+                  f"ignored {balance['ignored_per_image']:.1f}")
+    model = builders.build_model(cfg, len(train_set.category_names)).to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = builders.build_optimizer(model, cfg.train)
+    loader = builders.build_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=True,
+                                   seed=cfg.train.seed, pin_memory=device.type == "cuda")
+    classes = (train_set.category_names, train_set.category_ids)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if on_log:
+            on_log(step, metrics)
+
+    outcome = engine.train(model, builders.build_criterion(cfg), builders.forever(loader), optimizer,
+                           builders.build_scheduler(optimizer, cfg.train), cfg.train, device, on_log=log,
+                           on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", model, cfg,
+                                                                    *classes, it),
+                           show_progress=show_progress)
+    summary: dict[str, Any] = {"status": outcome.status, "iterations": outcome.iterations,
+                               "diverged_at": outcome.diverged_at, "train_seconds": outcome.seconds,
+                               "config_hash": config_hash(cfg), "run_dir": str(run_dir),
+                               "data": {"root": str(root), **train_set.stats.as_dict()}, "anchors": balance}
+    if outcome.status == "finished":
+        save_checkpoint(run_dir / "checkpoint.pt", model, cfg, *classes, outcome.iterations)
+        val_loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
+        t0 = time.perf_counter()
+        metrics, records = engine.evaluate(model, val_loader, val_set, cfg.infer, cfg.loss.box_weights, device,
+                                           amp=cfg.train.amp, show_progress=show_progress)
+        save_results(records, run_dir / "detections.json")
+        write_json(run_dir / "eval.json", metrics)
+        summary.update(metrics=metrics, eval_seconds=time.perf_counter() - t0)
+    write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,185 @@
+"""The `ablate` command line: parse, load, delegate. No logic of its own.
+
+`python cli.py ...` from a checkout and the installed `ablate` command are the same app.
+Heavy imports (torch, mlflow) happen inside the commands so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Run, track and report the ablations of a dense detector (RetinaNet, focal loss).",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="The embedded procedural data set.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value "
+                                                     "(repeatable), e.g. --set loss.gamma=1 --set train.iterations=50")]
+DataOption = Annotated[str | None, typer.Option("--data", help="'synth' (embedded, default) or 'coco:PATH' "
+                                                "(a folder in the COCO 2017 layout)")]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def friendly_errors(command):
+    """Turn user errors (AblateError) into one red line and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from ablate.errors import AblateError, one_line
+
+        try:
+            return command(*args, **kwargs)
+        except AblateError as e:
+            console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]: files written so far are kept")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
+    """--set pairs and the --data shorthand as dotted-key overrides."""
+    from ablate.config import parse_set
+    from ablate.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    if data:
+        if data == "synth":
+            out["data.source"] = "synth"
+        elif data.startswith("coco:") and len(data) > 5:
+            out.update({"data.source": "coco", "data.root": data[5:]})
+        else:
+            raise ConfigError(f"--data: expected 'synth' or 'coco:PATH', got '{data}'")
+    for assignment in sets or []:
+        key, value = parse_set(assignment)
+        out[key] = value
+    return out
+
+
+@app.command()
+@friendly_errors
+def train(experiment: Annotated[str, typer.Argument(help="Experiment name (experiments/NAME.toml) or path.")],
+          set_: SetOption = None, data: DataOption = None,
+          seed: Annotated[int | None, typer.Option(help="Seed (default: the experiment's first).")] = None,
+          out: Annotated[Path | None, typer.Option(help="Folder for run folders (train.out_dir).")] = None,
+          progress: ProgressOption = True) -> None:
+    """Train one model from an experiment file, then evaluate it on the val split."""
+    from ablate.experiments import load_experiment
+    from ablate.runner import run_training
+
+    exp = load_experiment(experiment)
+    overrides = overrides_from(set_, data)
+    overrides.setdefault("train.seed", seed if seed is not None else exp.seeds[0])
+    if out:
+        overrides["train.out_dir"] = str(out)
+    cfg = exp.base_config(overrides)
+    summary = run_training(cfg, name=exp.name, console=console, show_progress=progress)
+    print_summary(summary)
+    if summary["status"] != "finished":
+        raise typer.Exit(3)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    if summary["status"] == "diverged":
+        console.print(f"[red]diverged[/red] at iteration {summary['diverged_at']} (non-finite loss); "
+                      f"logged metrics kept in {summary['run_dir']}")
+        return
+    console.print(f"[green]finished[/green] {summary['iterations']} iterations in {summary['train_seconds']:.0f} s: "
+                  + format_metrics(summary["metrics"]))
+    console.print(f"run folder: {summary['run_dir']}")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """'AP 31.2  AP50 ...' in percent; COCO's -1 (no object of that size) shows as n/a."""
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+    return "  ".join(f"{k} {100 * metrics[k]:.1f}" if metrics[k] >= 0 else f"{k} n/a" for k in names)
+
+
+@app.command("eval")
+@friendly_errors
+def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by `ablate train`.")],
+          set_: SetOption = None, data: DataOption = None,
+          out: Annotated[Path | None, typer.Option(help="Where to write detections.json and eval.json "
+                                                   "(default: beside the checkpoint).")] = None,
+          progress: ProgressOption = True) -> None:
+    """Evaluate a checkpoint on the val split (COCO AP, AP50, AP75, APs/m/l, AR100)."""
+    from ablate import builders, engine
+    from ablate.evaluation import save_results
+    from ablate.runner import load_checkpoint, write_json
+
+    model, cfg, _ = load_checkpoint(checkpoint, overrides_from(set_, data))
+    device = builders.resolve_device(cfg.train.device)
+    root = builders.data_root(cfg, progress=progress)
+    val_set = builders.build_dataset(cfg.data, root, cfg.data.val_split, train=False)
+    loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
+    metrics, records = engine.evaluate(model.to(device), loader, val_set, cfg.infer, cfg.loss.box_weights, device,
+                                       amp=cfg.train.amp, show_progress=progress)
+    out = out or checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    save_results(records, out / "detections.json")
+    write_json(out / "eval.json", metrics)
+    console.print(format_metrics(metrics) + f"  ({metrics['infer_ms_per_img']:.1f} ms/img)")
+    console.print(f"wrote {out / 'detections.json'} and {out / 'eval.json'}")
+
+
+@app.command()
+@friendly_errors
+def infer(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by `ablate train`.")],
+          images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG).")],
+          out: Annotated[Path, typer.Option(help="Folder for the annotated PNGs.")] = Path("detections"),
+          score_min: Annotated[float, typer.Option(help="Draw detections scoring at least this.")] = 0.3,
+          set_: SetOption = None) -> None:
+    """Detect objects in images and save each with its boxes, class names and scores drawn."""
+    from ablate.inference import detect_files
+
+    model, cfg, ckpt = load_for_inference(checkpoint, set_)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, num in detect_files(model, cfg, ckpt["class_names"], images, out, score_min):
+        console.print(f"{path}: {num} detections >= {score_min}")
+
+
+def load_for_inference(checkpoint: Path, set_: list[str] | None):
+    from ablate.runner import load_checkpoint
+
+    return load_checkpoint(checkpoint, overrides_from(set_, None))
+
+
+@data_app.command("synth")
+@friendly_errors
+def data_synth(set_: SetOption = None,
+               preset: Annotated[str, typer.Option(help="Preset whose anchors measure the imbalance.")] = "tiny",
+               progress: ProgressOption = True) -> None:
+    """Write the embedded data set (COCO layout) into the cache; print where, and its statistics."""
+    from ablate import builders
+    from ablate.analysis import anchor_balance
+    from ablate.config import build_config
+    from ablate.data.synth import synth_stats
+
+    cfg = build_config(preset, overrides_from(set_, "synth"))
+    root = builders.data_root(cfg, progress=progress)
+    print(root)
+    stats = synth_stats(root)
+    for key, value in stats.items():
+        console.print(f"  {key}: {value}")
+    train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=False)
+    b = anchor_balance(train_set, cfg.model, cfg.matcher)
+    console.print(f"  anchors ({preset} preset): {b['anchors_per_image']:.0f} per image, foreground "
+                  f"{b['fg_per_image']:.1f}, background {b['bg_per_image']:.0f}: 1:{b['bg_per_fg']:.0f} "
+                  f"(x {len(train_set.category_names)} classes in the sigmoid outputs)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

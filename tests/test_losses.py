@@ -1,0 +1,304 @@
+"""ablate.losses: the Table 1 classification losses against the paper's formulas, OHEM, box losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import sigmoid_focal_loss
+
+from ablate import losses
+
+# (logit x, target y) pairs: an easy positive, an easy negative gone wrong, a hard positive, x = 0
+PAIRS = [(2.0, 1.0), (2.0, 0.0), (-1.0, 1.0), (0.0, 0.0)]
+
+
+def _t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _p_t(x: float, y: float) -> float:
+    p = 1.0 / (1.0 + math.exp(-x))
+    return p if y == 1 else 1.0 - p
+
+
+def _xy():
+    return _t([x for x, _ in PAIRS]), _t([y for _, y in PAIRS])
+
+
+# ----------------------------------------------------------------------------- hand values
+
+def test_sigmoid_ce_by_hand():
+    x, y = _xy()
+    expected = [-math.log(_p_t(a, b)) for a, b in PAIRS]
+    torch.testing.assert_close(losses.sigmoid_ce(x, y), _t(expected))
+    # the same numbers written out: log(1 + e^-2), log(1 + e^2), log(1 + e), log 2
+    torch.testing.assert_close(losses.sigmoid_ce(x, y), _t([0.126928, 2.126928, 1.313262, 0.693147]),
+                               atol=1e-6, rtol=0)
+
+
+def test_alpha_ce_by_hand():
+    x, y = _xy()
+    alpha = 0.25
+    expected = [-(alpha if b == 1 else 1 - alpha) * math.log(_p_t(a, b)) for a, b in PAIRS]
+    torch.testing.assert_close(losses.alpha_ce(x, y, alpha), _t(expected))
+    torch.testing.assert_close(losses.alpha_ce(x, y, alpha), _t([0.031732, 1.595196, 0.328316, 0.519860]),
+                               atol=1e-6, rtol=0)
+
+
+def test_alpha_weights():
+    torch.testing.assert_close(losses.alpha_weights(_t([1.0, 0.0, 1.0]), 0.25), _t([0.25, 0.75, 0.25]))
+
+
+def test_focal_by_hand():
+    x, y = _xy()
+    gamma, alpha = 2.0, 0.25
+    expected = [-(alpha if b == 1 else 1 - alpha) * (1 - _p_t(a, b)) ** gamma * math.log(_p_t(a, b))
+                for a, b in PAIRS]
+    torch.testing.assert_close(losses.focal(x, y, gamma, alpha), _t(expected))
+    # x = 2, y = 1: p = 0.880797, (1 - p)^2 = 0.014209, CE = 0.126928 -> 0.25 * 0.014209 * 0.126928
+    assert losses.focal(_t([2.0]), _t([1.0]), 2.0, 0.25).item() == pytest.approx(0.000450893, rel=1e-4)
+    # x = 0, y = 0: p_t = 0.5 -> 0.75 * 0.25 * log 2
+    assert losses.focal(_t([0.0]), _t([0.0]), 2.0, 0.25).item() == pytest.approx(0.75 * 0.25 * math.log(2))
+
+
+def test_focal_gamma_five_and_no_alpha_by_hand():
+    x, y = _xy()
+    expected = [-(1 - _p_t(a, b)) ** 5 * math.log(_p_t(a, b)) for a, b in PAIRS]
+    torch.testing.assert_close(losses.focal(x, y, gamma=5.0, alpha=None), _t(expected))
+
+
+def test_focal_star_by_hand():
+    x, y = _xy()
+    for gamma, beta in ((4.0, 0.0), (2.0, 1.0), (4.0, 1.0)):
+        expected = []
+        for a, b in PAIRS:
+            x_t = a if b == 1 else -a
+            p_star = 1.0 / (1.0 + math.exp(-(gamma * x_t + beta)))
+            expected.append(-math.log(p_star) / gamma)
+        torch.testing.assert_close(losses.focal_star(x, y, gamma, beta), _t(expected))
+    # x = 0, y = 1, gamma = 4, beta = 1: -log(sigmoid(1)) / 4 = log(1 + e^-1) / 4
+    assert losses.focal_star(_t([0.0]), _t([1.0]), 4.0, 1.0).item() == pytest.approx(0.313262 / 4, rel=1e-5)
+
+
+def test_focal_star_gamma_one_beta_zero_is_ce():
+    x, y = _xy()
+    torch.testing.assert_close(losses.focal_star(x, y, 1.0, 0.0), losses.sigmoid_ce(x, y))
+
+
+# ----------------------------------------------------------------------------- relations
+
+def test_focal_gamma_zero_is_alpha_ce():
+    x = torch.randn(50, dtype=torch.float64) * 3
+    y = (torch.rand(50) < 0.3).double()
+    torch.testing.assert_close(losses.focal(x, y, gamma=0.0, alpha=0.25), losses.alpha_ce(x, y, 0.25))
+    torch.testing.assert_close(losses.focal(x, y, gamma=0.0, alpha=0.6), losses.alpha_ce(x, y, 0.6))
+
+
+def test_focal_gamma_zero_without_alpha_is_ce():
+    x = torch.randn(50, dtype=torch.float64) * 3
+    y = (torch.rand(50) < 0.3).double()
+    torch.testing.assert_close(losses.focal(x, y, gamma=0.0, alpha=None), losses.sigmoid_ce(x, y))
+
+
+def test_focal_matches_torchvision_reference():
+    x = torch.randn(4, 30) * 4
+    y = (torch.rand(4, 30) < 0.2).float()
+    for gamma, alpha in ((2.0, 0.25), (0.5, 0.75), (5.0, 0.5)):
+        torch.testing.assert_close(losses.focal(x, y, gamma, alpha),
+                                   sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma, reduction="none"))
+
+
+@pytest.mark.parametrize("p_t, factor", [(0.9, 100.0), (0.968, 1.0 / 0.032 ** 2)])
+def test_paper_claim_focal_down_weights_easy_examples(p_t, factor):
+    # Section 3.2: with gamma = 2, an example at p_t = 0.9 has 100x lower loss than with CE,
+    # one at p_t ~= 0.968 about 1000x lower.
+    logit = math.log(p_t / (1 - p_t))
+    for x, y in ((logit, 1.0), (-logit, 0.0)):  # a positive and a negative at the same p_t
+        ce = losses.sigmoid_ce(_t([x]), _t([y])).item()
+        fl = losses.focal(_t([x]), _t([y]), gamma=2.0, alpha=None).item()
+        assert ce / fl == pytest.approx(factor, rel=1e-6)
+    assert 900 < 1.0 / 0.032 ** 2 < 1100  # "about 1000x" for the second case
+
+
+def test_focal_is_below_ce_and_decreasing_in_p_t():
+    p_t = torch.linspace(0.05, 0.99, 50, dtype=torch.float64)
+    x = torch.log(p_t / (1 - p_t))
+    y = torch.ones_like(x)
+    ce = losses.sigmoid_ce(x, y)
+    fl = losses.focal(x, y, 2.0, None)
+    assert bool((fl < ce).all())
+    assert bool((fl[1:] < fl[:-1]).all())
+    # and a larger gamma weighs easy examples down more
+    assert bool((losses.focal(x, y, 5.0, None) < fl).all())
+
+
+# ----------------------------------------------------------------------------- stability
+
+def test_focal_star_gradient_by_hand_and_finite_for_large_logits():
+    # d/dx [softplus(-(g x + b)) / g] = -sigmoid(-(g x + b)) for y = 1; at x = 0, g = 4, b = 1: -sigmoid(-1)
+    x = _t([0.0]).requires_grad_()
+    losses.focal_star(x, _t([1.0]), 4.0, 1.0).sum().backward()
+    assert x.grad.item() == pytest.approx(-1.0 / (1.0 + math.e), rel=1e-6)
+    x = torch.tensor([-1e4, -100.0, -30.0, 30.0, 100.0, 1e4], requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    loss = losses.focal_star(x, y, 4.0, 1.0)
+    loss.sum().backward()
+    assert bool(torch.isfinite(loss).all())
+    assert bool(torch.isfinite(x.grad).all())
+    # a confidently wrong example keeps a gradient of magnitude ~1; a confidently right one ~0
+    torch.testing.assert_close(x.grad, torch.tensor([-1.0, 0.0, -1.0, 1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+
+
+LOSS_FNS = {
+    "ce": lambda x, y: losses.sigmoid_ce(x, y),
+    "alpha_ce": lambda x, y: losses.alpha_ce(x, y, 0.25),
+    "focal": lambda x, y: losses.focal(x, y, 2.0, 0.25),
+    "focal_no_alpha": lambda x, y: losses.focal(x, y, 2.0, None),
+    "focal_gamma_5": lambda x, y: losses.focal(x, y, 5.0, 0.25),
+    "focal_star": lambda x, y: losses.focal_star(x, y, 4.0, 0.0),
+    "focal_star_beta": lambda x, y: losses.focal_star(x, y, 2.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_FNS))
+def test_extreme_logits_give_finite_losses_and_gradients(name):
+    x = torch.tensor([-100.0, -100.0, 100.0, 100.0, -20.0, 20.0], requires_grad=True)
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    loss = LOSS_FNS[name](x, y)
+    loss.sum().backward()
+    assert bool(torch.isfinite(loss).all())
+    assert not bool(torch.isnan(x.grad).any())
+    assert bool(torch.isfinite(x.grad).all())
+    # confidently wrong examples (x = +100 for y = 0, x = -100 for y = 1) keep a large loss
+    assert loss[1].item() > 1.0 and loss[2].item() > 1.0
+    assert loss[0].item() < 1e-6 and loss[3].item() < 1e-6
+
+
+# ----------------------------------------------------------------------------- per_image_rank
+
+def test_per_image_rank_by_hand():
+    index = torch.tensor([0, 1, 0, 2, 1, 0])
+    assert losses.per_image_rank(index, 3).tolist() == [0, 0, 1, 0, 1, 2]
+    assert losses.per_image_rank(torch.tensor([2, 2, 2]), 4).tolist() == [0, 1, 2]
+    assert losses.per_image_rank(torch.zeros(0, dtype=torch.int64), 2).tolist() == []
+
+
+# ----------------------------------------------------------------------------- ohem_select
+
+def _far_boxes(b: int, n: int) -> torch.Tensor:
+    """n disjoint 10 x 10 boxes per image, 100 px apart."""
+    x = torch.arange(n, dtype=torch.float32) * 100
+    boxes = torch.stack([x, torch.zeros(n), x + 10, torch.full((n,), 10.0)], 1)
+    return boxes.expand(b, n, 4).clone()
+
+
+def test_ohem_keeps_top_b_losses_per_image():
+    loss = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.7, 0.2, 0.8, 0.05]])
+    ones = torch.ones(2, 4, dtype=torch.bool)
+    sel = losses.ohem_select(loss, _far_boxes(2, 4), ~ones, ones, batch_size=2, nms_thresh=0.7)
+    assert sel.tolist() == [[False, True, True, False], [True, False, True, False]]
+    # batch larger than the image: all kept
+    sel = losses.ohem_select(loss, _far_boxes(2, 4), ~ones, ones, batch_size=10, nms_thresh=0.7)
+    assert bool(sel.all())
+
+
+def test_ohem_nms_removes_the_lower_of_two_overlapping_boxes():
+    # boxes 0 and 1 overlap with IoU 100 / 110 = 0.91 > 0.7; box 2 is far away
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 11.0], [100.0, 0.0, 110.0, 10.0]]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    loss = torch.tensor([[0.9, 0.8, 0.1]])
+    sel = losses.ohem_select(loss, boxes, ~valid, valid, batch_size=2, nms_thresh=0.7)
+    assert sel.tolist() == [[True, False, True]]
+    # the higher one is kept whichever it is
+    sel = losses.ohem_select(torch.tensor([[0.8, 0.9, 0.1]]), boxes, ~valid, valid, batch_size=2, nms_thresh=0.7)
+    assert sel.tolist() == [[False, True, True]]
+    # above the overlap, NMS lets both through
+    sel = losses.ohem_select(loss, boxes, ~valid, valid, batch_size=2, nms_thresh=0.95)
+    assert sel.tolist() == [[True, True, False]]
+
+
+def test_ohem_nms_does_not_act_across_images():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).expand(2, 1, 4)
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    sel = losses.ohem_select(torch.tensor([[0.9], [0.1]]), boxes, ~valid, valid, batch_size=1, nms_thresh=0.5)
+    assert sel.tolist() == [[True], [True]]
+
+
+def test_ohem_fg_fraction_caps_foreground_and_fills_with_background():
+    loss = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]])
+    is_fg = torch.tensor([[True, True, True, False, False, False, False, False]])
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    sel = losses.ohem_select(loss, _far_boxes(1, 8), is_fg, valid, batch_size=4, nms_thresh=0.7,
+                             fg_fraction=0.25)
+    # at most int(4 * 0.25) = 1 foreground (the hardest), then the 3 hardest backgrounds
+    assert sel.tolist() == [[True, False, False, True, True, True, False, False]]
+    assert int((sel & is_fg).sum()) == 1
+    # without the ratio: simply the 4 hardest
+    sel = losses.ohem_select(loss, _far_boxes(1, 8), is_fg, valid, batch_size=4, nms_thresh=0.7)
+    assert sel.tolist() == [[True, True, True, True, False, False, False, False]]
+
+
+def test_ohem_fg_fraction_with_few_foreground():
+    loss = torch.tensor([[0.1, 0.9, 0.8, 0.7, 0.6, 0.5]])
+    is_fg = torch.tensor([[True, False, False, False, False, False]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    sel = losses.ohem_select(loss, _far_boxes(1, 6), is_fg, valid, batch_size=4, nms_thresh=0.7,
+                             fg_fraction=0.5)
+    # one foreground exists (easy, still taken), backgrounds fill the other 3 places
+    assert sel.tolist() == [[True, True, True, True, False, False]]
+
+
+def test_ohem_never_selects_ignored_anchors():
+    loss = torch.tensor([[5.0, 0.2, 0.1, 4.0], [0.0, 3.0, 0.3, 0.2]])
+    valid = torch.tensor([[False, True, True, False], [True, False, True, True]])
+    is_fg = torch.zeros(2, 4, dtype=torch.bool)
+    sel = losses.ohem_select(loss, _far_boxes(2, 4), is_fg, valid, batch_size=2, nms_thresh=0.7)
+    assert sel.tolist() == [[False, True, True, False], [False, False, True, True]]
+    sel = losses.ohem_select(loss, _far_boxes(2, 4), is_fg, valid, batch_size=4, nms_thresh=0.7)
+    assert torch.equal(sel, valid)  # even with room for all, ignored ones stay out
+    sel = losses.ohem_select(loss, _far_boxes(2, 4), is_fg, valid, batch_size=4, nms_thresh=0.7,
+                             fg_fraction=0.25, num_candidates=2)
+    assert not bool((sel & ~valid).any())
+
+
+# ----------------------------------------------------------------------------- box losses
+
+def test_smooth_l1_by_hand():
+    pred = _t([0.05, -0.3, 1.0, 0.0])
+    target = _t([0.0, 0.0, 0.0, 0.0])
+    beta = 0.11
+    # |d| < beta: 0.5 d^2 / beta; else |d| - 0.5 beta
+    expected = _t([0.5 * 0.05 ** 2 / beta, 0.3 - 0.5 * beta, 1.0 - 0.5 * beta, 0.0])
+    torch.testing.assert_close(losses.smooth_l1(pred, target, beta), expected)
+    torch.testing.assert_close(losses.smooth_l1(pred, target, beta), _t([0.0113636, 0.245, 0.945, 0.0]),
+                               atol=1e-6, rtol=0)
+    # continuous at |d| = beta: both branches give beta / 2
+    assert losses.smooth_l1(_t([beta]), _t([0.0]), beta).item() == pytest.approx(beta / 2)
+
+
+def test_smooth_l1_beta_zero_is_l1():
+    pred, target = torch.randn(10, 4), torch.randn(10, 4)
+    torch.testing.assert_close(losses.smooth_l1(pred, target, 0.0), (pred - target).abs())
+
+
+def test_giou_loss_identical_and_disjoint_boxes():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [3.0, 4.0, 50.0, 7.0]])
+    torch.testing.assert_close(losses.giou_loss(boxes, boxes), torch.zeros(2))
+    # disjoint unit boxes 1 px apart: IoU 0, hull area 3, union 2 -> GIoU = -1/3, loss 4/3
+    a = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0, 3.0, 1.0]])
+    assert losses.giou_loss(a, b).item() == pytest.approx(4 / 3)
+    # half overlap: IoU 1/3, hull = union -> loss 2/3
+    c = torch.tensor([[0.5, 0.0, 1.5, 1.0]])
+    assert losses.giou_loss(a, c).item() == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.2, 0.5])
+def test_focal_gradient_finite_for_small_gamma_on_confident_examples(gamma):
+    # (1 - p_t)^gamma with gamma < 1 has an infinite slope at p_t = 1; saturated logits must not NaN.
+    x = torch.tensor([-20.0, 20.0, 100.0, -100.0], requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    losses.focal(x, t, gamma=gamma, alpha=0.25).sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -1,0 +1,148 @@
+"""ablate.postprocess: per-level top-k, threshold, decode, clip, class-wise NMS, per-image cap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ablate.model.anchors import AnchorGenerator, feature_sizes_for
+from ablate.postprocess import clip_to_images, postprocess, top_candidates
+
+K = 4
+
+
+def _setup(batch: int = 3, seed: int = 0, logit_scale: float = 2.0, delta_scale: float = 0.2):
+    gen = AnchorGenerator(size=16.0)
+    anchors, per_level = gen(feature_sizes_for(64, 64))
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, anchors.shape[0], K, generator=g) * logit_scale - 1.0
+    deltas = torch.randn(batch, anchors.shape[0], 4, generator=g) * delta_scale
+    return logits, deltas, anchors, per_level
+
+
+SIZES = torch.tensor([[64, 64], [40, 56], [64, 30]])
+
+
+# ----------------------------------------------------------------------------- top_candidates
+
+def test_top_candidates_by_hand():
+    # 2 levels: anchors 0..2 and 3..4, K = 2
+    logits = torch.tensor([[[0.1, 0.9], [0.5, -1.0], [2.0, 0.0], [3.0, -2.0], [1.0, 4.0]]])
+    scores, idx, labels = top_candidates(logits, [3, 2], topk=5)
+    # level 0 has 6 scores, keeps 5; level 1 has 4 < 5, keeps 4: C = 9
+    assert scores.shape == idx.shape == labels.shape == (1, 9)
+    assert idx.tolist() == [[2, 0, 1, 0, 2, 4, 3, 4, 3]]
+    assert labels.tolist() == [[0, 1, 0, 0, 1, 1, 0, 0, 1]]
+    expected = torch.sigmoid(torch.tensor([[2.0, 0.9, 0.5, 0.1, 0.0, 4.0, 3.0, 1.0, -2.0]]))
+    torch.testing.assert_close(scores, expected)
+    scores, idx, labels = top_candidates(logits, [3, 2], topk=2)
+    assert idx.tolist() == [[2, 0, 4, 3]] and labels.tolist() == [[0, 1, 1, 0]]
+
+
+def test_top_candidates_takes_min_topk_and_level_size():
+    logits, _, _, per_level = _setup(batch=2)
+    for topk in (1, 10, 100, 1000):
+        scores, idx, labels = top_candidates(logits, per_level, topk)
+        expected = sum(min(topk, n * K) for n in per_level)
+        assert scores.shape == (2, expected)
+        # each level's candidates point into that level
+        start, col = 0, 0
+        for n in per_level:
+            c = min(topk, n * K)
+            assert bool(((idx[:, col:col + c] >= start) & (idx[:, col:col + c] < start + n)).all())
+            start, col = start + n, col + c
+        assert bool(((labels >= 0) & (labels < K)).all())
+        # the score is that of the anchor and label it names
+        picked = torch.sigmoid(logits.gather(1, idx[..., None].expand(-1, -1, K))).gather(2, labels[..., None])
+        torch.testing.assert_close(picked[..., 0], scores)
+
+
+# ----------------------------------------------------------------------------- clip
+
+def test_clip_to_images_uses_each_images_size():
+    boxes = torch.tensor([[[-5.0, -5.0, 100.0, 100.0]], [[-5.0, 3.0, 100.0, 20.0]]])
+    sizes = torch.tensor([[40, 60], [10, 20]])  # (h, w)
+    clipped = clip_to_images(boxes, sizes)
+    assert clipped.tolist() == [[[0.0, 0.0, 60.0, 40.0]], [[0.0, 3.0, 20.0, 10.0]]]
+
+
+# ----------------------------------------------------------------------------- postprocess
+
+def _run(logits, deltas, anchors, per_level, sizes, **kw):
+    return postprocess(logits, deltas, anchors, per_level, sizes, **kw)
+
+
+@pytest.mark.parametrize("topk, dets", [(1000, 100), (30, 7)])
+def test_batched_equals_image_by_image(topk, dets):
+    logits, deltas, anchors, per_level = _setup()
+    kw = dict(score_thresh=0.05, topk_candidates=topk, nms_thresh=0.5, detections_per_img=dets)
+    batched = _run(logits, deltas, anchors, per_level, SIZES, **kw)
+    assert len(batched) == 3
+    for i in range(3):
+        (single,) = _run(logits[i:i + 1], deltas[i:i + 1], anchors, per_level, SIZES[i:i + 1], **kw)
+        assert len(single["scores"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(batched[i][key], single[key])
+
+
+def test_score_threshold_and_sorted_scores():
+    logits, deltas, anchors, per_level = _setup()
+    for thresh in (0.05, 0.3, 0.7):
+        dets = _run(logits, deltas, anchors, per_level, SIZES, score_thresh=thresh, detections_per_img=1000)
+        for d in dets:
+            assert len(d["scores"]) > 0
+            assert bool((d["scores"] > thresh).all())
+            assert bool((d["scores"][1:] <= d["scores"][:-1]).all())  # decreasing
+            assert d["labels"].dtype == torch.int64
+            assert bool(((d["labels"] >= 0) & (d["labels"] < K)).all())
+    # a threshold above every score leaves nothing, with well-formed empty tensors
+    dets = _run(logits, deltas, anchors, per_level, SIZES, score_thresh=0.9999)
+    assert [d["boxes"].shape for d in dets] == [(0, 4)] * 3
+
+
+def test_at_most_detections_per_img():
+    logits, deltas, anchors, per_level = _setup()
+    for cap in (1, 5, 100):
+        dets = _run(logits, deltas, anchors, per_level, SIZES, detections_per_img=cap)
+        assert [len(d["scores"]) for d in dets] == [cap] * 3  # plenty of candidates: exactly cap
+    many = _run(logits, deltas, anchors, per_level, SIZES, detections_per_img=10_000)
+    few = _run(logits, deltas, anchors, per_level, SIZES, detections_per_img=5)
+    for m, f in zip(many, few):
+        torch.testing.assert_close(f["scores"], m["scores"][:5])  # the cap keeps the best ones
+
+
+def test_boxes_clipped_to_each_images_own_size():
+    logits, deltas, anchors, per_level = _setup(delta_scale=1.0)
+    dets = _run(logits, deltas, anchors, per_level, SIZES, detections_per_img=1000)
+    for d, (h, w) in zip(dets, SIZES.tolist()):
+        b = d["boxes"]
+        assert bool((b >= 0).all())
+        assert bool((b[:, [0, 2]] <= w).all()) and bool((b[:, [1, 3]] <= h).all())
+        # the clipping is active: some box reaches the right and the bottom edge
+        assert b[:, 2].max().item() == w and b[:, 3].max().item() == h
+
+
+def test_class_wise_nms_by_hand():
+    # three identical anchors; anchors 0 and 1 predict class 0, anchor 2 class 1
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 3 + [[30.0, 30.0, 40.0, 40.0]])
+    logits = torch.full((1, 4, 2), -10.0)
+    logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 1], logits[0, 3, 0] = 2.0, 1.0, 0.5, -1.0
+    dets = postprocess(logits, torch.zeros(1, 4, 4), anchors, [4], torch.tensor([[64, 64]]),
+                       score_thresh=0.05, nms_thresh=0.5)[0]
+    # anchor 1 is suppressed by anchor 0 (same class, IoU 1); anchor 2 survives (other class)
+    assert dets["labels"].tolist() == [0, 1, 0]
+    torch.testing.assert_close(dets["scores"], torch.sigmoid(torch.tensor([2.0, 0.5, -1.0])))
+    torch.testing.assert_close(dets["boxes"], anchors[[0, 2, 3]])
+    # the scores are probabilities: sigmoid(-1) = 1 / (1 + e)
+    assert dets["scores"][-1].item() == pytest.approx(1 / (1 + math.e), rel=1e-6)
+
+
+def test_box_weights_are_used_for_decoding():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    logits = torch.full((1, 1, 1), 3.0)
+    deltas = torch.tensor([[[10.0, 0.0, 0.0, 0.0]]])  # dx 10 with wx 10: a shift of one anchor width
+    dets = postprocess(logits, deltas, anchors, [1], torch.tensor([[100, 100]]),
+                       box_weights=(10.0, 10.0, 5.0, 5.0))[0]
+    torch.testing.assert_close(dets["boxes"], torch.tensor([[10.0, 0.0, 20.0, 10.0]]))
