@@ -146,3 +146,12 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ("train", "eval", "infer", "data"):
         assert command in result.output
+
+
+def test_data_synth_prints_root_and_balance():
+    result = invoke("data", "synth", "--no-progress", "--set", "synth.num_train=12", "--set", "synth.num_val=4")
+    assert result.exit_code == 0, result.output
+    root = next(line for line in result.output.splitlines() if "synth-" in line and line.startswith("/"))
+    assert (Path(root) / "annotations" / "instances_train2017.json").is_file()
+    assert "objects_per_image" in result.output
+    assert "background" in result.output and "1:" in result.output
