@@ -1,0 +1,1 @@
+"""Reference data carried from the literature: the paper's Table 1 (paper_table1.csv)."""
