@@ -229,7 +229,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        # TOML has no null: "none" stands for None in experiment files.
+        if type(None) in args and (value is None or value in ("none", "None", "null")):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key, source)

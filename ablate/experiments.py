@@ -1,26 +1,71 @@
 """Experiment files: small TOML data files in experiments/ (never executed code).
 
     description = "..."
-    preset = "tiny"          # a preset of ablate.config.PRESETS
-    seeds = [0]
-    [config]                 # dotted keys override the preset
+    preset = "tiny"            # the budget: a preset of ablate.config.PRESETS
+    data = "synth"             # or "coco:PATH"
+    seeds = [0, 1, 2]
+    paper_table = "b"          # which sub-table of the paper's Table 1 the report sets beside ours
+    baseline = "focal g=2 a=0.25"   # the cell deltas are measured against (default: the first)
+
+    [config]                   # dotted keys: the base, on top of the preset
     loss.cls = "focal"
-    train.iterations = 800
+
+    [grid]                     # the cells are the product of these axes ...
+    "loss.gamma" = [0.0, 1.0, 2.0]
+
+    [[variants]]               # ... crossed with these explicit variants (either may be absent)
+    name = "alpha-ce"          # optional; otherwise the name is made from the values
+    loss.cls = "alpha_ce"
+
+    [search]                   # `ablate search`: an Optuna space over config keys
+    metric = "AP"
+    [search.space]
+    "loss.gamma" = { low = 0.0, high = 5.0 }
+    "train.lr" = { low = 0.001, high = 0.05, log = true }
+    "loss.cls" = { choices = ["focal", "alpha_ce"] }
 
 Every key is checked: an unknown key or a wrong type is one `ConfigError` naming file and key.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablate.config import PRESETS, Config, apply_overrides, build_config
+from ablate.config import PRESETS, Config, apply_overrides, build_config, flatten
 from ablate.errors import ConfigError
 
-TOP_LEVEL_KEYS = {"description", "preset", "seeds", "config"}
+TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "paper_table", "baseline", "x", "hue",
+                  "config", "grid", "variants", "search"}
+SEARCH_KEYS = {"metric", "direction", "space", "trials", "eval_every"}
+
+# Short labels for cell names and report headers: "focal g=2 a=0.25" rather than the dotted keys.
+ALIASES = {"loss.cls": "", "loss.gamma": "g", "loss.alpha": "a", "loss.beta": "b", "model.prior": "pi",
+           "model.num_scales": "scales", "model.aspect_ratios": "ratios", "loss.ohem_batch": "B",
+           "loss.ohem_nms": "nms", "loss.ohem_fg_fraction": "fg", "model.trunk": "", "data.min_size": "px",
+           "train.lr": "lr", "loss.box": "box", "loss.normalizer": "norm"}
+
+
+@dataclass
+class Cell:
+    """One point of an experiment: its readable name and its overrides of the experiment's base."""
+
+    name: str
+    overrides: dict[str, Any]
+    index: int = 0
+
+
+@dataclass
+class SearchSpec:
+    metric: str = "AP"
+    direction: str = "maximize"
+    trials: int = 20
+    eval_every: int = 0  # iterations between the intermediate evaluations fed to the pruner (0: 4 per run)
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -29,13 +74,79 @@ class Experiment:
     path: Path
     description: str = ""
     preset: str = "tiny"
+    data: str = "synth"
     seeds: list[int] = field(default_factory=lambda: [0])
-    overrides: dict[str, Any] = field(default_factory=dict)  # flat dotted keys
+    paper_table: str | None = None
+    baseline: str | None = None
+    x: str | None = None
+    hue: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # [config], flat dotted keys
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    search: SearchSpec | None = None
 
     def base_config(self, extra: dict[str, Any] | None = None, source: str = "--set") -> Config:
-        """The preset, then the file's [config], then `extra` (e.g. --set)."""
-        cfg = apply_overrides(build_config(self.preset), self.overrides, str(self.path))
+        """The preset, then the data set, then [config], then `extra` (e.g. --set)."""
+        cfg = apply_overrides(build_config(self.preset), data_overrides(self.data, str(self.path)), str(self.path))
+        cfg = apply_overrides(cfg, self.overrides, str(self.path))
         return apply_overrides(cfg, extra or {}, source)
+
+    def cell_config(self, cell: Cell, extra: dict[str, Any] | None = None, seed: int | None = None) -> Config:
+        """The config of one cell: base, the cell's overrides, then `extra`, then the seed."""
+        cfg = apply_overrides(self.base_config(), cell.overrides, f"{self.path} (cell '{cell.name}')")
+        cfg = apply_overrides(cfg, extra or {}, "--set")
+        return cfg if seed is None else apply_overrides(cfg, {"train.seed": seed}, "--seeds")
+
+    @property
+    def varied(self) -> list[str]:
+        """The keys the cells vary, in the file's order (grid axes, then variants' keys)."""
+        keys = list(self.grid)
+        for variant in self.variants:
+            keys += [k for k in variant if k != "name" and k not in keys]
+        return keys
+
+    def cells(self) -> list[Cell]:
+        """The grid product crossed with the variants (either may be empty; neither: one cell)."""
+        axes = list(self.grid.items())
+        points = [dict(zip([k for k, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
+        variants = self.variants or [{}]
+        cells = []
+        for variant, point in itertools.product(variants, points):
+            overrides = {**{k: v for k, v in variant.items() if k != "name"}, **point}
+            label = variant.get("name")
+            label = f"{label} {cell_label(point)}".strip() if label else cell_label(overrides)
+            cells.append(Cell(label or "base", overrides, len(cells)))
+        names = [c.name for c in cells]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"{self.path}: two cells are both named '{duplicates[0]}'; give the variants names")
+        return cells
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return "none" if value is None else str(value)
+
+
+def cell_label(overrides: dict[str, Any]) -> str:
+    """A readable cell name from its overrides: {'loss.cls': 'focal', 'loss.gamma': 2.0} -> 'focal g=2'."""
+    parts = []
+    for key, value in overrides.items():
+        alias = ALIASES.get(key, key.split(".")[-1])
+        parts.append(format_value(value) if alias == "" else f"{alias}={format_value(value)}")
+    return " ".join(parts)
+
+
+def data_overrides(data: str, source: str) -> dict[str, Any]:
+    """'synth' or 'coco:PATH' as config overrides."""
+    if data == "synth":
+        return {"data.source": "synth"}
+    if data.startswith("coco:") and len(data) > 5:
+        return {"data.source": "coco", "data.root": data[5:]}
+    raise ConfigError(f"{source}: data must be 'synth' or 'coco:PATH', got '{data}'")
 
 
 def experiments_dirs() -> list[Path]:
@@ -43,6 +154,14 @@ def experiments_dirs() -> list[Path]:
     here = Path.cwd() / "experiments"
     shipped = Path(__file__).resolve().parent.parent / "experiments"
     return [here] if here.resolve() == shipped.resolve() else [here, shipped]
+
+
+def list_experiments() -> list[Path]:
+    seen: dict[str, Path] = {}
+    for folder in experiments_dirs():
+        for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
+            seen.setdefault(path.stem, path)
+    return [seen[k] for k in sorted(seen)]
 
 
 def find_experiment(name_or_path: str) -> Path:
@@ -53,7 +172,7 @@ def find_experiment(name_or_path: str) -> Path:
         candidate = folder / f"{name_or_path}.toml"
         if candidate.is_file():
             return candidate
-    known = sorted({p.stem for d in experiments_dirs() if d.is_dir() for p in d.glob("*.toml")})
+    known = [p.stem for p in list_experiments()]
     raise ConfigError(f"unknown experiment '{name_or_path}' (known: {', '.join(known) or 'none'})")
 
 
@@ -69,6 +188,55 @@ def flatten_tables(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _expect(path: Path, key: str, value: Any, kind: type | tuple, what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{path}: '{key}' must be {what}, got {json.dumps(value, default=str)}")
+    return value
+
+
+def _parse_grid(path: Path, table: Any) -> dict[str, list[Any]]:
+    _expect(path, "grid", table, dict, "a table of key = [values]")
+    grid = {}
+    for key, values in flatten_tables(table).items():
+        _expect(path, f"grid.{key}", values, list, "a non-empty list of values")
+        if not values:
+            raise ConfigError(f"{path}: 'grid.{key}' must be a non-empty list of values")
+        grid[key] = values
+    return grid
+
+
+def _parse_variants(path: Path, entries: Any) -> list[dict[str, Any]]:
+    _expect(path, "variants", entries, list, "an array of tables ([[variants]])")
+    variants = []
+    for i, entry in enumerate(entries):
+        _expect(path, f"variants[{i}]", entry, dict, "a table")
+        variant = flatten_tables({k: v for k, v in entry.items() if k != "name"})
+        if "name" in entry:
+            variant["name"] = _expect(path, f"variants[{i}].name", entry["name"], str, "a string")
+        variants.append(variant)
+    return variants
+
+
+def _parse_search(path: Path, table: Any) -> SearchSpec:
+    _expect(path, "search", table, dict, "a table")
+    unknown = set(table) - SEARCH_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key 'search.{sorted(unknown)[0]}' (allowed: {', '.join(sorted(SEARCH_KEYS))})")
+    spec = SearchSpec()
+    for key, kind, what in (("metric", str, "a string"), ("direction", str, "a string"),
+                            ("trials", int, "an integer"), ("eval_every", int, "an integer")):
+        if key in table:
+            setattr(spec, key, _expect(path, f"search.{key}", table[key], kind, what))
+    if spec.direction not in ("maximize", "minimize"):
+        raise ConfigError(f"{path}: 'search.direction' must be maximize or minimize")
+    for key, dist in table.get("space", {}).items():
+        _expect(path, f"search.space.{key}", dist, dict, "a table {low, high[, log]} or {choices}")
+        if not ({"low", "high"} <= set(dist) <= {"low", "high", "log", "step"} or set(dist) == {"choices"}):
+            raise ConfigError(f"{path}: 'search.space.{key}' must be {{low, high[, log, step]}} or {{choices}}")
+        spec.space[key] = dist
+    return spec
+
+
 def load_experiment(name_or_path: str) -> Experiment:
     path = find_experiment(name_or_path)
     try:
@@ -79,22 +247,41 @@ def load_experiment(name_or_path: str) -> Experiment:
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     exp = Experiment(name=path.stem, path=path)
-    for key, tp in (("description", str), ("preset", str)):
+    for key in ("description", "preset", "data", "paper_table", "baseline", "x", "hue"):
         if key in data:
-            if not isinstance(data[key], tp):
-                raise ConfigError(f"{path}: '{key}' must be a string")
-            setattr(exp, key, data[key])
+            setattr(exp, key, _expect(path, key, data[key], str, "a string"))
     if "seeds" in data:
-        seeds = data["seeds"]
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                                for s in seeds):
+        seeds = _expect(path, "seeds", data["seeds"], list, "a non-empty list of integers")
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers")
         exp.seeds = seeds
     if "config" in data:
-        if not isinstance(data["config"], dict):
-            raise ConfigError(f"{path}: 'config' must be a table of dotted keys")
-        exp.overrides = flatten_tables(data["config"])
+        exp.overrides = flatten_tables(_expect(path, "config", data["config"], dict, "a table of dotted keys"))
+    if "grid" in data:
+        exp.grid = _parse_grid(path, data["grid"])
+    if "variants" in data:
+        exp.variants = _parse_variants(path, data["variants"])
+    if "search" in data:
+        exp.search = _parse_search(path, data["search"])
     if exp.preset not in PRESETS:
         raise ConfigError(f"{path}: unknown preset '{exp.preset}' (known: {', '.join(PRESETS)})")
-    exp.base_config(source=str(path))  # validate now: a bad key fails before any work starts
+    if exp.paper_table is not None and exp.paper_table not in "abcde":
+        raise ConfigError(f"{path}: 'paper_table' must be one of a, b, c, d, e")
+    validate(exp)
     return exp
+
+
+def validate(exp: Experiment) -> None:
+    """Build every cell's config now, so that a bad key fails before any run starts."""
+    exp.base_config(source=str(exp.path))
+    cells = exp.cells()
+    for cell in cells:
+        exp.cell_config(cell)
+    if exp.baseline is not None and exp.baseline not in [c.name for c in cells]:
+        raise ConfigError(f"{exp.path}: 'baseline' names no cell: '{exp.baseline}' "
+                          f"(cells: {', '.join(c.name for c in cells)})")
+    if exp.search:
+        known = flatten(exp.base_config())
+        for key in exp.search.space:
+            if key not in known:
+                raise ConfigError(f"{exp.path}: 'search.space.{key}' is no config key")
