@@ -153,6 +153,128 @@ def load_for_inference(checkpoint: Path, set_: list[str] | None):
     return load_checkpoint(checkpoint, overrides_from(set_, None))
 
 
+@app.command("list")
+@friendly_errors
+def list_() -> None:
+    """The experiments in experiments/: cells, seeds and what each is about."""
+    from rich.table import Table
+
+    from ablate.experiments import list_experiments, load_experiment
+
+    table = Table("name", "cells", "seeds", "preset", "description")
+    for path in list_experiments():
+        exp = load_experiment(str(path))
+        table.add_row(exp.name, str(len(exp.cells())), str(exp.seeds), exp.preset, exp.description)
+    Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def show(experiment: Annotated[str, typer.Argument(help="Experiment name or path.")],
+         seeds: Annotated[int | None, typer.Option(help="Seeds 0..N-1 (default: the file's).")] = None,
+         set_: SetOption = None, data: DataOption = None) -> None:
+    """The expanded cells of an experiment, their config hashes and which are already done."""
+    from ablate import grid, tracking
+    from ablate.experiments import load_experiment
+
+    exp = load_experiment(experiment)
+    tracker = tracking.Tracker(exp.name, tracking.init_store())
+    plan = grid.make_plan(exp, seed_list(exp, seeds), overrides_from(set_, data), tracker)
+    grid.print_plan(plan, Console())
+    for cell in exp.cells():
+        Console().print(f"  {cell.name}: {cell.overrides}", highlight=False)
+
+
+def seed_list(exp, seeds: int | None) -> list[int]:
+    return list(range(seeds)) if seeds else exp.seeds
+
+
+@app.command()
+@friendly_errors
+def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experiments/NAME.toml) or path.")],
+        seeds: Annotated[int | None, typer.Option(help="Run seeds 0..N-1 (default: the file's seeds).")] = None,
+        jobs: Annotated[int, typer.Option(help="Cells run at once, each in its own process.")] = 1,
+        set_: SetOption = None, data: DataOption = None,
+        preset: Annotated[str | None, typer.Option(help="Budget preset instead of the file's (e.g. paper).")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, run nothing.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
+        progress: ProgressOption = True) -> None:
+    """Run an ablation grid: every cell x seed not yet done, tracked in MLflow."""
+    from ablate import grid
+    from ablate.experiments import load_experiment
+
+    exp = load_experiment(experiment)
+    if preset:
+        exp.preset = preset
+    outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides_from(set_, data), jobs=jobs, force=force,
+                             dry_run=dry_run, console=console, show_progress=progress)
+    if outcomes:
+        console.print(f"{exp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+                      + f"; browse with `ablate ui`, tabulate with `ablate report {exp.name}`")
+    if outcomes.get("failed") or outcomes.get("worker crashed"):
+        raise typer.Exit(4)
+
+
+@app.command()
+@friendly_errors
+def search(experiment: Annotated[str, typer.Argument(help="Experiment name or path (with a [search] table).")],
+           trials: Annotated[int | None, typer.Option(help="Trials to run (default: the file's).")] = None,
+           jobs: Annotated[int, typer.Option(help="Trials run at once, each in its own process.")] = 1,
+           seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
+           set_: SetOption = None, data: DataOption = None, progress: ProgressOption = True) -> None:
+    """Optuna TPE over the space the experiment declares, pruning on the intermediate AP."""
+    from ablate import grid
+    from ablate.experiments import load_experiment
+
+    exp = load_experiment(experiment)
+    n = trials or (exp.search.trials if exp.search else 0)
+    best = grid.run_search(exp, n, overrides_from(set_, data), jobs=jobs, seed=seed, console=console,
+                           show_progress=progress)
+    if best:
+        params, value = best
+        console.print(f"best {exp.search.metric} {100 * value:.1f} with {params}")
+    else:
+        console.print("no trial completed yet")
+
+
+@app.command()
+@friendly_errors
+def report(experiment: Annotated[str, typer.Argument(help="Experiment name or path.")],
+           out: Annotated[Path | None, typer.Option(help="Folder (default: reports/NAME).")] = None,
+           set_: SetOption = None, data: DataOption = None) -> None:
+    """Tables (Markdown like the paper's, CSV, LaTeX) and seaborn plots from the tracked runs."""
+    from ablate.experiments import load_experiment
+    from ablate.results import build_report
+
+    exp = load_experiment(experiment)
+    written = build_report(exp, overrides_from(set_, data), out or Path("reports") / exp.name)
+    for path in written.values():
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@friendly_errors
+def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
+    """The MLflow UI over the project's store, on http://127.0.0.1:PORT (Ctrl-C stops it)."""
+    import subprocess
+
+    from ablate.tracking import init_store
+
+    uri = init_store()
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (takes ~20 s to answer; Ctrl-C stops it)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port)]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)  # the UI runs several worker processes: stop the group
+        proc.wait()
+
+
 @data_app.command("synth")
 @friendly_errors
 def data_synth(set_: SetOption = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ablate.config import MatcherConfig, ModelConfig
@@ -29,3 +31,25 @@ def anchor_balance(dataset: CocoDetection, model_cfg: ModelConfig, matcher_cfg: 
     fg, bg, ignored = (counts / max(1, seen)).tolist()
     return {"anchors_per_image": fg + bg + ignored, "fg_per_image": fg, "bg_per_image": bg,
             "ignored_per_image": ignored, "bg_per_fg": bg / max(fg, 1e-9)}
+
+
+def loss_curve_png(history: list[dict[str, float]], path: Path, title: str = "") -> None:
+    """The run's loss_cls and loss_box_reg against iteration (log scale), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["iteration"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for key in ("loss_cls", "loss_box_reg"):
+        ax.plot(steps, [h[key] for h in history], label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

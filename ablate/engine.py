@@ -23,7 +23,7 @@ LogFn = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class TrainOutcome:
-    status: str  # "finished" or "diverged"
+    status: str  # "finished", "diverged" or "pruned"
     iterations: int  # iterations completed
     seconds: float
     diverged_at: int | None = None
@@ -36,6 +36,20 @@ def progress_bar(enabled: bool) -> Progress:
                     disable=not enabled)
 
 
+@contextlib.contextmanager
+def progress_task(progress: Progress | None, description: str, total: int, enabled: bool):
+    """A task in `progress` (a grid's display) or, without one, in a display of its own."""
+    if progress is None:
+        with progress_bar(enabled) as bar:
+            yield bar, bar.add_task(description, total=total, info="")
+        return
+    task = progress.add_task(description, total=total, info="")
+    try:
+        yield progress, task
+    finally:
+        progress.remove_task(task)
+
+
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU."""
     if amp and device.type == "cuda":
@@ -46,9 +60,12 @@ def autocast(device: torch.device, amp: bool):
 def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Batch],
           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
           cfg: TrainConfig, device: torch.device, *, on_log: LogFn | None = None,
-          on_checkpoint: Callable[[int], None] | None = None, show_progress: bool = True) -> TrainOutcome:
+          on_checkpoint: Callable[[int], None] | None = None, show_progress: bool = True,
+          progress: Progress | None = None, eval_every: int = 0,
+          on_eval: Callable[[int], bool] | None = None) -> TrainOutcome:
     """Run `cfg.iterations` SGD steps. A non-finite loss stops the run with status "diverged"
-    (before the step that would poison the weights); everything logged until then is kept."""
+    (before the step that would poison the weights); everything logged until then is kept.
+    Every `eval_every` iterations `on_eval(iteration)` may stop the run early (status "pruned")."""
     model.train()
     channels_last = cfg.channels_last and device.type == "cuda"
     sums: dict[str, float] = {}
@@ -56,8 +73,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
     start = interval_start = time.perf_counter()
     data_seconds = 0.0
     images_in_interval = 0
-    with progress_bar(show_progress) as bar:
-        task = bar.add_task("train", total=cfg.iterations, info="")
+    with progress_task(progress, "train", cfg.iterations, show_progress) as (bar, task):
         for it in range(cfg.iterations):
             t0 = time.perf_counter()
             batch = next(batches).to(device, non_blocking=True)
@@ -95,6 +111,11 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
                 interval_start = time.perf_counter()
             if on_checkpoint and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
                 on_checkpoint(done)
+            if on_eval and eval_every and done % eval_every == 0 and done < cfg.iterations:
+                stop = on_eval(done)
+                model.train()
+                if stop:
+                    return TrainOutcome("pruned", done, time.perf_counter() - start, history=history)
     return TrainOutcome("finished", cfg.iterations, time.perf_counter() - start, history=history)
 
 
@@ -115,15 +136,15 @@ def predict(model: torch.nn.Module, batch: Batch, infer: InferConfig, box_weight
 
 
 def evaluate(model: torch.nn.Module, loader, dataset: CocoDetection, infer: InferConfig, box_weights,
-             device: torch.device, *, amp: bool = True, show_progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+             device: torch.device, *, amp: bool = True, show_progress: bool = True,
+             progress: Progress | None = None) -> tuple[dict[str, float], list[dict]]:
     """COCO metrics of `model` on `dataset` and the detections as COCO result records.
 
     Adds `infer_ms_per_img`: network plus post-processing time per image.
     """
     records: list[dict] = []
     seconds, num_images = 0.0, 0
-    with progress_bar(show_progress) as bar:
-        task = bar.add_task("eval", total=len(loader), info="")
+    with progress_task(progress, "eval", len(loader), show_progress) as (bar, task):
         for batch in loader:
             t0 = time.perf_counter()
             dets = predict(model, batch, infer, box_weights, device, amp)

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from ablate import builders, engine
-from ablate.analysis import anchor_balance
+from ablate.analysis import anchor_balance, loss_curve_png
 from ablate.config import Config, config_hash, from_dict, to_dict
 from ablate.errors import AblateError
 from ablate.evaluation import save_results
@@ -83,29 +83,36 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 
 def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = None,
-                 console: Console | None = None, show_progress: bool = True,
-                 on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train, checkpoint and evaluate one config; returns the summary (also in summary.json)."""
-    console = console or Console(stderr=True)
+                 console: Console | None = None, show_progress: bool = True, progress=None,
+                 on_log: Callable[[int, dict[str, float]], None] | None = None, eval_every: int = 0,
+                 on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+    """Train, checkpoint and evaluate one config; returns the summary (also in summary.json).
+
+    `console` None keeps it quiet (grid workers); `progress` is a display to add the bars to.
+    Every `eval_every` iterations the val metrics go to `on_eval(iteration, metrics)`, which may stop
+    the run by returning True (the search's pruner): the run then ends as "pruned".
+    """
     run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
     set_seed(cfg.train.seed)
     device = builders.resolve_device(cfg.train.device)
-    root = builders.data_root(cfg, progress=show_progress)
+    root = builders.data_root(cfg, progress=show_progress and progress is None)
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
     val_set = builders.build_dataset(cfg.data, root, cfg.data.val_split, train=False)
     balance = anchor_balance(train_set, cfg.model, cfg.matcher)
-    console.print(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
-                  f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}")
-    console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground {balance['fg_per_image']:.1f}, "
-                  f"background {balance['bg_per_image']:.0f} (1:{balance['bg_per_fg']:.0f}), "
-                  f"ignored {balance['ignored_per_image']:.1f}")
+    if console:
+        console.print(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
+                      f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}")
+        console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground "
+                      f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
+                      f"(1:{balance['bg_per_fg']:.0f}), ignored {balance['ignored_per_image']:.1f}")
     model = builders.build_model(cfg, len(train_set.category_names)).to(device)
     if cfg.train.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = builders.build_optimizer(model, cfg.train)
     loader = builders.build_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=True,
                                    seed=cfg.train.seed, pin_memory=device.type == "cuda")
+    val_loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
     classes = (train_set.category_names, train_set.category_ids)
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -114,21 +121,26 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
         if on_log:
             on_log(step, metrics)
 
+    def evaluate() -> tuple[dict[str, float], list[dict]]:
+        return engine.evaluate(model, val_loader, val_set, cfg.infer, cfg.loss.box_weights, device,
+                               amp=cfg.train.amp, show_progress=show_progress, progress=progress)
+
     outcome = engine.train(model, builders.build_criterion(cfg), builders.forever(loader), optimizer,
                            builders.build_scheduler(optimizer, cfg.train), cfg.train, device, on_log=log,
                            on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", model, cfg,
                                                                     *classes, it),
-                           show_progress=show_progress)
+                           show_progress=show_progress, progress=progress, eval_every=eval_every,
+                           on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None)
     summary: dict[str, Any] = {"status": outcome.status, "iterations": outcome.iterations,
                                "diverged_at": outcome.diverged_at, "train_seconds": outcome.seconds,
                                "config_hash": config_hash(cfg), "run_dir": str(run_dir),
                                "data": {"root": str(root), **train_set.stats.as_dict()}, "anchors": balance}
+    if outcome.history:
+        loss_curve_png(outcome.history, run_dir / "loss_curve.png", title=name)
     if outcome.status == "finished":
         save_checkpoint(run_dir / "checkpoint.pt", model, cfg, *classes, outcome.iterations)
-        val_loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
         t0 = time.perf_counter()
-        metrics, records = engine.evaluate(model, val_loader, val_set, cfg.infer, cfg.loss.box_weights, device,
-                                           amp=cfg.train.amp, show_progress=show_progress)
+        metrics, records = evaluate()
         save_results(records, run_dir / "detections.json")
         write_json(run_dir / "eval.json", metrics)
         summary.update(metrics=metrics, eval_seconds=time.perf_counter() - t0)

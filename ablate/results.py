@@ -1,0 +1,51 @@
+"""The tracked results of an experiment: which MLflow runs stand for its cells, and its report.
+
+A report only reads what tracking stored. For each cell x seed it takes the run whose config hash is
+the cell's as the file declares it now (so runs of an edited file or of other --set values never
+mix in), preferring the newest finished or diverged one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ablate import tracking
+from ablate.config import config_hash
+from ablate.errors import AblateError
+from ablate.experiments import Experiment
+
+
+def select_runs(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `runs` (Tracker.load_runs) that are the experiment's cells, one per cell x seed."""
+    if runs.empty:
+        return runs
+    chosen = []
+    for cell in exp.cells():
+        mine = runs[runs["cell"] == cell.name]
+        for seed in sorted(mine["seed"].unique()):
+            expected = config_hash(exp.cell_config(cell, extra, int(seed)))
+            rows = mine[(mine["seed"] == seed) & (mine["config_hash"] == expected)]
+            if rows.empty:
+                continue
+            done = rows[rows["outcome"].isin(tracking.DONE_OUTCOMES)]
+            pick = (done if not done.empty else rows).sort_values("start_time").iloc[-1]
+            chosen.append(pick.to_dict() | {"cell_index": cell.index})
+    return pd.DataFrame(chosen)
+
+
+def build_report(exp: Experiment, extra: dict[str, Any], out_dir: Path, command: str | None = None) -> dict[str, Path]:
+    """Write reports/NAME from the tracked runs; returns the files written."""
+    from ablate.report import ReportSpec, write_report
+
+    tracker = tracking.Tracker(exp.name, tracking.init_store())
+    runs = select_runs(exp, extra, tracker.load_runs())
+    if runs.empty:
+        raise AblateError(f"no tracked run matches the cells of {exp.path}: run `ablate run {exp.name}` first")
+    histories = tracker.load_histories(runs["run_id"].tolist())
+    spec = ReportSpec(name=exp.name, description=exp.description, varied=exp.varied, x=exp.x, hue=exp.hue,
+                      baseline=exp.baseline, paper_table=exp.paper_table,
+                      command=command or tracking.command_line())
+    return write_report(runs, histories, spec, out_dir)
