@@ -38,7 +38,9 @@ from ablate.losses import focal
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 # The paper's sub-tables report these three.
 TABLE_METRICS = ("AP", "AP50", "AP75")
-NOT_FINISHED = ("diverged", "failed", "pruned")
+# Outcomes a run can end with besides "finished" (tracking tags a run whose process vanished
+# "interrupted"); anything else is counted as "other" rather than lost.
+NOT_FINISHED = ("diverged", "failed", "pruned", "interrupted", "other")
 # Our metric name -> the column of paper_table1.csv (the paper writes APS/APM/APL).
 PAPER_COLUMNS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "APs": "APS", "APm": "APM", "APl": "APL",
                  "time_ms": "time_ms"}
@@ -123,10 +125,11 @@ def t_interval(values: pd.Series) -> tuple[float, float]:
 
 
 def _outcome_counts(group: pd.DataFrame) -> dict[str, int]:
-    """n (finished runs), n_runs and n_diverged / n_failed / n_pruned of one cell's runs."""
-    counts = {"n": int((group["outcome"] == "finished").sum()), "n_runs": len(group)}
-    for outcome in NOT_FINISHED:
-        counts[f"n_{outcome}"] = int((group["outcome"] == outcome).sum())
+    """n (finished runs), n_runs and n_diverged / n_failed / n_pruned / ... of one cell's runs."""
+    outcome = group["outcome"].where(group["outcome"].isin(("finished", *NOT_FINISHED)), "other")
+    counts = {"n": int((outcome == "finished").sum()), "n_runs": len(group)}
+    for name in NOT_FINISHED:
+        counts[f"n_{name}"] = int((outcome == name).sum())
     return counts
 
 
@@ -162,7 +165,7 @@ def aggregate(runs: pd.DataFrame, spec: ReportSpec) -> pd.DataFrame:
     """One row per cell, ordered by cell_index: varied keys, counts and per-metric statistics.
 
     Columns: cell, cell_index, the varied keys, n (finished seeds), n_runs, n_diverged, n_failed,
-    n_pruned, `<metric>_mean/_std/_ci95` for each of METRICS (finished runs only; std and ci95
+    n_pruned, n_interrupted, n_other, `<metric>_mean/_std/_ci95` for each of METRICS (finished runs only; std and ci95
     NaN below two values), seeds and run_ids of the finished runs, then the cells' other config keys.
     """
     _check_runs(runs, spec)
@@ -228,6 +231,7 @@ def baseline_deltas(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec,
 
 @functools.cache
 def _paper_csv() -> pd.DataFrame:
+    """The whole of paper_table1.csv, read once from the installed package."""
     with importlib.resources.files("ablate.reference").joinpath("paper_table1.csv").open() as f:
         return pd.read_csv(f, comment="#", dtype={"table": str, "method": str})
 
@@ -241,6 +245,7 @@ def paper_table(table: str) -> pd.DataFrame:
 
 
 def _is_missing(value: Any) -> bool:
+    """None or a float NaN (pandas turns a None config value into NaN in float columns)."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
@@ -392,10 +397,12 @@ def format_value(value: Any) -> str:
 
 
 def header(key: str) -> str:
+    """The paper-style column name of a config key (the key itself when it has none)."""
     return HEADERS.get(key, key)
 
 
 def _percent(value: float, sign: bool = False) -> str:
+    """A fraction as percent with one decimal ("32.0", "+1.5" with sign), MISSING for NaN."""
     return MISSING if _is_missing(value) else f"{100 * value:{'+' if sign else ''}.1f}"
 
 
@@ -426,6 +433,7 @@ def _count(row: pd.Series) -> str:
 
 
 def _ci_text(row: pd.Series) -> str:
+    """The AP 95% interval as "[low, high]" in percent, MISSING below two seeds."""
     mean, half = row["AP_mean"], row["AP_ci95"]
     if _is_missing(half):
         return MISSING
@@ -433,6 +441,7 @@ def _ci_text(row: pd.Series) -> str:
 
 
 def _delta_text(row: pd.Series, base: str) -> str:
+    """ΔAP in AP points, signed; "baseline" on the baseline's own row."""
     if row["cell"] == base:
         return "baseline"
     return _percent(row["AP_delta"], sign=True)
@@ -461,6 +470,7 @@ def display_table(results: pd.DataFrame, spec: ReportSpec) -> pd.DataFrame:
 
 
 def table_caption(spec: ReportSpec, base: str) -> str:
+    """The text under the table: what each column means and where the paper's numbers come from."""
     paper = (f" Paper columns: Lin et al. 2017, Table 1({spec.paper_table}), whose setting (COCO, "
              "ResNet-FPN, 90k iterations) may differ from ours." if spec.paper_table else "")
     return ("AP, AP50, AP75: mean ± std over finished seeds, in percent; n: finished seeds. "
@@ -471,6 +481,7 @@ def table_caption(spec: ReportSpec, base: str) -> str:
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of string cells (numbers right-aligned)."""
     def cell(text: Any) -> str:
+        """A cell's text with pipes escaped, so they do not split the row."""
         return str(text).replace("|", "\\|")
 
     # Numbers read best right-aligned; the free-text cell name stays left.
@@ -503,6 +514,7 @@ def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, An
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Render `fig` to a PNG at DPI."""
     fig.savefig(path, dpi=DPI)
     return path
 
@@ -517,11 +529,13 @@ def _x_key(spec: ReportSpec, cells: pd.DataFrame) -> str | None:
 
 
 def _numeric(values: Sequence[Any]) -> bool:
+    """Whether every value is a number (bools excluded) and so can sit on a continuous axis."""
     return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
                for v in values)
 
 
 def _label_of(cell: pd.Series, keys: Sequence[str]) -> str:
+    """"gamma=2, alpha=0.25": a cell's values of `keys` with their table headers."""
     return ", ".join(f"{header(k)}={format_value(display_value(k, cell[k]))}" for k in keys)
 
 
@@ -556,15 +570,17 @@ def _plot_frame(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec) -> tu
     by_cell = {"_x": dict(zip(cells["cell"], x_values))}
     if hues is not None:
         by_cell["_hue"] = dict(zip(cells["cell"], hues))
-    finished = runs[(runs["outcome"] == "finished") & runs["AP"].notna()].copy()
+    has_ap = runs["AP"].notna() if "AP" in runs else pd.Series(False, index=runs.index)
+    finished = runs[(runs["outcome"] == "finished") & has_ap].copy()
     for column, mapping in by_cell.items():
         finished[column] = finished["cell"].map(mapping)
-    finished["AP%"] = 100 * finished["AP"].astype(float)
+    finished["AP%"] = 100 * finished["AP"].astype(float) if "AP" in finished else []
     layout = {"x_key": x_key, "numeric": numeric, "x": x_values, "hue": hues, "hue_title": hue_title}
     return finished, layout
 
 
 def _x_label(x_key: str | None) -> str:
+    """The x axis title: header and key ("gamma (loss.gamma)"), or "cell"."""
     return "cell" if x_key is None else f"{header(x_key)} ({x_key})" if header(x_key) != x_key else x_key
 
 
@@ -572,17 +588,19 @@ def _draw_ours(ax: Any, frame: pd.DataFrame, layout: dict, order: list) -> None:
     """Our AP per run, mean with the 95% t band (numeric x) or error bars (categorical x)."""
     hue = "_hue" if layout["hue"] is not None else None
     hue_order = list(dict.fromkeys(layout["hue"])) if hue else None
-    label = None if hue else "ours: mean, 95% CI over seeds"
+    # With a hue the legend lists its levels; seaborn refuses a label on top of them.
+    label = {} if hue else {"label": "ours: mean, 95% CI over seeds"}
     if layout["numeric"]:
         sns.lineplot(data=frame, x="_x", y="AP%", hue=hue, hue_order=hue_order, errorbar=t_interval,
-                     marker="o", markersize=7, ax=ax, label=label)
+                     marker="o", markersize=7, ax=ax, **label)
     else:
         sns.pointplot(data=frame, x="_x", y="AP%", hue=hue, hue_order=hue_order, order=order,
-                      errorbar=t_interval, capsize=0.15, linestyle="none", marker="o",
-                      dodge=0.3 if hue else False, ax=ax, label=label)
+                      errorbar=t_interval, capsize=0.15, linestyle="none", marker="o", err_kws={"linewidth": 1.5},
+                      dodge=0.3 if hue else False, ax=ax, **label)
 
 
 def _x_position(layout: dict, order: list, i: int) -> float:
+    """Where cell `i` sits on the x axis: its value, or its category's index."""
     return float(layout["x"][i]) if layout["numeric"] else float(order.index(layout["x"][i]))
 
 
@@ -606,6 +624,8 @@ def _mark_unfinished(ax: Any, cells: pd.DataFrame, layout: dict, order: list) ->
     for i, (_, row) in enumerate(cells.iterrows()):
         status = _status(row)
         if status is not None:
+            if layout["hue"] is not None:  # several cells may share this x
+                status = f"{layout['hue'][i]}: {status}"
             ax.annotate(status, xy=(_x_position(layout, order, i), 0.03), xycoords=ax.get_xaxis_transform(),
                         ha="center", va="bottom", rotation=90, color="tab:red", fontsize=9)
 
@@ -673,9 +693,9 @@ def _binned_curves(histories: pd.DataFrame, runs: pd.DataFrame, keys: list[str])
     return frame.groupby(["run_id", "cell", "outcome", "key", "step"], as_index=False)["value"].mean()
 
 
-def curves_unavailable(histories: pd.DataFrame, runs: pd.DataFrame) -> str | None:
+def curves_unavailable(histories: pd.DataFrame | None, runs: pd.DataFrame) -> str | None:
     """Why loss_curves.png cannot be drawn, or None when it can."""
-    if histories.empty:
+    if histories is None or histories.empty:
         return "no step metrics were tracked (histories is empty)"
     keys = _curve_keys(histories)
     if not keys:
@@ -805,9 +825,10 @@ def _ordered_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _provenance(results: pd.DataFrame, runs: pd.DataFrame) -> str:
     """README lines: outcome counts, and per cell which run_ids its numbers come from."""
-    counts = runs["outcome"].value_counts()
-    total = ", ".join(f"{counts.get(o, 0)} {o}" for o in ("finished", *NOT_FINISHED))
-    lines = [f"{len(runs)} runs: {total}. Metrics average the finished runs only; "
+    # Finished, diverged and failed are always stated (a reader looks for them); rarer outcomes when present.
+    total = ", ".join(f"{int(results[f'n_{o}'].sum())} {o}" for o in ("diverged", "failed"))
+    total += "".join(f", {int(results[f'n_{o}'].sum())} {o}" for o in NOT_FINISHED[2:] if results[f"n_{o}"].sum())
+    lines = [f"{len(runs)} runs: {int(results['n'].sum())} finished, {total}. Metrics average the finished runs only; "
              "[runs.csv](runs.csv) has every run (run_id, outcome, config, metrics) and "
              "[results.csv](results.csv) the aggregated table at full precision.", ""]
     for _, row in results.iterrows():
@@ -822,6 +843,7 @@ def _provenance(results: pd.DataFrame, runs: pd.DataFrame) -> str:
 
 def _readme(spec: ReportSpec, table_md: str, plots: dict[str, Path], skipped: dict[str, str],
             provenance: str) -> str:
+    """README.md: title, description, command, table, plots (or why one is missing), provenance."""
     command = spec.command or "(no command recorded)"
     captions = {"ap": "AP against the varied key, over seeds", "deltas": "AP difference to the baseline",
                 "loss_curves": "training losses", "loss_vs_pt": "the loss family (paper's Figure 1)"}

@@ -1,0 +1,197 @@
+"""`ablate run` / `search` end to end, read back with the MLflow client and Optuna.
+
+Each test works in its own folder (mlflow.db, mlartifacts/, .ablate/, runs/ land there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from ablate.config import Config, flatten
+from cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def invoke(*args: str):
+    """Run the CLI in this process, with sys.argv as a shell would set it (it is tracked)."""
+    saved = sys.argv
+    sys.argv = ["ablate", *args]
+    try:
+        return CliRunner().invoke(app, list(args), catch_exceptions=False)
+    finally:
+        sys.argv = saved
+
+
+def client(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def children(workdir: Path, experiment: str = "smoke") -> list:
+    c = client(workdir)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], filter_string="tags.`ablate.cell` != ''")
+
+
+def test_run_creates_the_mlflow_records_and_skips_done_cells(workdir):
+    result = invoke("run", "smoke", "--no-progress")
+    assert result.exit_code == 0, result.output
+    c = client(workdir)
+    exp = c.get_experiment_by_name("smoke")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(kids) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {parents[0].info.run_id}
+    assert sorted(r.info.run_name for r in kids) == ["alpha_ce s0", "focal s0"]
+    for run in kids:
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED" and tags["ablate.outcome"] == "finished"
+        assert tags["ablate.seed"] == "0" and tags["ablate.cell"] in ("focal", "alpha_ce")
+        assert len(tags["ablate.config_hash"]) == 12 and tags["ablate.command"].startswith("ablate run smoke")
+        assert "ablate.git_commit" in tags
+        assert params["loss.cls"] == tags["ablate.cell"] and params["train.iterations"] == "12"
+        assert set(params) == set(flatten(Config()))  # the full flattened config
+        assert 0.0 <= run.data.metrics["AP"] <= 1.0 and "AR100" in run.data.metrics
+        history = c.get_metric_history(run.info.run_id, "loss_cls")
+        assert [m.step for m in history] == [4, 8, 12]
+        for key in ("num_fg", "num_bg", "lr", "img_per_s", "loss_box_reg"):
+            assert len(c.get_metric_history(run.info.run_id, key)) == 3
+        artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert {"config.json", "eval.json", "detections.json", "loss_curve.png"} <= artifacts
+    # The same command again: every cell is done, no new child run.
+    again = invoke("run", "smoke", "--no-progress")
+    assert again.exit_code == 0 and "0 to run" in again.output
+    assert len(children(workdir)) == 2
+    # Its Optuna study holds the two cells as completed trials, with their exact values.
+    study = optuna.load_study(study_name="smoke", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(workdir / ".ablate" / "optuna.journal"))))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["ablate_item"]["cell"] for t in done) == ["alpha_ce", "focal"]
+    assert all(t.params == {"seed": 0} for t in done)
+
+
+def test_a_diverging_cell_is_recorded_and_the_others_finish(workdir):
+    path = workdir / "diverge.toml"
+    path.write_text((REPO / "experiments" / "smoke.toml").read_text().replace(
+        '[grid]\n"loss.cls" = ["focal", "alpha_ce"]',
+        '[[variants]]\nname = "focal"\nloss.cls = "focal"\n\n'
+        '[[variants]]\nname = "ce no prior lr 1e6"\nloss.cls = "ce"\nmodel.prior = "none"\ntrain.lr = 1e6\n'))
+    result = invoke("run", str(path), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "1 diverged" in result.output and "1 finished" in result.output
+    runs = {r.data.tags["ablate.cell"]: r for r in children(workdir, "diverge")}
+    bad, good = runs["ce no prior lr 1e6"], runs["focal"]
+    assert bad.info.status == "FAILED" and bad.data.tags["ablate.outcome"] == "diverged"
+    assert "diverged_at" in bad.data.metrics and "AP" not in bad.data.metrics
+    assert good.info.status == "FINISHED" and "AP" in good.data.metrics
+    # A diverged cell is a result: running again reruns neither.
+    assert "0 to run" in invoke("run", str(path), "--no-progress").output
+
+
+def test_a_killed_run_reruns_only_the_unfinished_cell(workdir):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, str(REPO / "cli.py"), "run", "smoke", "--no-progress", "--set", "train.iterations=120"]
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            time.sleep(0.3)
+            if not (workdir / "mlflow.db").exists():
+                continue
+            try:
+                states = [r.info.status for r in children(workdir)]
+            except Exception:  # the store may still be being created
+                continue
+            if states.count("FINISHED") == 1 and states.count("RUNNING") == 1:
+                break
+        else:
+            pytest.fail("the first cell never finished while the second ran")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    result = invoke("run", "smoke", "--no-progress", "--set", "train.iterations=120")
+    assert result.exit_code == 0, result.output
+    assert "1 already done, 1 to run" in result.output
+    runs = children(workdir)
+    assert len(runs) == 3
+    statuses = sorted((r.data.tags["ablate.cell"], r.info.status) for r in runs)
+    killed_cell = next(cell for cell, status in statuses if status == "KILLED")
+    assert [s for c, s in statuses if c == killed_cell] == ["FINISHED", "KILLED"]
+
+
+def test_report_tables_equal_the_tracked_metrics(workdir):
+    assert invoke("run", "smoke", "--no-progress").exit_code == 0
+    result = invoke("report", "smoke")
+    assert result.exit_code == 0, result.output
+    out = workdir / "reports" / "smoke"
+    for name in ("table.md", "results.csv", "runs.csv", "table.tex", "ap.png", "loss_curves.png",
+                 "loss_vs_pt.png", "README.md"):
+        assert (out / name).is_file(), name
+    import pandas as pd
+
+    results = pd.read_csv(out / "results.csv")
+    tracked = {r.data.tags["ablate.cell"]: r.data.metrics["AP"] for r in children(workdir)}
+    for _, row in results.iterrows():
+        assert row["AP_mean"] == pytest.approx(tracked[row["cell"]], abs=1e-9)
+    table = (out / "table.md").read_text()
+    for ap in tracked.values():
+        assert f"{100 * ap:.1f}" in table
+
+
+def test_parallel_jobs_run_every_cell_once(workdir):
+    result = invoke("run", "smoke", "--seeds", "2", "--jobs", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    runs = children(workdir)
+    assert sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.seed"]) for r in runs) == [
+        ("alpha_ce", "0"), ("alpha_ce", "1"), ("focal", "0"), ("focal", "1")]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_search_runs_tpe_trials_with_intermediate_ap(workdir):
+    result = invoke("search", "smoke", "--trials", "3", "--no-progress")
+    assert result.exit_code == 0, result.output
+    runs = children(workdir, "smoke-search")
+    assert len(runs) == 3
+    c = client(workdir)
+    for run in runs:
+        assert 0.0 <= float(run.data.params["loss.gamma"]) <= 5.0
+        assert [m.step for m in c.get_metric_history(run.info.run_id, "val_AP")] == [6]
+    assert "best AP" in result.output
+
+
+def test_dry_run_and_show_list_the_cells(workdir):
+    result = invoke("run", "gamma-sweep", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "7 runs" in result.output and "g=5 a=0.25" in result.output
+    assert not (workdir / "runs").exists()
+    listing = invoke("list")
+    assert listing.exit_code == 0 and "gamma-sweep" in listing.output and "ohem-vs-focal" in listing.output
+
+
+def test_bad_experiment_grid_names_file_and_key(workdir):
+    path = workdir / "bad.toml"
+    path.write_text('preset = "tiny"\n[grid]\n"loss.gama" = [1.0, 2.0]\n')
+    result = invoke("run", str(path))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert str(path) in result.output and "loss.gama" in result.output
