@@ -277,6 +277,7 @@ Getter = Callable[[str], Any]
 
 
 def _keys_a(get: Getter) -> dict[str, Any] | None:
+    """Table 1(a): alpha of alpha-balanced CE."""
     cls = get("loss.cls")
     # Focal loss with gamma 0 is alpha-CE (ablate.losses.focal), so it finds the same row.
     if cls == "alpha_ce" or (cls == "focal" and _close(get("loss.gamma"), 0.0)):
@@ -285,16 +286,19 @@ def _keys_a(get: Getter) -> dict[str, Any] | None:
 
 
 def _keys_b(get: Getter) -> dict[str, Any] | None:
+    """Table 1(b): gamma and alpha of focal loss."""
     if get("loss.cls") != "focal":
         return None
     return {"method": "focal", "gamma": get("loss.gamma"), "alpha": get("loss.alpha")}
 
 
 def _keys_c(get: Getter) -> dict[str, Any] | None:
+    """Table 1(c): anchor scales and the number of aspect ratios."""
     return {"num_scales": get("model.num_scales"), "num_ratios": len(_as_list(get("model.aspect_ratios")))}
 
 
 def _keys_d(get: Getter) -> dict[str, Any] | None:
+    """Table 1(d): OHEM (batch, NMS, the 1:3 ratio) against FL."""
     cls = get("loss.cls")
     if cls == "focal":  # the table's single FL row has no OHEM settings
         return {"method": "focal"}
@@ -311,6 +315,7 @@ def _keys_d(get: Getter) -> dict[str, Any] | None:
 
 
 def _keys_e(get: Getter) -> dict[str, Any] | None:
+    """Table 1(e): ResNet depth and image scale."""
     depth = trunk_depth(get("model.trunk"))
     return None if depth is None else {"depth": depth, "scale": get("data.min_size")}
 
@@ -584,19 +589,19 @@ def _x_label(x_key: str | None) -> str:
     return "cell" if x_key is None else f"{header(x_key)} ({x_key})" if header(x_key) != x_key else x_key
 
 
-def _draw_ours(ax: Any, frame: pd.DataFrame, layout: dict, order: list) -> None:
+def _draw_ours(ax: Any, frame: pd.DataFrame, layout: dict, order: list, label: str) -> None:
     """Our AP per run, mean with the 95% t band (numeric x) or error bars (categorical x)."""
     hue = "_hue" if layout["hue"] is not None else None
     hue_order = list(dict.fromkeys(layout["hue"])) if hue else None
     # With a hue the legend lists its levels; seaborn refuses a label on top of them.
-    label = {} if hue else {"label": "ours: mean, 95% CI over seeds"}
+    kwargs = {} if hue else {"label": label}
     if layout["numeric"]:
         sns.lineplot(data=frame, x="_x", y="AP%", hue=hue, hue_order=hue_order, errorbar=t_interval,
-                     marker="o", markersize=7, ax=ax, **label)
+                     marker="o", markersize=7, ax=ax, **kwargs)
     else:
         sns.pointplot(data=frame, x="_x", y="AP%", hue=hue, hue_order=hue_order, order=order,
                       errorbar=t_interval, capsize=0.15, linestyle="none", marker="o", err_kws={"linewidth": 1.5},
-                      dodge=0.3 if hue else False, ax=ax, **label)
+                      dodge=0.3 if hue else False, ax=ax, **kwargs)
 
 
 def _x_position(layout: dict, order: list, i: int) -> float:
@@ -630,34 +635,35 @@ def _mark_unfinished(ax: Any, cells: pd.DataFrame, layout: dict, order: list) ->
                         ha="center", va="bottom", rotation=90, color="tab:red", fontsize=9)
 
 
-def _fit_x(ax: Any, layout: dict) -> None:
-    """Numeric x: show every cell's x, also those without a point (diverged cells)."""
+def _fit_x(ax: Any, layout: dict, order: list) -> None:
+    """Show every cell's x, also those without a point (diverged cells), with a tick each."""
     if layout["numeric"]:
         lo, hi = min(layout["x"]), max(layout["x"])
         pad = 0.05 * (hi - lo) if hi > lo else 0.5
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_xticks(sorted(set(layout["x"])))
+    else:
+        crowded = len(order) > 3  # long cell names would overlap: slant them
+        ax.set_xticks(range(len(order)), order, rotation=25 if crowded else 0, ha="right" if crowded else "center")
+        ax.set_xlim(-0.5, len(order) - 0.5)
 
 
 def plot_ap(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec, path: Path) -> Path:
     """AP (percent) against spec.x over seeds, with the paper's AP as a dashed reference."""
     frame, layout = _plot_frame(runs, cells, spec)
     order = list(dict.fromkeys(layout["x"])) if not layout["numeric"] else []
+    several = bool((cells["n"] >= 2).any())
     with _style():
         fig, ax = _new_figure(max(6.5, 0.9 * len(order) + 3), 4.6)
         if not frame.empty:
-            _draw_ours(ax, frame, layout, order)
+            _draw_ours(ax, frame, layout, order, "ours: mean, 95% CI over seeds" if several else "ours")
         paper = _draw_paper(ax, cells, layout, order, spec.paper_table) if spec.paper_table else None
-        _fit_x(ax, layout)
-        if not layout["numeric"]:
-            ax.set_xticks(range(len(order)), order, rotation=25 if len(order) > 3 else 0, ha="right"
-                          if len(order) > 3 else "center")
-            ax.set_xlim(-0.5, len(order) - 0.5)
+        _fit_x(ax, layout, order)
         _mark_unfinished(ax, cells, layout, order)
         ax.set_xlabel(_x_label(layout["x_key"]))
         ax.set_ylabel("AP (%)")
-        several = (cells["n"] >= 2).any()
-        ax.set_title(f"{spec.name}: AP over seeds ({'mean, 95% CI' if several else 'one seed: no interval'})")
+        detail = "mean, 95% CI" if several else "no interval: under two finished seeds per cell"
+        ax.set_title(f"{spec.name}: AP over seeds ({detail})")
         _finish_legend(ax, [paper] if paper else [], layout["hue_title"])
         return _save(fig, path)
 

@@ -7,6 +7,8 @@ mix in), preferring the newest finished or diverged one.
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,14 @@ def select_runs(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame) -> p
     return pd.DataFrame(chosen)
 
 
+def reproduce_command(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame) -> str:
+    """The commands that regenerate the runs and this report."""
+    seeds = sorted(runs["seed"].unique())
+    seed_arg = f" --seeds {len(seeds)}" if seeds != exp.seeds and seeds == list(range(len(seeds))) else ""
+    sets = "".join(f" --set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in extra.items())
+    return f"ablate run {exp.name}{seed_arg}{sets}\nablate report {exp.name}{sets}"
+
+
 def build_report(exp: Experiment, extra: dict[str, Any], out_dir: Path, command: str | None = None) -> dict[str, Path]:
     """Write reports/NAME from the tracked runs; returns the files written."""
     from ablate.report import ReportSpec, write_report
@@ -47,5 +57,5 @@ def build_report(exp: Experiment, extra: dict[str, Any], out_dir: Path, command:
     histories = tracker.load_histories(runs["run_id"].tolist())
     spec = ReportSpec(name=exp.name, description=exp.description, varied=exp.varied, x=exp.x, hue=exp.hue,
                       baseline=exp.baseline, paper_table=exp.paper_table,
-                      command=command or tracking.command_line())
+                      command=command or reproduce_command(exp, extra, runs))
     return write_report(runs, histories, spec, out_dir)

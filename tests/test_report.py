@@ -125,6 +125,14 @@ def test_fully_diverged_cell_has_counts_and_no_numbers():
     assert (fl["n"], fl["n_failed"]) == (1, 1) and fl["AP_mean"] == 0.3 and math.isnan(fl["AP_std"])
 
 
+def test_every_outcome_is_counted():
+    runs = _runs([("fl", _config(), [(0, "finished", 0.3), (1, "pruned", math.nan), (2, "interrupted", math.nan),
+                                     (3, "weird", math.nan), (4, "failed", math.nan)])])
+    cell = aggregate(runs, _spec()).iloc[0]
+    assert (cell["n"], cell["n_runs"], cell["n_pruned"], cell["n_interrupted"], cell["n_other"],
+            cell["n_failed"], cell["n_diverged"]) == (1, 5, 1, 1, 1, 1, 0)
+
+
 def test_aggregate_names_missing_columns():
     runs = _gamma_sweep().drop(columns=["model.num_scales"])
     with pytest.raises(ValueError, match="model.num_scales"):
@@ -316,6 +324,18 @@ def test_report_with_a_fully_diverged_cell(tmp_path):
     assert rows[0]["paper AP"] == "34.0"
     for name in PNGS:
         _check_png(tmp_path / "r" / name)
+
+
+def test_report_when_no_run_finished_and_no_metric_was_logged(tmp_path):
+    runs = _runs([("a", _config(loss__gamma=0.0), [(0, "diverged", math.nan)]),
+                  ("b", _config(), [(0, "failed", math.nan)])])
+    runs = runs.drop(columns=["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"])
+    paths = write_report(runs, _histories(runs), _spec(), tmp_path / "r")
+    rows = _read_table(paths["table"])
+    assert [r["AP"] for r in rows] == ["diverged (1/1)", "failed (1/1)"]
+    assert "0 finished, 1 diverged, 1 failed" in paths["readme"].read_text()
+    for name in ("ap.png", "deltas.png", "loss_vs_pt.png"):
+        assert (tmp_path / "r" / name).is_file()
 
 
 def test_single_seed_empty_histories_and_no_numeric_x(tmp_path):
