@@ -40,7 +40,7 @@ class DetectionLoss:
             num_fg = is_fg.sum()
         normalizer = self._normalizer(num_fg)
         loss_cls = self._classification(cls_logits, box_deltas, anchors, gt_labels, matched, is_fg,
-                                        valid).sum() / normalizer
+                                        valid) / normalizer
         loss_box = self._box_regression(box_deltas, anchors, gt_boxes, matched, is_fg) / normalizer
         loss_box = loss_box * self.cfg.box_loss_weight
         return {"loss": loss_cls + loss_box, "loss_cls": loss_cls.detach(), "loss_box_reg": loss_box.detach(),
@@ -57,18 +57,18 @@ class DetectionLoss:
 
     def _classification(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, gt_labels: Tensor,
                         matched: Tensor, is_fg: Tensor, valid: Tensor) -> Tensor:
-        """Unnormalised classification loss per anchor and class, 0 where not counted: [B, N, K]."""
+        """Unnormalised classification loss summed over counted anchors and classes: a scalar."""
+        c = self.cfg
         labels = gt_labels.gather(1, matched.clamp(min=0))  # [B, N]
+        if c.cls in ("ce", "alpha_ce", "focal"):  # one family: FL with gamma 0 is alpha-CE, alpha None CE
+            gamma = c.gamma if c.cls == "focal" else 0.0
+            alpha = None if c.cls == "ce" else c.alpha
+            k = cls_logits.shape[-1]
+            positive_index = is_fg.reshape(-1).nonzero().squeeze(1) * k + labels.reshape(-1)[is_fg.reshape(-1)]
+            return losses.focal_loss_sum(cls_logits, positive_index, valid, gamma, alpha)
         targets = torch.zeros_like(cls_logits)
         targets.scatter_(2, labels.clamp(min=0)[..., None], is_fg[..., None].to(targets.dtype))
-        c = self.cfg
-        if c.cls == "ce":
-            per_elem = losses.sigmoid_ce(cls_logits, targets)
-        elif c.cls == "alpha_ce":
-            per_elem = losses.alpha_ce(cls_logits, targets, c.alpha)
-        elif c.cls == "focal":
-            per_elem = losses.focal(cls_logits, targets, c.gamma, c.alpha)
-        elif c.cls == "focal_star":
+        if c.cls == "focal_star":
             per_elem = losses.focal_star(cls_logits, targets, c.gamma, c.beta)
         elif c.cls == "ohem":
             per_elem = losses.sigmoid_ce(cls_logits, targets)
@@ -77,7 +77,7 @@ class DetectionLoss:
                                        c.ohem_batch, c.ohem_nms, c.ohem_fg_fraction)
         else:
             raise ValueError(f"unknown classification loss {c.cls!r}")
-        return per_elem * valid[..., None]
+        return (per_elem * valid[..., None]).sum()
 
     def _box_regression(self, box_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, matched: Tensor,
                         is_fg: Tensor) -> Tensor:

@@ -117,3 +117,71 @@ def smooth_l1(pred: Tensor, target: Tensor, beta: float = 0.11) -> Tensor:
 def giou_loss(pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
     """1 - GIoU per box pair: [E, 4] x1y1x2y2 each -> [E]."""
     return generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
+
+
+class _FocalLossSum(torch.autograd.Function):
+    """Sum of the focal loss over valid anchors, computed with its gradient in one pass.
+
+    Measured speed demands it: the elementwise autograd graph of `focal` over [B, N, K] (43M values
+    for 8 images x 68k anchors x 80 classes) materialises a dozen tensors of that size. Here the
+    loss and d(loss)/d(logits) are formed chunk by chunk (cache-sized), every element first as a
+    negative, then the few positives corrected through their flat indices.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, positive_index: Tensor, valid: Tensor, gamma: float,
+                alpha: float | None, chunk: int) -> Tensor:
+        k = logits.shape[-1]
+        flat = logits.detach().reshape(-1, k)  # [B*N, K]
+        valid_rows = valid.reshape(-1, 1).to(flat.dtype)  # [B*N, 1]
+        neg_weight = 1.0 if alpha is None else 1.0 - alpha
+        grad = torch.empty_like(flat)
+        total = flat.new_zeros(())
+        for start in range(0, flat.shape[0], chunk):
+            x, v = flat[start:start + chunk], valid_rows[start:start + chunk]
+            loss, g = _negative_terms(x, gamma)
+            total += (loss.sum(1, keepdim=True) * v).sum() * neg_weight
+            torch.mul(g, v * neg_weight, out=grad[start:start + chunk])
+        x_pos = flat.reshape(-1)[positive_index]
+        loss_neg, _ = _negative_terms(x_pos, gamma)
+        loss_pos, g_pos = _negative_terms(-x_pos, gamma)  # a positive at x is a negative at -x
+        pos_weight = 1.0 if alpha is None else alpha
+        total += (loss_pos * pos_weight - loss_neg * neg_weight).sum()
+        grad.view(-1)[positive_index] = -g_pos * pos_weight
+        ctx.save_for_backward(grad)
+        ctx.shape = logits.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        # In place: the saved gradient is used once (a second backward fails on its version check).
+        return grad.mul_(grad_output).view(ctx.shape), None, None, None, None, None
+
+
+def _negative_terms(x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """Focal loss of logits x as negatives (target 0, no alpha) and its derivative in x:
+    loss = p^gamma * softplus(x), d/dx = p^gamma * (p + gamma * (1 - p) * softplus(x)), p = sigmoid(x).
+
+    softplus(x) is taken as -log(sigmoid(-x)): sigmoid and log vectorise, softplus and log1p do
+    not (5 ns against 1 ns per value here). Past x = 15, sigmoid(-x) nears float32's underflow and
+    softplus(x) equals x to float precision.
+    """
+    p = torch.sigmoid(x)
+    sp = torch.where(x > 15.0, x, -torch.log(torch.sigmoid(-x)))
+    if gamma == 0:
+        return sp, p
+    p_gamma = p * p if gamma == 2.0 else p if gamma == 1.0 else torch.pow(p, gamma)
+    return p_gamma * sp, p_gamma * (p + gamma * (1 - p) * sp)
+
+
+def focal_loss_sum(logits: Tensor, positive_index: Tensor, valid: Tensor, gamma: float = 2.0,
+                   alpha: float | None = 0.25, chunk: int = 2048) -> Tensor:
+    """sum over valid anchors and classes of `focal(logits, targets, gamma, alpha)`, fast.
+
+    logits: float [B, N, K]; positive_index: int64 [P], flat indices into logits of the positive
+    (anchor, class) pairs (all other entries are negatives); valid: bool [B, N], False for ignored
+    anchors. gamma = 0 gives alpha-CE, and alpha = None with gamma = 0 plain CE. Returns a scalar
+    that backpropagates into logits.
+    """
+    return _FocalLossSum.apply(logits, positive_index, valid, float(gamma), alpha, chunk)

@@ -302,3 +302,23 @@ def test_focal_gradient_finite_for_small_gamma_on_confident_examples(gamma):
     t = torch.tensor([0.0, 1.0, 1.0, 0.0])
     losses.focal(x, t, gamma=gamma, alpha=0.25).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (0.0, 0.75), (0.0, None), (0.5, 0.5), (1.0, 0.25), (5.0, 0.25)])
+def test_fused_focal_sum_equals_the_elementwise_loss_and_gradient(gamma, alpha):
+    torch.manual_seed(3)
+    b, n, k = 2, 300, 7
+    logits = (torch.randn(b, n, k) * 6 - 3).requires_grad_()
+    logits.data[0, :5] = torch.tensor([-80.0, -20.0, 0.0, 20.0, 95.0])[:, None]  # saturated logits
+    is_fg = torch.rand(b, n) < 0.05
+    valid = (torch.rand(b, n) > 0.1) | is_fg  # positives are never ignored
+    labels = torch.randint(0, k, (b, n))
+    targets = torch.zeros(b, n, k)
+    targets.view(-1, k)[is_fg.view(-1).nonzero().squeeze(1), labels.view(-1)[is_fg.view(-1)]] = 1.0
+    reference = (losses.focal(logits, targets, gamma, alpha) * valid[..., None]).sum()
+    (g_ref,) = torch.autograd.grad(reference, logits)
+    index = is_fg.view(-1).nonzero().squeeze(1) * k + labels.view(-1)[is_fg.view(-1)]
+    fused = losses.focal_loss_sum(logits, index, valid, gamma, alpha, chunk=64)  # several chunks
+    (g_fused,) = torch.autograd.grad(fused, logits)
+    assert torch.allclose(fused, reference, rtol=1e-5)
+    assert torch.allclose(g_fused, g_ref, atol=1e-6, rtol=1e-4)
