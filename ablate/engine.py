@@ -67,7 +67,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
     (before the step that would poison the weights); everything logged until then is kept.
     Every `eval_every` iterations `on_eval(iteration)` may stop the run early (status "pruned")."""
     model.train()
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = cfg.channels_last
     sums: dict[str, float] = {}
     history: list[dict[str, float]] = []
     start = interval_start = time.perf_counter()
@@ -125,8 +125,11 @@ def predict(model: torch.nn.Module, batch: Batch, infer: InferConfig, box_weight
     """Detections of one batch, boxes in the ORIGINAL image pixels (undoing the resize)."""
     model.eval()
     batch = batch.to(device)
+    images = batch.images
+    if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
-        cls_logits, box_deltas, anchors, per_level = model(batch.images)
+        cls_logits, box_deltas, anchors, per_level = model(images)
     dets = postprocess(cls_logits, box_deltas, anchors, per_level, batch.image_sizes, infer.score_thresh,
                        infer.topk_candidates, infer.nms_thresh, infer.detections_per_img, box_weights)
     scale = (batch.orig_sizes / batch.image_sizes).float()  # [B, 2] (h, w)

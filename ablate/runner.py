@@ -107,7 +107,7 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
                       f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
                       f"(1:{balance['bg_per_fg']:.0f}), ignored {balance['ignored_per_image']:.1f}")
     model = builders.build_model(cfg, len(train_set.category_names)).to(device)
-    if cfg.train.channels_last and device.type == "cuda":
+    if cfg.train.channels_last:  # faster convolutions on CUDA and on CPU (oneDNN) alike, measured
         model = model.to(memory_format=torch.channels_last)
     optimizer = builders.build_optimizer(model, cfg.train)
     loader = builders.build_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=True,

@@ -328,7 +328,8 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, *, min_size: int, max_size: int,
-                 hflip_prob: float = 0.0, max_images: int = 0, categories: Sequence[str] = ()):
+                 hflip_prob: float = 0.0, max_images: int = 0, categories: Sequence[str] = (),
+                 cache_images: bool = False):
         if min_size < 1 or max_size < 1:
             raise DataError(f"{root}: min_size and max_size must be >= 1 (got {min_size}, {max_size})")
         if not 0.0 <= hflip_prob <= 1.0:
@@ -356,6 +357,13 @@ class CocoDetection(torch.utils.data.Dataset):
             num_degenerate=self._boxes.num_degenerate,
             num_empty_images=int((np.diff(self._boxes.offsets) == 0).sum()))
         self.transform = make_transform(min_size, max_size, hflip_prob)
+        # Decoded images kept in memory, all decoded now: for small sets read every epoch, decoding
+        # would otherwise take CPU from the training step (and the first epoch would be slower).
+        self._cache: dict[int, torch.Tensor] | None = None
+        if cache_images:
+            self._cache = {}
+            for i in range(len(self._ids)):
+                self._raw(i)
 
     @property
     def num_classes(self) -> int:
@@ -367,7 +375,11 @@ class CocoDetection(torch.utils.data.Dataset):
     def _raw(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The file's image uint8 [3, h, w], boxes float32 [N, 4] and labels int64 [N]."""
         path = self.img_dir / str(self._files[i])
-        image = decode_image(path)
+        image = self._cache.get(i) if self._cache is not None else None
+        if image is None:
+            image = decode_image(path)
+            if self._cache is not None:
+                self._cache[i] = image
         h, w = (int(v) for v in self._sizes[i])
         if tuple(image.shape[-2:]) != (h, w):
             raise DataError(f"{path}: image is {image.shape[-1]}x{image.shape[-2]} pixels but "
