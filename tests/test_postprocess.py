@@ -146,3 +146,34 @@ def test_box_weights_are_used_for_decoding():
     dets = postprocess(logits, deltas, anchors, [1], torch.tensor([[100, 100]]),
                        box_weights=(10.0, 10.0, 5.0, 5.0))[0]
     torch.testing.assert_close(dets["boxes"], torch.tensor([[10.0, 0.0, 20.0, 10.0]]))
+
+
+def test_grouped_nms_equals_torchvision_batched_nms():
+    from torchvision.ops import batched_nms
+
+    from ablate.postprocess import grouped_nms
+
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(3000, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(3000, 2, generator=g) * 40], 1)
+    scores = torch.rand(3000, generator=g)
+    groups = torch.randint(0, 160, (3000,), generator=g)
+    ours = grouped_nms(boxes, scores, groups, 0.5)
+    theirs = batched_nms(boxes, scores, groups, 0.5)
+    assert len(ours) < 3000  # NMS removed something
+    assert torch.equal(ours, theirs)
+
+
+def test_two_stage_topk_keeps_the_same_pairs_as_a_full_topk():
+    from ablate.postprocess import top_candidates
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 500, 30, generator=g)
+    scores, anchor_idx, labels = top_candidates(logits, [400, 100], topk=50)
+    for b in range(2):
+        for start, n in ((0, 400), (400, 100)):
+            full = logits[b, start:start + n].reshape(-1).topk(50).values.sigmoid()
+            mine = scores[b][(anchor_idx[b] >= start) & (anchor_idx[b] < start + n)]
+            assert torch.equal(mine.sort().values, full.sort().values)
+    picked = logits[torch.arange(2)[:, None], anchor_idx, labels].sigmoid()
+    assert torch.equal(picked, scores)  # indices and labels point at the scores returned
