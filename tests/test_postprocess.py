@@ -161,7 +161,8 @@ def test_grouped_nms_equals_torchvision_batched_nms():
     ours = grouped_nms(boxes, scores, groups, 0.5)
     theirs = batched_nms(boxes, scores, groups, 0.5)
     assert len(ours) < 3000  # NMS removed something
-    assert torch.equal(ours, theirs)
+    assert torch.equal(ours.sort().values, theirs.sort().values)  # the same boxes kept
+    assert torch.equal(scores[ours], scores[theirs])  # in the same score order (ties may swap)
 
 
 def test_two_stage_topk_keeps_the_same_pairs_as_a_full_topk():
