@@ -49,16 +49,9 @@ def friendly_errors(command):
 def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
     """--set pairs and the --data shorthand as dotted-key overrides."""
     from ablate.config import parse_set
-    from ablate.errors import ConfigError
+    from ablate.experiments import data_overrides
 
-    out: dict[str, Any] = {}
-    if data:
-        if data == "synth":
-            out["data.source"] = "synth"
-        elif data.startswith("coco:") and len(data) > 5:
-            out.update({"data.source": "coco", "data.root": data[5:]})
-        else:
-            raise ConfigError(f"--data: expected 'synth' or 'coco:PATH', got '{data}'")
+    out: dict[str, Any] = data_overrides(data, "--data") if data else {}
     for assignment in sets or []:
         key, value = parse_set(assignment)
         out[key] = value

@@ -187,8 +187,8 @@ class ChildRun:
 
     def end(self, outcome: str) -> None:
         """Close the run: FINISHED for a finished cell, FAILED for diverged or crashed, KILLED for
-        an interruption; the `outcome` tag tells them apart."""
+        an interruption or a search trial the pruner stopped; the `outcome` tag tells them apart."""
         self.flush()
         self.set_tags({"outcome": outcome})
-        status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(outcome, "FAILED")
+        status = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}.get(outcome, "FAILED")
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
