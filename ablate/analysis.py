@@ -1,4 +1,4 @@
-"""Diagnostics of the paper's setting: the foreground:background imbalance of the anchors."""
+"""Diagnostics of the paper's setting: the anchor imbalance, loss curves, and the loss CDFs of Figure 4."""
 
 from __future__ import annotations
 
@@ -53,3 +53,78 @@ def loss_curve_png(history: list[dict[str, float]], path: Path, title: str = "")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def normalized_loss_cdf(losses: torch.Tensor, points: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's Figure 4 curve for one set of examples: sorted from lowest to highest loss, the
+    cumulative share of the total loss against the fraction of examples.
+
+    losses: float [E]. Returns (fraction [points], cumulative normalised loss [points]), sampled
+    at evenly spaced fractions (the full curve of 10^6 points is no better to look at).
+    """
+    ordered = losses.double().sort().values
+    cumulative = ordered.cumsum(0) / ordered.sum().clamp(min=1e-300)
+    fraction = torch.linspace(1.0 / len(ordered), 1.0, points, dtype=torch.float64)
+    index = (fraction * len(ordered)).ceil().long().clamp(1, len(ordered)) - 1
+    return fraction, cumulative[index]
+
+
+@torch.no_grad()
+def collect_examples(model, loader, matcher_cfg: MatcherConfig, device, max_negatives: int = 2_000_000,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the positive (anchor, its class) and negative (anchor, other class) examples of a
+    trained model on a data set: (positives [P], negatives [<= max_negatives], random subsample).
+
+    Ignored anchors count as neither, as in training.
+    """
+    model.eval()
+    positives, negatives = [], []
+    g = torch.Generator().manual_seed(seed)
+    for batch in loader:
+        batch = batch.to(device)
+        cls_logits, _, anchors, _ = model(batch.images)
+        cls_logits = cls_logits.float()
+        matched = match_anchors(batched_iou(batch.gt_boxes, batch.gt_labels >= 0, anchors),
+                                matcher_cfg.fg_iou_thresh, matcher_cfg.bg_iou_thresh, matcher_cfg.allow_low_quality)
+        labels = batch.gt_labels.gather(1, matched.clamp(min=0))
+        is_pos = torch.zeros_like(cls_logits, dtype=torch.bool)
+        is_pos.scatter_(2, labels.clamp(min=0)[..., None], (matched >= 0)[..., None])
+        valid = (matched != IGNORED)[..., None].expand_as(is_pos)
+        positives.append(cls_logits[is_pos].cpu())
+        neg = cls_logits[valid & ~is_pos].cpu()
+        # Keep each negative with the probability that leaves ~max_negatives over the whole set.
+        rate = max_negatives * len(batch.images) / max(1, len(loader.dataset) * len(neg))
+        negatives.append(neg[torch.rand(len(neg), generator=g) < rate])
+    return torch.cat(positives), torch.cat(negatives)[:max_negatives]
+
+
+def loss_cdf_png(positives: torch.Tensor, negatives: torch.Tensor, gammas: list[float], path: Path,
+                 title: str = "") -> list[dict[str, float]]:
+    """Figure 4: CDFs of the normalised focal loss (alpha = None) of positive and negative
+    examples for each gamma; returns the curves as rows (gamma, side, fraction, cumulative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ablate.losses import focal
+
+    rows = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, side, logits, target in ((axes[0], "positive", positives, 1.0), (axes[1], "negative", negatives, 0.0)):
+        for gamma in gammas:
+            losses = focal(logits, torch.full_like(logits, target), gamma, alpha=None)
+            fraction, cumulative = normalized_loss_cdf(losses)
+            ax.plot(fraction.numpy(), cumulative.numpy(), label=f"γ = {gamma:g}")
+            rows += [{"gamma": gamma, "side": side, "fraction": float(f), "cumulative_loss": float(c)}
+                     for f, c in zip(fraction, cumulative)]
+        ax.set_title(f"{side} examples ({len(logits):,})")
+        ax.set_xlabel(f"fraction of {side} examples")
+        ax.set_ylabel("cumulative normalized loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return rows

@@ -155,3 +155,18 @@ def test_data_synth_prints_root_and_balance():
     assert (Path(root) / "annotations" / "instances_train2017.json").is_file()
     assert "objects_per_image" in result.output
     assert "background" in result.output and "1:" in result.output
+
+
+@pytest.mark.slow
+def test_analyze_loss_cdf_writes_figure_4(smoke_run: Path, tmp_path: Path):
+    result = invoke("analyze", "loss-cdf", str(smoke_run / "checkpoint.pt"), "--out", str(tmp_path),
+                    "--gammas", "0,2")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "loss_cdf.png").size[0] > 500
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "loss_cdf.csv")))
+    assert {(r["gamma"], r["side"]) for r in rows} == {("0.0", "positive"), ("0.0", "negative"),
+                                                       ("2.0", "positive"), ("2.0", "negative")}
+    last = [float(r["cumulative_loss"]) for r in rows if r["fraction"] == "1.0"]
+    assert last and all(abs(v - 1.0) < 1e-9 for v in last)  # the CDFs end at the whole loss

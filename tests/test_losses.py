@@ -322,3 +322,11 @@ def test_fused_focal_sum_equals_the_elementwise_loss_and_gradient(gamma, alpha):
     (g_fused,) = torch.autograd.grad(fused, logits)
     assert torch.allclose(fused, reference, rtol=1e-5)
     assert torch.allclose(g_fused, g_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_normalized_loss_cdf_by_hand():
+    from ablate.analysis import normalized_loss_cdf
+
+    fraction, cumulative = normalized_loss_cdf(torch.tensor([3.0, 1.0, 0.0, 4.0]), points=4)
+    assert fraction.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert cumulative.tolist() == pytest.approx([0.0, 0.125, 0.5, 1.0])
