@@ -92,13 +92,14 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     Every `eval_every` iterations the val metrics go to `on_eval(iteration, metrics)`, which may stop
     the run by returning True (the search's pruner): the run then ends as "pruned".
     """
-    run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
-    write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
     set_seed(cfg.train.seed)
     device = builders.resolve_device(cfg.train.device)
     root = builders.data_root(cfg, progress=show_progress and progress is None)
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
     val_set = builders.build_dataset(cfg.data, root, cfg.data.val_split, train=False)
+    # The run folder only once the data is known good: bad input leaves no empty run behind.
+    run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
+    write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
     balance = anchor_balance(train_set, cfg.model, cfg.matcher)
     if console:
         console.print(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "

@@ -124,7 +124,10 @@ def test_bad_experiment_file(tmp_path: Path):
 
 def test_missing_data_folder(tmp_path: Path):
     missing = tmp_path / "nowhere"
-    assert_one_line_error(invoke("train", "smoke", "--data", f"coco:{missing}", "--no-progress"), str(missing))
+    runs = tmp_path / "runs"
+    assert_one_line_error(invoke("train", "smoke", "--data", f"coco:{missing}", "--no-progress", "--out", str(runs)),
+                          str(missing))
+    assert not runs.exists()  # bad input leaves no empty run folder behind
 
 
 def test_malformed_json(tiny_coco: Path):
