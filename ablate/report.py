@@ -641,7 +641,14 @@ def _fit_x(ax: Any, layout: dict, order: list) -> None:
         lo, hi = min(layout["x"]), max(layout["x"])
         pad = 0.05 * (hi - lo) if hi > lo else 0.5
         ax.set_xlim(lo - pad, hi + pad)
-        ax.set_xticks(sorted(set(layout["x"])))
+        ticks = sorted(set(layout["x"]))
+        # Label only ticks at least ~4% of the axis apart (gamma's 0, 0.1, 0.2 would overprint).
+        labels, last = [], None
+        for t in ticks:
+            show = last is None or (t - last) >= 0.04 * (hi - lo if hi > lo else 1)
+            labels.append(f"{t:g}" if show else "")
+            last = t if show else last
+        ax.set_xticks(ticks, labels)
     else:
         crowded = len(order) > 3  # long cell names would overlap: slant them
         ax.set_xticks(range(len(order)), order, rotation=25 if crowded else 0, ha="right" if crowded else "center")
@@ -662,7 +669,7 @@ def plot_ap(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec, path: Pat
         _mark_unfinished(ax, cells, layout, order)
         ax.set_xlabel(_x_label(layout["x_key"]))
         ax.set_ylabel("AP (%)")
-        detail = "mean, 95% CI" if several else "no interval: under two finished seeds per cell"
+        detail = "mean, 95% CI" if several else "one seed: no interval"
         ax.set_title(f"{spec.name}: AP over seeds ({detail})")
         _finish_legend(ax, [paper] if paper else [], layout["hue_title"])
         return _save(fig, path)
