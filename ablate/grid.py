@@ -25,6 +25,7 @@ from rich.table import Table
 
 from ablate import builders, scheduling, tracking
 from ablate.config import Config, config_hash, flatten
+from ablate.data.coco import locate
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, one_line
 from ablate.experiments import Cell, Experiment, load_experiment
@@ -121,13 +122,16 @@ def _run_item(exp: Experiment, item: dict[str, Any], tracker: tracking.Tracker, 
 
 
 def prepare_data(configs: list[Config], show_progress: bool) -> None:
-    """Generate every synth set the runs need now, before the grid's display and workers start."""
+    """Generate every synth set the runs need, and check that every COCO folder has its splits,
+    now: before the grid's display and workers start, and before a missing folder fails each cell."""
     seen = set()
     for cfg in configs:
         key = (cfg.data.source, cfg.data.root, tuple(sorted(vars(cfg.synth).items())))
         if key not in seen:
             seen.add(key)
-            builders.data_root(cfg, progress=show_progress)
+            root = builders.data_root(cfg, progress=show_progress)
+            for split in (cfg.data.train_split, cfg.data.val_split):
+                locate(root, split)
 
 
 def print_plan(plan: Plan, console: Console) -> None:

@@ -195,3 +195,12 @@ def test_bad_experiment_grid_names_file_and_key(workdir):
     result = invoke("run", str(path))
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert str(path) in result.output and "loss.gama" in result.output
+
+
+def test_a_missing_coco_folder_stops_the_grid_before_any_run(workdir):
+    missing = workdir / "coco2017"
+    result = invoke("run", "smoke", "--data", f"coco:{missing}", "--no-progress")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert str(missing) in result.output
+    exp = client(workdir).get_experiment_by_name("smoke")
+    assert client(workdir).search_runs([exp.experiment_id]) == []  # no parent, no failed children
