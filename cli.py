@@ -133,17 +133,12 @@ def infer(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
           set_: SetOption = None) -> None:
     """Detect objects in images and save each with its boxes, class names and scores drawn."""
     from ablate.inference import detect_files
+    from ablate.runner import load_checkpoint
 
-    model, cfg, ckpt = load_for_inference(checkpoint, set_)
+    model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, None))
     out.mkdir(parents=True, exist_ok=True)
     for path, num in detect_files(model, cfg, ckpt["class_names"], images, out, score_min):
         console.print(f"{path}: {num} detections >= {score_min}")
-
-
-def load_for_inference(checkpoint: Path, set_: list[str] | None):
-    from ablate.runner import load_checkpoint
-
-    return load_checkpoint(checkpoint, overrides_from(set_, None))
 
 
 @app.command("list")

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from ablate import builders, engine
 from ablate.analysis import anchor_balance, loss_curve_png
-from ablate.config import Config, config_hash, from_dict, to_dict
+from ablate.config import Config, apply_overrides, config_hash, from_dict, to_dict
 from ablate.errors import AblateError
 from ablate.evaluation import save_results
 from ablate.model.retinanet import RetinaNet
@@ -73,8 +73,6 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise
     except Exception as e:
         raise AblateError(f"{path}: not an ablate checkpoint ({type(e).__name__})") from None
-    from ablate.config import apply_overrides
-
     cfg = apply_overrides(cfg, overrides or {}, "--set")
     cfg.model.weights = ""  # the checkpoint holds every weight already
     model = RetinaNet(cfg.model, len(ckpt["class_names"]))
