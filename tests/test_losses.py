@@ -330,3 +330,35 @@ def test_normalized_loss_cdf_by_hand():
     fraction, cumulative = normalized_loss_cdf(torch.tensor([3.0, 1.0, 0.0, 4.0]), points=4)
     assert fraction.tolist() == [0.25, 0.5, 0.75, 1.0]
     assert cumulative.tolist() == pytest.approx([0.0, 0.125, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("fg_fraction", [None, 0.25])
+@pytest.mark.parametrize("nms_thresh", [0.5, 0.7])
+def test_ohem_short_nms_prefix_selects_as_nms_over_all_candidates(fg_fraction, nms_thresh):
+    """The prefix shortcut must pick exactly what NMS over all candidates picks (the exact path is
+    forced by a batch too large for any prefix to fill, then compared at the real batch size)."""
+    g = torch.Generator().manual_seed(3)
+    b, n, batch = 4, 3000, 32
+    centers = torch.rand(b, n, 2, generator=g) * 128
+    sizes = torch.rand(b, n, 1, generator=g) * 30 + 8
+    boxes = torch.cat([centers - sizes / 2, centers + sizes / 2], -1)
+    loss = torch.rand(b, n, generator=g)
+    is_fg = torch.rand(b, n, generator=g) < 0.01
+    valid = torch.rand(b, n, generator=g) > 0.01
+    fast = losses.ohem_select(loss, boxes, is_fg, valid, batch, nms_thresh, fg_fraction)
+    # reference: NMS over all 16 * batch candidates in one go, then the same ranking rules
+    flat, kept_image = losses._nms_survivors(loss.masked_fill(~valid, -1.0), boxes, 16 * batch, nms_thresh)
+    fg = is_fg.reshape(-1)[flat]
+    if fg_fraction is None:
+        chosen = losses.per_image_rank(kept_image, b) < batch
+        expected = torch.zeros(b * n, dtype=torch.bool)
+        expected[flat[chosen]] = True
+        assert torch.equal(fast.reshape(-1), expected)
+    else:
+        max_fg = int(batch * fg_fraction)
+        for i in range(b):
+            mine = kept_image == i
+            want = set(flat[mine & fg][:max_fg].tolist())
+            want |= set(flat[mine & ~fg][:batch - len(want)].tolist())
+            assert set((i * n + fast[i].nonzero().squeeze(1)).tolist()) == want
+    assert int(fast.sum()) == b * batch
