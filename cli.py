@@ -276,12 +276,8 @@ def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained 
                      set_: SetOption = None) -> None:
     """Figure 4: CDFs of the normalised focal loss of positive and negative examples, per gamma,
     for one trained model on the val split (loss_cdf.png and loss_cdf.csv)."""
-    import csv
-
-    from ablate import builders
-    from ablate.analysis import collect_examples, loss_cdf_png
+    from ablate.analysis import write_loss_cdf
     from ablate.errors import ConfigError
-    from ablate.runner import load_checkpoint
 
     try:
         gamma_list = [float(g) for g in gammas.split(",")]
@@ -290,21 +286,9 @@ def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained 
     overrides = overrides_from(set_, None)
     if max_images:
         overrides["data.max_val_images"] = max_images
-    model, cfg, _ = load_checkpoint(checkpoint, overrides)
-    device = builders.resolve_device(cfg.train.device)
-    val_set = builders.build_dataset(cfg.data, builders.data_root(cfg), cfg.data.val_split, train=False)
-    loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
-    positives, negatives = collect_examples(model.to(device), loader, cfg.matcher, device)
-    out = out or checkpoint.parent
-    out.mkdir(parents=True, exist_ok=True)
-    rows = loss_cdf_png(positives, negatives, gamma_list, out / "loss_cdf.png",
-                        title=f"{checkpoint} ({len(val_set)} val images)")
-    with open(out / "loss_cdf.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    console.print(f"{len(positives):,} positive and {len(negatives):,} negative examples; "
-                  f"wrote {out / 'loss_cdf.png'} and {out / 'loss_cdf.csv'}")
+    written = write_loss_cdf(checkpoint, gamma_list, out or checkpoint.parent, overrides)
+    console.print(f"{written['positives']:,} positive and {written['negatives']:,} negative examples; "
+                  f"wrote {written['png']} and {written['csv']}")
 
 
 @data_app.command("synth")

@@ -128,3 +128,28 @@ def loss_cdf_png(positives: torch.Tensor, negatives: torch.Tensor, gammas: list[
     fig.savefig(path)
     plt.close(fig)
     return rows
+
+
+def write_loss_cdf(checkpoint: Path, gammas: list[float], out_dir: Path, overrides: dict | None = None,
+                   title: str | None = None) -> dict:
+    """Figure 4 for one trained checkpoint on its val split: writes loss_cdf.png and loss_cdf.csv
+    into out_dir; returns {"png", "csv", "positives", "negatives", "images"}."""
+    import csv
+
+    from ablate import builders
+    from ablate.runner import load_checkpoint  # runner imports this module
+
+    model, cfg, _ = load_checkpoint(checkpoint, overrides or {})
+    device = builders.resolve_device(cfg.train.device)
+    val_set = builders.build_dataset(cfg.data, builders.data_root(cfg), cfg.data.val_split, train=False)
+    loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
+    positives, negatives = collect_examples(model.to(device), loader, cfg.matcher, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, table = out_dir / "loss_cdf.png", out_dir / "loss_cdf.csv"
+    rows = loss_cdf_png(positives, negatives, gammas, png, title=title or f"{checkpoint} ({len(val_set)} val images)")
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"png": png, "csv": table, "positives": len(positives), "negatives": len(negatives),
+            "images": len(val_set)}

@@ -17,6 +17,10 @@
     name = "alpha-ce"          # optional; otherwise the name is made from the values
     loss.cls = "alpha_ce"
 
+    [loss_cdf]                 # the paper's Figure 4 in the report, from this cell's trained model
+    cell = "focal g=2"
+    gammas = [0.0, 0.5, 1.0, 2.0]
+
     [search]                   # `ablate search`: an Optuna space over config keys
     metric = "AP"
     [search.space]
@@ -40,7 +44,7 @@ from ablate.config import PRESETS, Config, apply_overrides, build_config, flatte
 from ablate.errors import ConfigError
 
 TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "paper_table", "baseline", "x", "hue",
-                  "config", "grid", "variants", "search"}
+                  "config", "grid", "variants", "search", "loss_cdf"}
 SEARCH_KEYS = {"metric", "direction", "space", "trials", "eval_every"}
 
 # Short labels for cell names and report headers: "focal g=2 a=0.25" rather than the dotted keys.
@@ -69,6 +73,14 @@ class SearchSpec:
 
 
 @dataclass
+class LossCdfSpec:
+    """Figure 4 in the report: the loss CDFs of the model trained for `cell` (its lowest finished seed)."""
+
+    cell: str
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+
+
+@dataclass
 class Experiment:
     name: str
     path: Path
@@ -84,6 +96,7 @@ class Experiment:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     variants: list[dict[str, Any]] = field(default_factory=list)
     search: SearchSpec | None = None
+    loss_cdf: LossCdfSpec | None = None
 
     def base_config(self, extra: dict[str, Any] | None = None, source: str = "--set") -> Config:
         """The preset, then the data set, then [config], then `extra` (e.g. --set)."""
@@ -237,6 +250,22 @@ def _parse_search(path: Path, table: Any) -> SearchSpec:
     return spec
 
 
+def _parse_loss_cdf(path: Path, table: Any) -> LossCdfSpec:
+    _expect(path, "loss_cdf", table, dict, "a table {cell, gammas}")
+    unknown = set(table) - {"cell", "gammas"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key 'loss_cdf.{sorted(unknown)[0]}' (allowed: cell, gammas)")
+    if "cell" not in table:
+        raise ConfigError(f"{path}: 'loss_cdf.cell' is missing: the cell whose trained model Figure 4 reads")
+    spec = LossCdfSpec(_expect(path, "loss_cdf.cell", table["cell"], str, "a string"))
+    if "gammas" in table:
+        gammas = _expect(path, "loss_cdf.gammas", table["gammas"], list, "a non-empty list of numbers")
+        if not gammas or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in gammas):
+            raise ConfigError(f"{path}: 'loss_cdf.gammas' must be a non-empty list of numbers >= 0")
+        spec.gammas = [float(g) for g in gammas]
+    return spec
+
+
 def load_experiment(name_or_path: str) -> Experiment:
     path = find_experiment(name_or_path)
     try:
@@ -263,6 +292,8 @@ def load_experiment(name_or_path: str) -> Experiment:
         exp.variants = _parse_variants(path, data["variants"])
     if "search" in data:
         exp.search = _parse_search(path, data["search"])
+    if "loss_cdf" in data:
+        exp.loss_cdf = _parse_loss_cdf(path, data["loss_cdf"])
     if exp.preset not in PRESETS:
         raise ConfigError(f"{path}: unknown preset '{exp.preset}' (known: {', '.join(PRESETS)})")
     if exp.paper_table is not None and exp.paper_table not in "abcde":
@@ -277,9 +308,10 @@ def validate(exp: Experiment) -> None:
     cells = exp.cells()
     for cell in cells:
         exp.cell_config(cell)
-    if exp.baseline is not None and exp.baseline not in [c.name for c in cells]:
-        raise ConfigError(f"{exp.path}: 'baseline' names no cell: '{exp.baseline}' "
-                          f"(cells: {', '.join(c.name for c in cells)})")
+    names = [c.name for c in cells]
+    for key, cell in (("baseline", exp.baseline), ("loss_cdf.cell", exp.loss_cdf and exp.loss_cdf.cell)):
+        if cell is not None and cell not in names:
+            raise ConfigError(f"{exp.path}: '{key}' names no cell: '{cell}' (cells: {', '.join(names)})")
     if exp.search:
         known = flatten(exp.base_config())
         for key in exp.search.space:

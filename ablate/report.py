@@ -855,23 +855,27 @@ def _provenance(results: pd.DataFrame, runs: pd.DataFrame) -> str:
 
 
 def _readme(spec: ReportSpec, table_md: str, plots: dict[str, Path], skipped: dict[str, str],
-            provenance: str) -> str:
+            provenance: str, captions: dict[str, str]) -> str:
     """README.md: title, description, command, table, plots (or why one is missing), provenance."""
     command = spec.command or "(no command recorded)"
     captions = {"ap": "AP against the varied key, over seeds", "deltas": "AP difference to the baseline",
-                "loss_curves": "training losses", "loss_vs_pt": "the loss family (paper's Figure 1)"}
-    images = [f"![{captions.get(k, k)}]({p.name})" for k, p in plots.items()]
+                "loss_curves": "training losses", "loss_vs_pt": "the loss family (paper's Figure 1)", **captions}
+    images = [f"{captions.get(k, k)[0].upper()}{captions.get(k, k)[1:]}:\n\n![{k}]({p.name})" for k, p in plots.items()]
     images += [f"`{name}` was not written: {why}." for name, why in skipped.items()]
     parts = [f"# {spec.name}", spec.description, "## Reproduce", f"```bash\n{command}\n```",
              "## Results", table_md.strip(), "## Plots", "\n\n".join(images), "## Provenance", provenance]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def write_report(runs: pd.DataFrame, histories: pd.DataFrame, spec: ReportSpec, out_dir: Path) -> dict[str, Path]:
+def write_report(runs: pd.DataFrame, histories: pd.DataFrame, spec: ReportSpec, out_dir: Path,
+                 figures: dict[str, tuple[Path, str]] | None = None,
+                 skipped_figures: dict[str, str] | None = None) -> dict[str, Path]:
     """Write the report folder (created if needed); returns {"table": path, ...} of the files written.
 
     Keys: table (table.md), table_tex, results, runs, ap, loss_curves (only when there are loss
-    histories), loss_vs_pt, deltas, readme.
+    histories), loss_vs_pt, deltas, readme, plus the keys of `figures`: plots the caller already
+    wrote into out_dir ({key: (path, caption)}, e.g. Figure 4); `skipped_figures` ({file: why})
+    says in the README why one of them is missing.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -895,7 +899,10 @@ def write_report(runs: pd.DataFrame, histories: pd.DataFrame, spec: ReportSpec, 
     else:
         skipped["loss_curves.png"] = why
     plots["loss_vs_pt"] = plot_loss_vs_pt(out_dir / "loss_vs_pt.png")
+    plots.update({key: path for key, (path, _) in (figures or {}).items()})
+    skipped.update(skipped_figures or {})
     paths.update(plots)
     paths["readme"] = out_dir / "README.md"
-    paths["readme"].write_text(_readme(spec, table_md, plots, skipped, _provenance(results, runs)))
+    captions = {key: caption for key, (_, caption) in (figures or {}).items()}
+    paths["readme"].write_text(_readme(spec, table_md, plots, skipped, _provenance(results, runs), captions))
     return paths

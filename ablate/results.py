@@ -58,4 +58,30 @@ def build_report(exp: Experiment, extra: dict[str, Any], out_dir: Path, command:
     spec = ReportSpec(name=exp.name, description=exp.description, varied=exp.varied, x=exp.x, hue=exp.hue,
                       baseline=exp.baseline, paper_table=exp.paper_table,
                       command=command or reproduce_command(exp, extra, runs))
-    return write_report(runs, histories, spec, out_dir)
+    figures, skipped = loss_cdf_figure(exp, runs, out_dir)
+    return write_report(runs, histories, spec, out_dir, figures, skipped)
+
+
+def loss_cdf_figure(exp: Experiment, runs: pd.DataFrame, out_dir: Path) -> tuple[dict, dict]:
+    """Figure 4 when the file asks for it ([loss_cdf]): from the checkpoint of the cell's finished run
+    with the lowest seed. Returns ({"loss_cdf": (png, caption)}, {}) or ({}, {"loss_cdf.png": why})."""
+    if exp.loss_cdf is None:
+        return {}, {}
+    from ablate.analysis import write_loss_cdf
+
+    spec = exp.loss_cdf
+    finished = runs[(runs["cell"] == spec.cell) & (runs["outcome"] == "finished")]
+    if finished.empty:
+        return {}, {"loss_cdf.png": f"no finished run of the cell '{spec.cell}'"}
+    run = finished.sort_values("seed").iloc[0]
+    checkpoint = Path(str(run.get("run_dir") or "")) / "checkpoint.pt"
+    if not run.get("run_dir") or not checkpoint.is_file():
+        return {}, {"loss_cdf.png": f"the checkpoint of run {run['run_id']} ({checkpoint}) is not on this machine; "
+                                    "run folders stay where the run was trained"}
+    written = write_loss_cdf(checkpoint, spec.gammas, out_dir,
+                             title=f"{exp.name}: {spec.cell}, seed {run['seed']} (run {run['run_id'][:8]})")
+    caption = (f"the paper's Figure 4: cumulative normalised focal loss of the {written['positives']:,} positive "
+               f"and {written['negatives']:,} (sampled) negative anchors of the {written['images']} val images, "
+               f"for gamma {', '.join(f'{g:g}' for g in spec.gammas)}, under the model of "
+               f"'{spec.cell}' seed {run['seed']} (run `{run['run_id']}`)")
+    return {"loss_cdf": (written["png"], caption)}, {}

@@ -129,7 +129,7 @@ class Tracker:
                    "start_time": run.info.start_time, "cell": tags.get(f"{TAG}cell"),
                    "cell_index": int(tags.get(f"{TAG}cell_index", -1)), "seed": int(tags.get(f"{TAG}seed", -1)),
                    "outcome": tags.get(f"{TAG}outcome", "interrupted"),
-                   "config_hash": tags.get(f"{TAG}config_hash")}
+                   "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir")}
             row.update({k: _parse_param(v) for k, v in run.data.params.items()})
             row.update(run.data.metrics)
             rows.append(row)

@@ -250,6 +250,10 @@ def test_load_valid_experiment(tmp_path):
     ('[config]\nloss.alpha = 1.5\n', "'loss.alpha' must be in"),
     ('config = 3\n', "'config' must be a table"),
     ('seeds = [0\n', "malformed TOML"),
+    ('[loss_cdf]\ncell = "nope"\n', "'loss_cdf.cell' names no cell: 'nope'"),
+    ('[loss_cdf]\ngammas = [0.0]\n', "'loss_cdf.cell' is missing"),
+    ('[loss_cdf]\ncell = "base"\ngammas = ["2"]\n', "'loss_cdf.gammas' must be a non-empty list of numbers"),
+    ('[loss_cdf]\ncell = "base"\ngama = [2.0]\n', "unknown key 'loss_cdf.gama'"),
 ])
 def test_bad_experiment_files_name_the_file(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -259,6 +263,13 @@ def test_bad_experiment_files_name_the_file(tmp_path, text, message):
     assert str(path) in str(info.value)
     assert str(info.value).startswith(f"{path}: ")
     assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_loss_cdf_names_a_cell_and_its_gammas(tmp_path):
+    path = tmp_path / "fig4.toml"
+    path.write_text('[grid]\n"loss.gamma" = [0.0, 2.0]\n[loss_cdf]\ncell = "g=2"\ngammas = [0, 1]\n')
+    exp = load_experiment(str(path))
+    assert (exp.loss_cdf.cell, exp.loss_cdf.gammas) == ("g=2", [0.0, 1.0])
 
 
 def test_unknown_preset_in_experiment_names_the_file(tmp_path):

@@ -157,6 +157,23 @@ def test_report_tables_equal_the_tracked_metrics(workdir):
     table = (out / "table.md").read_text()
     for ap in tracked.values():
         assert f"{100 * ap:.1f}" in table
+    # Figure 4 ([loss_cdf] in smoke.toml) comes from the focal run's checkpoint, and says which run.
+    focal = next(r for r in children(workdir) if r.data.tags["ablate.cell"] == "focal")
+    readme = (out / "README.md").read_text()
+    assert (out / "loss_cdf.png").is_file() and "](loss_cdf.png)" in readme and focal.info.run_id in readme
+    curves = pd.read_csv(out / "loss_cdf.csv")
+    assert set(curves["gamma"]) == {0.0, 2.0} and set(curves["side"]) == {"positive", "negative"}
+
+
+def test_report_says_why_figure_4_is_missing_without_the_checkpoint(workdir):
+    assert invoke("run", "smoke", "--no-progress").exit_code == 0
+    for checkpoint in (workdir / "runs").glob("*/checkpoint.pt"):
+        checkpoint.unlink()
+    result = invoke("report", "smoke")
+    assert result.exit_code == 0, result.output
+    readme = (workdir / "reports" / "smoke" / "README.md").read_text()
+    assert "`loss_cdf.png` was not written" in readme and "not on this machine" in readme
+    assert not (workdir / "reports" / "smoke" / "loss_cdf.png").exists()
 
 
 def test_parallel_jobs_run_every_cell_once(workdir):
