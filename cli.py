@@ -242,6 +242,37 @@ def report(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
 
 @app.command()
 @friendly_errors
+def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations' reports.")] = Path("reports"),
+             readme: Annotated[Path | None, typer.Option(
+                 help="Also write the table between the findings markers of this file (e.g. README.md).")] = None) -> None:
+    """The paper's Table 1 findings checked against the reports: paper, ours (mean, 95% CI, seeds),
+    whether each holds. Writes REPORTS/findings.md."""
+    from rich.table import Table
+
+    from ablate.errors import AblateError
+    from ablate.findings import evaluate, markdown, replace_between_markers
+
+    verdicts = evaluate(reports)
+    table = Table(title="The paper's findings on this benchmark")
+    for column in ("finding", "paper", "ours", "holds"):
+        table.add_column(column)
+    for v in verdicts:
+        table.add_row(v.finding, v.paper, v.ours, {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds])
+    console.print(table)
+    block = markdown(verdicts)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "findings.md").write_text("# The paper's Table 1 findings on this benchmark\n\n"
+                                         "Written by `ablate findings` from the reports' results.csv.\n\n" + block)
+    console.print(f"wrote {reports / 'findings.md'}")
+    if readme is not None:
+        if not readme.is_file():
+            raise AblateError(f"{readme}: no such file")
+        readme.write_text(replace_between_markers(readme.read_text(), block, str(readme)))
+        console.print(f"wrote the findings into {readme}")
+
+
+@app.command()
+@friendly_errors
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
     """The MLflow UI over the project's store, on http://127.0.0.1:PORT (Ctrl-C stops it)."""
     import subprocess

@@ -1,0 +1,102 @@
+"""The Table 1 findings checks, over small hand-written results.csv files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ablate import findings
+from cli import app
+
+
+def write(root: Path, experiment: str, rows: list[dict]) -> None:
+    """rows: cell, AP (points), ci (points, None for one seed), n, plus config columns."""
+    frame = pd.DataFrame([{"cell": r["cell"], "AP_mean": r["AP"] / 100,
+                           "AP_ci95": (r.get("ci") if r.get("ci") is not None else float("nan")) / 100,
+                           "n": r.get("n", 3), "n_runs": r.get("n_runs", 3), "n_diverged": r.get("n_diverged", 0),
+                           "paper_AP": float("nan"), **{k: v for k, v in r.items() if "." in k}} for r in rows])
+    (root / experiment).mkdir(parents=True, exist_ok=True)
+    frame.to_csv(root / experiment / "results.csv", index=False)
+
+
+@pytest.fixture
+def reports(tmp_path: Path) -> Path:
+    write(tmp_path, "alpha-ce", [{"cell": f"a={a:g}", "loss.alpha": a, "AP": ap, "ci": 1.0}
+                                 for a, ap in ((0.25, 3.0), (0.5, 20.0), (0.75, 27.0), (0.99, 15.0))])
+    write(tmp_path, "gamma-sweep", [{"cell": f"g={g:g} a=0.25", "loss.gamma": g, "AP": ap, "ci": 1.0}
+                                    for g, ap in ((0.0, 27.0), (1.0, 29.0), (2.0, 31.0), (5.0, 20.0))])
+    write(tmp_path, "ohem-vs-focal", [{"cell": "focal", "AP": 31.0, "ci": 1.0},
+                                      {"cell": "ohem B=128 nms=0.5", "AP": 29.5, "ci": 1.0},
+                                      {"cell": "ohem B=256 nms=0.5", "AP": 25.0, "ci": 1.0}])
+    write(tmp_path, "anchors", [{"cell": "scales=3 ratios=[0.5,1,2]", "AP": 31.0, "ci": 1.0},
+                                {"cell": "scales=1 ratios=[1]", "AP": 24.0, "ci": 1.0}])
+    write(tmp_path, "prior-init", [{"cell": "ce pi=none", "AP": 0.2, "ci": 0.1},
+                                   {"cell": "ce pi=0.01", "AP": 8.0, "ci": 2.0},
+                                   {"cell": "focal pi=0.01", "AP": 31.0, "ci": 1.0}])
+    return tmp_path
+
+
+def test_every_finding_is_judged_from_the_reports(reports):
+    verdicts = findings.evaluate(reports)
+    assert len(verdicts) == len(findings.CHECKS)
+    by_rule = {v.finding: v for v in verdicts}
+    assert all(v.holds is not None for v in verdicts)
+    focal_vs_ce = next(v for f, v in by_rule.items() if "best alpha-CE" in f)
+    assert focal_vs_ce.holds is True and "+4.0" in focal_vs_ce.ours  # 31.0 - 27.0
+    ohem = next(v for f, v in by_rule.items() if "OHEM" in f)
+    assert ohem.holds is False and "+1.5" in ohem.ours  # 31.0 - 29.5 < 2
+    assert all(v.holds for f, v in by_rule.items() if "OHEM" not in f)
+
+
+def test_overlapping_cis_or_a_wrong_peak_fail(reports):
+    write(reports, "alpha-ce", [{"cell": "a=0.25", "loss.alpha": 0.25, "AP": 3.0, "ci": 1.0},
+                                {"cell": "a=0.99", "loss.alpha": 0.99, "AP": 29.5, "ci": 1.0}])
+    write(reports, "gamma-sweep", [{"cell": f"g={g:g} a=0.25", "loss.gamma": g, "AP": ap, "ci": 1.5}
+                                   for g, ap in ((0.0, 27.0), (0.5, 32.0), (2.0, 31.0), (5.0, 20.0))])
+    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    assert next(v for f, v in by_rule.items() if "lies in [0.5, 0.9]" in f).holds is False  # best alpha 0.99
+    # 31.0 - 29.5 < 2, and [29.5, 32.5] overlaps [28.5, 30.5]
+    assert next(v for f, v in by_rule.items() if "best alpha-CE" in f).holds is False
+    assert next(v for f, v in by_rule.items() if "peak at gamma" in f).holds is False  # peak at 0.5
+
+
+def test_one_seed_or_a_missing_report_is_not_measured(reports):
+    write(reports, "alpha-ce", [{"cell": "a=0.25", "loss.alpha": 0.25, "AP": 3.0, "ci": None, "n": 1},
+                                {"cell": "a=0.75", "loss.alpha": 0.75, "AP": 27.0, "ci": None, "n": 1}])
+    (reports / "anchors" / "results.csv").unlink()
+    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    assert next(v for f, v in by_rule.items() if "clearly worse" in f).holds is None  # no CI from one seed
+    anchors = next(v for f, v in by_rule.items() if "3 scales" in f)
+    assert anchors.holds is None and "anchors/results.csv" in anchors.ours
+
+
+def test_prior_rules_count_unfinished_seeds(reports):
+    write(reports, "prior-init", [{"cell": "ce pi=none", "AP": float("nan"), "n": 0, "n_diverged": 3},
+                                  {"cell": "ce pi=0.01", "AP": 8.0, "ci": 2.0, "n": 2, "n_runs": 3},
+                                  {"cell": "focal pi=0.01", "AP": 31.0, "ci": 1.0}])
+    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    collapse = next(v for f, v in by_rule.items() if "without the prior" in f)
+    assert collapse.holds is True and "3 diverged" in collapse.ours
+    assert next(v for f, v in by_rule.items() if "both CE and FL train" in f).holds is False  # a seed did not finish
+
+
+def test_cli_writes_findings_md_and_the_readme_block(reports, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{findings.MARK_START}\nold table\n{findings.MARK_END}\nafter\n")
+    result = CliRunner().invoke(app, ["findings", "--reports", str(reports), "--readme", str(readme)])
+    assert result.exit_code == 0, result.output
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert "| 1d: FL beats the best OHEM variant by >= 2 AP |" in text
+    assert "| finding (pass rule) |" in (reports / "findings.md").read_text()
+
+
+def test_cli_names_a_readme_without_markers(reports, tmp_path):
+    readme = tmp_path / "NOTES.md"
+    readme.write_text("no markers here\n")
+    result = CliRunner().invoke(app, ["findings", "--reports", str(reports), "--readme", str(readme)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert str(readme) in result.output and "markers" in result.output
