@@ -7,6 +7,7 @@ Heavy imports (torch, mlflow) happen inside the commands so that `--help` stays 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -250,7 +251,7 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from rich.table import Table
 
     from ablate.errors import AblateError
-    from ablate.findings import evaluate, markdown, replace_between_markers
+    from ablate.findings import evaluate, headline_markdown, markdown, replace_between_markers
 
     verdicts = evaluate(reports)
     table = Table(title="The paper's findings on this benchmark")
@@ -261,13 +262,16 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     console.print(table)
     block = markdown(verdicts)
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "findings.md").write_text("# The paper's Table 1 findings on this benchmark\n\n"
-                                         "Written by `ablate findings` from the reports' results.csv.\n\n" + block)
+    (reports / "findings.md").write_text(
+        "# The paper's Table 1 findings on this benchmark\n\nWritten by `ablate findings` from the reports' "
+        f"results.csv.\n\n{block}\nEvery cell:\n\n{headline_markdown(reports)}")
     console.print(f"wrote {reports / 'findings.md'}")
     if readme is not None:
         if not readme.is_file():
             raise AblateError(f"{readme}: no such file")
-        readme.write_text(replace_between_markers(readme.read_text(), block, str(readme)))
+        prefix = os.path.relpath(reports, readme.parent) + "/"
+        text = replace_between_markers(readme.read_text(), f"{block}\n{headline_markdown(reports, prefix)}", str(readme))
+        readme.write_text(text)
         console.print(f"wrote the findings into {readme}")
 
 

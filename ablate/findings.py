@@ -186,6 +186,35 @@ def evaluate(reports_dir: Path) -> list[Verdict]:
     return verdicts
 
 
+# The Table 1 family in the order of the headline table: (report, the paper's sub-table it matches).
+HEADLINE = (("alpha-ce", "1a"), ("gamma-sweep", "1b"), ("anchors", "1c"), ("ohem-vs-focal", "1d"),
+            ("prior-init", "pi"))
+
+
+def _points(mean: float, std: float, n: int) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 and math.isfinite(std) else f"{100 * mean:.1f}"
+
+
+def headline_markdown(reports_dir: Path, link_prefix: str = "") -> str:
+    """Every cell of the Table 1 family's reports beside the paper's AP: one Markdown table whose
+    cells link to link_prefix + NAME/README.md."""
+    lines = ["| table | cell | AP (mean ± std) | AP50 | AP75 | seeds | paper AP |", "|:---|:---|---:|---:|---:|---:|---:|"]
+    for experiment, label in HEADLINE:
+        path = Path(reports_dir) / experiment / "results.csv"
+        if not path.is_file():
+            lines.append(f"| {label} | not measured: no {experiment} report | | | | | |")
+            continue
+        for _, row in pd.read_csv(path).iterrows():
+            n = int(row["n"])
+            paper = f"{100 * row['paper_AP']:.1f}" if pd.notna(row.get("paper_AP")) else "—"
+            lines.append(f"| {label} | [{row['cell']}]({link_prefix}{experiment}/README.md) | "
+                         f"{_points(row['AP_mean'], row['AP_std'], n)} | {_points(row['AP50_mean'], row['AP50_std'], n)} | "
+                         f"{_points(row['AP75_mean'], row['AP75_std'], n)} | {n}/{int(row['n_runs'])} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(verdicts: list[Verdict]) -> str:
     lines = ["| finding (pass rule) | paper | ours: AP mean [95% CI] (seeds) | holds |", "|:---|:---|:---|:---|"]
     for v in verdicts:

@@ -16,7 +16,8 @@ def write(root: Path, experiment: str, rows: list[dict]) -> None:
     """rows: cell, AP (points), ci (points, None for one seed), n, plus config columns."""
     frame = pd.DataFrame([{"cell": r["cell"], "AP_mean": r["AP"] / 100,
                            "AP_ci95": (r.get("ci") if r.get("ci") is not None else float("nan")) / 100,
-                           "n": r.get("n", 3), "n_runs": r.get("n_runs", 3), "n_diverged": r.get("n_diverged", 0),
+                           "AP_std": 1.0 / 100, "AP50_mean": r["AP"] / 50, "AP50_std": 0.0, "AP75_mean": r["AP"] / 100,
+                           "AP75_std": 0.0, "n": r.get("n", 3), "n_runs": r.get("n_runs", 3), "n_diverged": r.get("n_diverged", 0),
                            "paper_AP": float("nan"), **{k: v for k, v in r.items() if "." in k}} for r in rows])
     (root / experiment).mkdir(parents=True, exist_ok=True)
     frame.to_csv(root / experiment / "results.csv", index=False)
@@ -92,6 +93,8 @@ def test_cli_writes_findings_md_and_the_readme_block(reports, tmp_path):
     assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
     assert "| 1d: FL beats the best OHEM variant by >= 2 AP |" in text
     assert "| finding (pass rule) |" in (reports / "findings.md").read_text()
+    # the every-cell table links each cell to its report, relative to the README
+    assert "| 1b | [g=2 a=0.25](" in text and "/gamma-sweep/README.md) | 31.0 ± 1.0 | 62.0 ± 0.0 |" in text
 
 
 def test_cli_names_a_readme_without_markers(reports, tmp_path):
