@@ -1,7 +1,8 @@
 """The paper's Table 1 findings as checks over the committed reports (reports/NAME/results.csv).
 
-Each check names the cells it compares, the paper's numbers and a pass rule written down before
-the runs, and says whether our runs show the effect. It reads only the report folders, whose
+Each check names the cells it compares, the paper's numbers and a fixed pass rule (the criteria
+the project set for reproducing Table 1, the same for every run), and says whether our runs show
+the effect. It reads only the report folders, whose
 results.csv carries the run ids behind every mean, so every verdict traces back to tracked runs.
 AP here is in points (percent). "CI" is the Student t 95% interval of a cell's mean over seeds.
 """
@@ -30,7 +31,6 @@ class CellStats:
     mean: float
     half: float  # NaN with fewer than 2 seeds
     n: int
-    paper: float  # NaN where the paper has no such cell
 
     @property
     def low(self) -> float:
@@ -90,9 +90,8 @@ class Reports:
 
     @staticmethod
     def _stats(experiment: str, row: pd.Series) -> CellStats:
-        paper = row.get("paper_AP", math.nan)
         return CellStats(experiment, str(row["cell"]), 100 * float(row["AP_mean"]), 100 * float(row["AP_ci95"]),
-                         int(row["n"]), 100 * float(paper) if pd.notna(paper) else math.nan)
+                         int(row["n"]))
 
 
 def disjoint(better: CellStats, worse: CellStats) -> bool | None:
