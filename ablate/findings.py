@@ -24,12 +24,13 @@ MARK_END = "<!-- findings:end -->"
 
 @dataclass
 class CellStats:
-    """One cell of one report: AP mean, CI half-width and finished seeds (AP in points)."""
+    """One cell of one report: AP mean, std, CI half-width and finished seeds (AP in points)."""
 
     experiment: str
     cell: str
     mean: float
-    half: float  # NaN with fewer than 2 seeds
+    std: float  # over seeds; NaN with fewer than 2
+    half: float  # of the 95% CI; NaN with fewer than 2 seeds
     n: int
 
     @property
@@ -90,8 +91,8 @@ class Reports:
 
     @staticmethod
     def _stats(experiment: str, row: pd.Series) -> CellStats:
-        return CellStats(experiment, str(row["cell"]), 100 * float(row["AP_mean"]), 100 * float(row["AP_ci95"]),
-                         int(row["n"]))
+        return CellStats(experiment, str(row["cell"]), 100 * float(row["AP_mean"]), 100 * float(row["AP_std"]),
+                         100 * float(row["AP_ci95"]), int(row["n"]))
 
 
 def disjoint(better: CellStats, worse: CellStats) -> bool | None:
@@ -129,11 +130,22 @@ def _alpha_quarter_worse(r: Reports) -> tuple[str, bool | None]:
     return f"{quarter.text()}; best {best.text()}", disjoint(best, quarter)
 
 
+def welch_p(a: CellStats, b: CellStats) -> float:
+    """Two-sided Welch t-test p-value of the two cells' means (NaN with fewer than 2 seeds each)."""
+    if a.n < 2 or b.n < 2:
+        return math.nan
+    from scipy import stats
+
+    return float(stats.ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False).pvalue)
+
+
 def _focal_beats_alpha_ce(r: Reports) -> tuple[str, bool | None]:
     fl, best = r.cell("gamma-sweep", "g=2 a=0.25"), r.best("alpha-ce")
     gap = fl.mean - best.mean
     apart = disjoint(fl, best)
-    return f"FL {fl.text()}; alpha-CE {best.text()}; {gap:+.1f}", False if gap < 2.0 else apart
+    p = welch_p(fl, best)
+    test = f" (Welch t-test p = {p:.3f})" if math.isfinite(p) else ""
+    return f"FL {fl.text()}; alpha-CE {best.text()}; {gap:+.1f}{test}", False if gap < 2.0 else apart
 
 
 def _gamma_peak(r: Reports) -> tuple[str, bool | None]:

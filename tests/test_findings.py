@@ -47,6 +47,8 @@ def test_every_finding_is_judged_from_the_reports(reports):
     assert all(v.holds is not None for v in verdicts)
     focal_vs_ce = next(v for f, v in by_rule.items() if "best alpha-CE" in f)
     assert focal_vs_ce.holds is True and "+4.0" in focal_vs_ce.ours  # 31.0 - 27.0
+    # std 1 and 3 seeds each: t = 4 / sqrt(2 / 3) = 4.90 on 4 degrees of freedom
+    assert "Welch t-test p = 0.008" in focal_vs_ce.ours
     ohem = next(v for f, v in by_rule.items() if "OHEM" in f)
     assert ohem.holds is False and "+1.5" in ohem.ours  # 31.0 - 29.5 < 2
     assert all(v.holds for f, v in by_rule.items() if "OHEM" not in f)
