@@ -379,6 +379,19 @@ def results_table(runs: pd.DataFrame, spec: ReportSpec) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- tables
 
 
+# Loss keys that only mean something for some classification losses: the focal row of Table 1d
+# shows no OHEM batch, a CE row no gamma.
+LOSS_KEYS_USED_BY = {"loss.gamma": ("focal", "focal_star"), "loss.alpha": ("alpha_ce", "focal"),
+                     "loss.beta": ("focal_star",), "loss.ohem_batch": ("ohem",), "loss.ohem_nms": ("ohem",),
+                     "loss.ohem_fg_fraction": ("ohem",)}
+
+
+def applies(key: str, row: pd.Series) -> bool:
+    """Whether config `key` plays a part in the run(s) of `row` (False: shown as a dash)."""
+    users = LOSS_KEYS_USED_BY.get(key)
+    return users is None or "loss.cls" not in row or row["loss.cls"] in users
+
+
 def display_value(key: str, value: Any) -> Any:
     """A config value as the paper's tables show it: #ar is a count, depth a number, fg:bg a ratio."""
     if key == "model.aspect_ratios" and not _is_missing(value):
@@ -454,7 +467,7 @@ def _delta_text(row: pd.Series, base: str) -> str:
 
 def _table_row(row: pd.Series, spec: ReportSpec, base: str) -> dict[str, str]:
     """One row of the displayed table, all text."""
-    out = {header(k): format_value(display_value(k, row[k])) for k in spec.varied}
+    out = {header(k): format_value(display_value(k, row[k])) if applies(k, row) else MISSING for k in spec.varied}
     status = _status(row)
     for metric in TABLE_METRICS:
         out[metric] = _mean_std(row, metric) if status is None else (status if metric == "AP" else MISSING)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from ablate.report import (ReportSpec, aggregate, baseline_deltas, figure1_curves, latex_table, paper_rows,
-                           summarize, write_report)
+from ablate.report import (ReportSpec, aggregate, baseline_deltas, display_table, figure1_curves, latex_table,
+                           paper_rows, results_table, summarize, write_report)
 
 T_975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2), also in any t table
 T_975_DF1 = 12.706204736174707
@@ -222,6 +222,15 @@ def test_paper_rows_table_d_ohem():
     assert rows["paper_AP"].iloc[2] == pytest.approx(0.360)  # FL
     assert math.isnan(rows["paper_AP"].iloc[3])  # 1:3 was only run at nms 0.5
     assert rows["paper_AP"].iloc[4] == pytest.approx(0.306)
+
+
+def test_table_d_shows_no_ohem_settings_on_the_focal_row():
+    runs = _runs([("focal", _config(), [(0, "finished", 0.31), (1, "finished", 0.32)]),
+                  ("ohem B=256", _config(loss__cls="ohem", loss__ohem_batch=256), [(0, "finished", 0.2), (1, "finished", 0.21)])])
+    spec = _spec(name="ohem-vs-focal", varied=["loss.cls", "loss.ohem_batch", "loss.ohem_fg_fraction"],
+                 paper_table="d", baseline="focal")
+    table = display_table(results_table(runs, spec), spec)
+    assert table[["loss", "batch", "fg:bg"]].values.tolist() == [["focal", "—", "—"], ["ohem", "256", "none"]]
 
 
 def test_paper_rows_table_e_depth_scale_and_no_table():
