@@ -109,8 +109,16 @@ def test_a_diverging_cell_is_recorded_and_the_others_finish(workdir):
 
 
 def test_a_killed_run_reruns_only_the_unfinished_cell(workdir):
+    # The second cell trains 3x longer than the first, so that "first finished, second running"
+    # lasts long enough to be seen even on a loaded machine.
+    path = workdir / "killme.toml"
+    text = (REPO / "experiments" / "smoke.toml").read_text()
+    grid = '[grid]\n"loss.cls" = ["focal", "alpha_ce"]'
+    assert "train.iterations = 12\n" in text and grid in text
+    path.write_text(text.replace("train.iterations = 12\n", "train.iterations = 120\n").replace(
+        grid, '[[variants]]\nloss.cls = "focal"\n\n[[variants]]\nloss.cls = "alpha_ce"\ntrain.iterations = 360'))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, str(REPO / "cli.py"), "run", "smoke", "--no-progress", "--set", "train.iterations=120"]
+    args = [sys.executable, str(REPO / "cli.py"), "run", str(path), "--no-progress"]
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
@@ -120,7 +128,7 @@ def test_a_killed_run_reruns_only_the_unfinished_cell(workdir):
             if not (workdir / "mlflow.db").exists():
                 continue
             try:
-                states = [r.info.status for r in children(workdir)]
+                states = [r.info.status for r in children(workdir, "killme")]
             except Exception:  # the store may still be being created
                 continue
             if states.count("FINISHED") == 1 and states.count("RUNNING") == 1:
@@ -130,10 +138,10 @@ def test_a_killed_run_reruns_only_the_unfinished_cell(workdir):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    result = invoke("run", "smoke", "--no-progress", "--set", "train.iterations=120")
+    result = invoke("run", str(path), "--no-progress")
     assert result.exit_code == 0, result.output
     assert "1 already done, 1 to run" in result.output
-    runs = children(workdir)
+    runs = children(workdir, "killme")
     assert len(runs) == 3
     statuses = sorted((r.data.tags["ablate.cell"], r.info.status) for r in runs)
     killed_cell = next(cell for cell, status in statuses if status == "KILLED")
