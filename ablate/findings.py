@@ -2,8 +2,8 @@
 
 Each check names the cells it compares, the paper's numbers and a fixed pass rule (the criteria
 the project set for reproducing Table 1, the same for every run), and says whether our runs show
-the effect. It reads only the report folders, whose
-results.csv carries the run ids behind every mean, so every verdict traces back to tracked runs.
+the effect. It reads only the report folders, whose results.csv carries the run ids behind every
+mean, so every verdict traces back to tracked runs.
 AP here is in points (percent). "CI" is the Student t 95% interval of a cell's mean over seeds.
 """
 
