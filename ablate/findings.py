@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ablate.errors import AblateError
+from ablate.report import mean_std_text
 
 MARK_START = "<!-- findings:start -->"
 MARK_END = "<!-- findings:end -->"
@@ -26,7 +27,6 @@ MARK_END = "<!-- findings:end -->"
 class CellStats:
     """One cell of one report: AP mean, std, CI half-width and finished seeds (AP in points)."""
 
-    experiment: str
     cell: str
     mean: float
     std: float  # over seeds; NaN with fewer than 2
@@ -74,10 +74,10 @@ class Reports:
         rows = frame[frame["cell"] == cell]
         if rows.empty:
             raise KeyError(f"cell '{cell}' in {self.root / experiment / 'results.csv'}")
-        return self._stats(experiment, rows.iloc[0])
+        return self._stats(rows.iloc[0])
 
     def all_cells(self, experiment: str, where: Callable[[pd.Series], bool] = lambda row: True) -> list[CellStats]:
-        return [self._stats(experiment, row) for _, row in self.frame(experiment).iterrows() if where(row)]
+        return [self._stats(row) for _, row in self.frame(experiment).iterrows() if where(row)]
 
     def best(self, experiment: str, where: Callable[[pd.Series], bool] = lambda row: True) -> CellStats:
         cells = [c for c in self.all_cells(experiment, where) if math.isfinite(c.mean)]
@@ -90,8 +90,8 @@ class Reports:
         return frame[frame["cell"] == cell].iloc[0][key]
 
     @staticmethod
-    def _stats(experiment: str, row: pd.Series) -> CellStats:
-        return CellStats(experiment, str(row["cell"]), 100 * float(row["AP_mean"]), 100 * float(row["AP_std"]),
+    def _stats(row: pd.Series) -> CellStats:
+        return CellStats(str(row["cell"]), 100 * float(row["AP_mean"]), 100 * float(row["AP_std"]),
                          100 * float(row["AP_ci95"]), int(row["n"]))
 
 
@@ -202,12 +202,6 @@ HEADLINE = (("alpha-ce", "1a"), ("gamma-sweep", "1b"), ("anchors", "1c"), ("ohem
             ("prior-init", "pi"))
 
 
-def _points(mean: float, std: float, n: int) -> str:
-    if not math.isfinite(mean):
-        return "—"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 and math.isfinite(std) else f"{100 * mean:.1f}"
-
-
 def headline_markdown(reports_dir: Path, link_prefix: str = "") -> str:
     """Every cell of the Table 1 family's reports beside the paper's AP: one Markdown table whose
     cells link to link_prefix + NAME/README.md."""
@@ -221,8 +215,8 @@ def headline_markdown(reports_dir: Path, link_prefix: str = "") -> str:
             n = int(row["n"])
             paper = f"{100 * row['paper_AP']:.1f}" if pd.notna(row.get("paper_AP")) else "—"
             lines.append(f"| {label} | [{row['cell']}]({link_prefix}{experiment}/README.md) | "
-                         f"{_points(row['AP_mean'], row['AP_std'], n)} | {_points(row['AP50_mean'], row['AP50_std'], n)} | "
-                         f"{_points(row['AP75_mean'], row['AP75_std'], n)} | {n}/{int(row['n_runs'])} | {paper} |")
+                         f"{mean_std_text(row, 'AP')} | {mean_std_text(row, 'AP50')} | {mean_std_text(row, 'AP75')} | "
+                         f"{n}/{int(row['n_runs'])} | {paper} |")
     return "\n".join(lines) + "\n"
 
 

@@ -424,7 +424,7 @@ def _percent(value: float, sign: bool = False) -> str:
     return MISSING if _is_missing(value) else f"{100 * value:{'+' if sign else ''}.1f}"
 
 
-def _mean_std(row: pd.Series, metric: str) -> str:
+def mean_std_text(row: pd.Series, metric: str) -> str:
     """"32.0 ± 2.0" in percent; the mean alone when there is no std (one seed)."""
     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
     if _is_missing(mean):
@@ -470,7 +470,7 @@ def _table_row(row: pd.Series, spec: ReportSpec, base: str) -> dict[str, str]:
     out = {header(k): format_value(display_value(k, row[k])) if applies(k, row) else MISSING for k in spec.varied}
     status = _status(row)
     for metric in TABLE_METRICS:
-        out[metric] = _mean_std(row, metric) if status is None else (status if metric == "AP" else MISSING)
+        out[metric] = mean_std_text(row, metric) if status is None else (status if metric == "AP" else MISSING)
     out["n"] = _count(row)
     out["AP 95% CI"] = _ci_text(row)
     out["ΔAP"] = _delta_text(row, base)
