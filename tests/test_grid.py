@@ -109,22 +109,27 @@ def test_a_diverging_cell_is_recorded_and_the_others_finish(workdir):
 
 
 def test_a_killed_run_reruns_only_the_unfinished_cell(workdir):
-    # The second cell trains 3x longer than the first, so that "first finished, second running"
-    # lasts long enough to be seen even on a loaded machine.
+    # The kill must land while the first cell is finished and the second is running. The first
+    # cell is short (12 iterations) and the second long (400), so that window opens early and
+    # stays open for most of the test, even on a loaded machine; the deadline only bounds a hang.
     path = workdir / "killme.toml"
     text = (REPO / "experiments" / "smoke.toml").read_text()
     grid = '[grid]\n"loss.cls" = ["focal", "alpha_ce"]'
     assert "train.iterations = 12\n" in text and grid in text
-    path.write_text(text.replace("train.iterations = 12\n", "train.iterations = 120\n").replace(
-        grid, '[[variants]]\nloss.cls = "focal"\n\n[[variants]]\nloss.cls = "alpha_ce"\ntrain.iterations = 360'))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    path.write_text(text.replace(
+        grid, '[[variants]]\nloss.cls = "focal"\n\n[[variants]]\nloss.cls = "alpha_ce"\ntrain.iterations = 400'))
+    # One thread: two would spin against each other and the polling on a busy 2-core machine.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(REPO / "cli.py"), "run", str(path), "--no-progress"]
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
+    log = workdir / "killme.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    states: list[str] = []
+    deadline = time.time() + 600
     try:
-        while time.time() < deadline:
-            time.sleep(0.3)
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(1.0)
             if not (workdir / "mlflow.db").exists():
                 continue
             try:
@@ -134,7 +139,8 @@ def test_a_killed_run_reruns_only_the_unfinished_cell(workdir):
             if states.count("FINISHED") == 1 and states.count("RUNNING") == 1:
                 break
         else:
-            pytest.fail("the first cell never finished while the second ran")
+            pytest.fail(f"the first cell never finished while the second ran (exit code {proc.poll()}, "
+                        f"run states {states}); its output:\n{log.read_text()[-3000:]}")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
