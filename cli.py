@@ -251,16 +251,20 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from rich.table import Table
 
     from ablate.errors import AblateError
-    from ablate.findings import evaluate, headline_markdown, markdown, replace_between_markers
+    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, evaluate, headline_markdown, markdown,
+                                 replace_between_markers)
 
-    verdicts = evaluate(reports)
-    table = Table(title="The paper's findings on this benchmark")
-    for column in ("finding", "paper", "ours", "holds"):
-        table.add_column(column)
-    for v in verdicts:
-        table.add_row(v.finding, v.paper, v.ours, {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds])
-    console.print(table)
-    block = markdown(verdicts)
+    verdicts, follow_ups = evaluate(reports), evaluate(reports, FOLLOW_UPS)
+    for title, columns, rows in (("The paper's findings on this benchmark", ("finding", "paper"), verdicts),
+                                 ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups)):
+        table = Table(title=title)
+        for column in (*columns, "ours", "holds"):
+            table.add_column(column)
+        for v in rows:
+            table.add_row(v.finding, v.paper, v.ours, {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds])
+        console.print(table)
+    block = (f"{markdown(verdicts)}\nFollow-ups, each an experiment of its own testing why a finding fails here "
+             f"(its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER)}")
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "findings.md").write_text(
         "# The paper's Table 1 findings on this benchmark\n\nWritten by `ablate findings` from the reports' "

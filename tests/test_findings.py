@@ -105,3 +105,32 @@ def test_cli_names_a_readme_without_markers(reports, tmp_path):
     result = CliRunner().invoke(app, ["findings", "--reports", str(reports), "--readme", str(readme)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert str(readme) in result.output and "markers" in result.output
+
+
+def _prior_schedule(reports: Path, ce: tuple[float, float], n_runs: int = 3) -> None:
+    """prior-schedule with CE at 1600 and 3200 iterations scoring ce (points); FL fixed."""
+    write(reports, "prior-schedule",
+          [{"cell": f"ce iterations={it}", "AP": ap, "ci": 2.0, "n_runs": n_runs} for it, ap in zip((1600, 3200), ce)]
+          + [{"cell": f"focal iterations={it}", "AP": 33.0, "ci": 1.0} for it in (1600, 3200)])
+
+
+def test_follow_up_ce_prior_schedule_rule(reports):
+    # prior-init's CE at 800 iterations scores 8.0 (the fixture)
+    _prior_schedule(reports, (12.0, 20.0))
+    [slow] = findings.evaluate(reports, findings.FOLLOW_UPS)
+    assert slow.holds is True and "800 it: CE 8.0" in slow.ours and "3200 it: CE 20.0 ± 1.0, FL 33.0" in slow.ours
+    _prior_schedule(reports, (12.0, 11.0))  # falls at 3200: not a matter of schedule length
+    assert findings.evaluate(reports, findings.FOLLOW_UPS)[0].holds is False
+    _prior_schedule(reports, (12.0, 20.0), n_runs=4)  # a seed at 3200 did not finish
+    assert findings.evaluate(reports, findings.FOLLOW_UPS)[0].holds is False
+    (reports / "prior-schedule" / "results.csv").unlink()
+    assert findings.evaluate(reports, findings.FOLLOW_UPS)[0].holds is None
+
+
+def test_cli_writes_the_follow_ups(reports, tmp_path):
+    _prior_schedule(reports, (12.0, 20.0))
+    result = CliRunner().invoke(app, ["findings", "--reports", str(reports)])
+    assert result.exit_code == 0, result.output
+    text = (reports / "findings.md").read_text()
+    assert findings.FOLLOW_UP_HEADER in text and "| CE at pi = 0.01 is only slow" in text
+    assert "| pi, longer | [ce iterations=3200](prior-schedule/README.md) | 20.0 ± 1.0 |" in text
