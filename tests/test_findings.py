@@ -117,7 +117,7 @@ def _prior_schedule(reports: Path, ce: tuple[float, float], n_runs: int = 3) -> 
 def test_follow_up_ce_prior_schedule_rule(reports):
     # prior-init's CE at 800 iterations scores 8.0 (the fixture)
     _prior_schedule(reports, (12.0, 20.0))
-    [slow] = findings.evaluate(reports, findings.FOLLOW_UPS)
+    slow = findings.evaluate(reports, findings.FOLLOW_UPS)[0]
     assert slow.holds is True and "800 it: CE 8.0" in slow.ours and "3200 it: CE 20.0 ± 1.0, FL 33.0" in slow.ours
     _prior_schedule(reports, (12.0, 11.0))  # falls at 3200: not a matter of schedule length
     assert findings.evaluate(reports, findings.FOLLOW_UPS)[0].holds is False
@@ -134,3 +134,17 @@ def test_cli_writes_the_follow_ups(reports, tmp_path):
     text = (reports / "findings.md").read_text()
     assert findings.FOLLOW_UP_HEADER in text and "| CE at pi = 0.01 is only slow" in text
     assert "| pi, longer | [ce iterations=3200](prior-schedule/README.md) | 20.0 ± 1.0 |" in text
+
+
+def test_follow_up_focal_lead_over_five_seeds(reports):
+    def five_seeds(focal: float, ci: float) -> None:
+        write(reports, "focal-vs-alpha-ce", [{"cell": "focal g=2 a=0.25", "AP": focal, "ci": ci, "n": 5, "n_runs": 5},
+                                             {"cell": "alpha_ce a=0.9", "AP": 27.0, "ci": ci, "n": 5, "n_runs": 5}])
+
+    five_seeds(31.0, 1.0)
+    lead = next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
+    assert lead.holds is True and "+4.0" in lead.ours and "(n=5)" in lead.ours
+    five_seeds(31.0, 2.5)  # [28.5, 33.5] overlaps [24.5, 29.5]
+    assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
+    five_seeds(28.5, 0.1)  # disjoint, but +1.5 < 2
+    assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
