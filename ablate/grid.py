@@ -112,10 +112,15 @@ def run_tracked(cfg: Config, name: str, tags: dict[str, Any], tracker: tracking.
     return summary["status"], summary.get("metrics", {}).get("AP")
 
 
+def item_config(exp: Experiment, item: dict[str, Any]) -> tuple[Cell, Config]:
+    """The cell of a planned item and its full config (the item's seed and extra overrides)."""
+    cell = next(c for c in exp.cells() if c.name == item["cell"])
+    return cell, exp.cell_config(cell, item["extra"], item["seed"])
+
+
 def _run_item(exp: Experiment, item: dict[str, Any], tracker: tracking.Tracker, parent_id: str,
               progress: Progress | None, on_log=None) -> tuple[str, float | None]:
-    cell = next(c for c in exp.cells() if c.name == item["cell"])
-    cfg = exp.cell_config(cell, item["extra"], item["seed"])
+    cell, cfg = item_config(exp, item)
     tags = {"cell": cell.name, "cell_index": cell.index, "seed": item["seed"]}
     return run_tracked(cfg, run_name(cfg, cell, item["seed"]), tags, tracker, parent_id, progress,
                        show_progress=progress is not None, on_log=on_log)
@@ -170,8 +175,7 @@ def run_grid(exp: Experiment, seeds: list[int], extra: dict[str, Any], *, jobs: 
                                          {f"{tracking.TAG}seeds": str(seeds), f"{tracking.TAG}jobs": str(jobs)})
         try:
             outcomes = (_run_inline(exp, study, todo, tracker, parent_id, show_progress) if jobs <= 1 else
-                        _run_workers(exp, len(todo), jobs, uri, parent_id, show_progress, mode="grid",
-                                     iterations=exp.base_config(extra).train.iterations))
+                        _run_workers(exp, len(todo), jobs, uri, parent_id, show_progress, mode="grid"))
         except KeyboardInterrupt:
             tracker.end_run(parent_id, "KILLED")
             raise
@@ -220,7 +224,9 @@ def _worker_main(mode: str, exp_path: str, share: int, uri: str, parent_id: str,
         study = scheduling.grid_study(exp.name, scheduling.storage())
 
         def run(item: dict[str, Any]) -> tuple[str, float | None]:
-            messages.put((worker, "start", f"{item['cell']} s{item['seed']}"))
+            # A cell may set its own schedule: the worker's bar takes the cell's iterations.
+            iterations = item_config(exp, item)[1].train.iterations
+            messages.put((worker, "start", (f"{item['cell']} s{item['seed']}", iterations)))
             outcome, value = _run_item(exp, item, tracker, parent_id, None, on_log=on_log)
             messages.put((worker, "end", outcome))
             return outcome, value
@@ -231,8 +237,9 @@ def _worker_main(mode: str, exp_path: str, share: int, uri: str, parent_id: str,
 
 
 def _run_workers(exp: Experiment, total: int, jobs: int, uri: str, parent_id: str, show_progress: bool,
-                 mode: str, iterations: int, search_args: dict | None = None) -> Counter:
-    """`jobs` processes pulling trials; this process only draws the progress."""
+                 mode: str, search_args: dict | None = None) -> Counter:
+    """`jobs` processes pulling trials; this process only draws the progress. A worker reports
+    ("start", (label, iterations)), ("step", iteration) and ("end", outcome) messages."""
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
     messages = ctx.Queue()
     shares = [total // jobs + (1 if w < total % jobs else 0) for w in range(jobs)]
@@ -246,14 +253,15 @@ def _run_workers(exp: Experiment, total: int, jobs: int, uri: str, parent_id: st
     try:
         with progress_bar(show_progress) as progress:
             grid_task = progress.add_task(exp.name, total=total, info="")
-            tasks = {w: progress.add_task(f"worker {w}", total=iterations, info="") for w in range(len(procs))}
+            tasks = {w: progress.add_task(f"worker {w}", total=None, info="") for w in range(len(procs))}
             while any(p.is_alive() for p in procs) or not messages.empty():
                 try:
                     worker, kind, value = messages.get(timeout=0.5)
                 except queue_lib.Empty:
                     continue
                 if kind == "start":
-                    progress.reset(tasks[worker], total=iterations, info=value)
+                    label, iterations = value
+                    progress.reset(tasks[worker], total=iterations, info=label)
                 elif kind == "step":
                     progress.update(tasks[worker], completed=value)
                 elif kind == "end":
@@ -284,7 +292,7 @@ def _search_work(exp: Experiment, trials: int, tracker: tracking.Tracker, parent
         cfg = exp.base_config({**args["extra"], **overrides})
         eval_every = spec.eval_every or max(1, cfg.train.iterations // 4)
         if messages:
-            messages.put((worker, "start", f"trial {number}"))
+            messages.put((worker, "start", (f"trial {number}", cfg.train.iterations)))
 
         def on_log(step: int, metrics: dict[str, float]) -> None:
             if messages:
@@ -322,8 +330,7 @@ def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, jobs: int
                 with progress_bar(show_progress) as progress:
                     _search_work(exp, trials, tracker, parent_id, args, progress if show_progress else None)
             else:
-                _run_workers(exp, trials, jobs, uri, parent_id, show_progress, mode="search",
-                             iterations=exp.base_config(extra).train.iterations, search_args=args)
+                _run_workers(exp, trials, jobs, uri, parent_id, show_progress, mode="search", search_args=args)
         except KeyboardInterrupt:
             tracker.end_run(parent_id, "KILLED")
             raise

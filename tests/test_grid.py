@@ -235,3 +235,16 @@ def test_a_missing_coco_folder_stops_the_grid_before_any_run(workdir):
     assert str(missing) in result.output
     exp = client(workdir).get_experiment_by_name("smoke")
     assert client(workdir).search_runs([exp.experiment_id]) == []  # no parent, no failed children
+
+
+def test_worker_bars_count_each_cells_own_iterations(workdir):
+    # Cells that set their own schedule: each worker's bar must end at that cell's iterations.
+    path = workdir / "lengths.toml"
+    text = (REPO / "experiments" / "smoke.toml").read_text()
+    grid = '[grid]\n"loss.cls" = ["focal", "alpha_ce"]'
+    path.write_text(text.replace(grid, '[[variants]]\nname = "focal"\nloss.cls = "focal"\ntrain.iterations = 4\n\n'
+                                       '[[variants]]\nname = "alpha_ce"\nloss.cls = "alpha_ce"\ntrain.iterations = 8'))
+    result = invoke("run", str(path), "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    assert "4/4" in result.output and "8/8" in result.output, result.output
+    assert "/12" not in result.output  # the file's base schedule, which neither cell runs
