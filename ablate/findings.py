@@ -169,8 +169,10 @@ def _anchors_3x3(r: Reports) -> tuple[str, bool | None]:
     return f"{nine.text()}; {one.text()}; {gap:+.1f}", gap >= 2.0
 
 
+Judge = Callable[[Reports], tuple[str, bool | None]]
+
 # (finding with its pass rule, the paper's numbers, judge)
-CHECKS: tuple[tuple[str, str, Callable[[Reports], tuple[str, bool | None]]], ...] = (
+CHECKS: tuple[tuple[str, str, Judge], ...] = (
     ("Prior: CE without the prior (bias 0) diverges or collapses (AP < 1)", "CE diverges", _prior_collapse),
     ("Prior: with pi = 0.01 both CE and FL train (every seed finishes, AP > 5)", "CE 30.2, FL 34.0", _prior_trains),
     ("1a: the best alpha of alpha-CE lies in [0.5, 0.9]", "best alpha 0.75 (31.1)", _alpha_best),
@@ -208,7 +210,7 @@ def _focal_lead_needs_seeds(r: Reports) -> tuple[str, bool | None]:
 
 
 # (hypothesis with its pass rule, the finding it would explain, judge)
-FOLLOW_UPS: tuple[tuple[str, str, Callable[[Reports], tuple[str, bool | None]]], ...] = (
+FOLLOW_UPS: tuple[tuple[str, str, Judge], ...] = (
     ("CE at pi = 0.01 is only slow: its AP rises with the schedule (800 < 1600 < 3200 iterations) "
      "and is above 5 at 3200, every seed finishing", "Prior: with pi = 0.01 both CE and FL train", _ce_prior_is_slow),
     ("FL's lead over the best alpha-CE (alpha 0.9) is real, 3 seeds were too few to show it: with 5 seeds "
@@ -216,8 +218,9 @@ FOLLOW_UPS: tuple[tuple[str, str, Callable[[Reports], tuple[str, bool | None]]],
 )
 
 
-def evaluate(reports_dir: Path, checks=CHECKS) -> list[Verdict]:
-    """Every check over reports_dir; one whose report or cell is missing is 'not measured'."""
+def evaluate(reports_dir: Path, checks: tuple[tuple[str, str, Judge], ...] = CHECKS) -> list[Verdict]:
+    """Every check (CHECKS, or FOLLOW_UPS) over reports_dir; one whose report or cell is missing
+    is 'not measured'."""
     reports = Reports(reports_dir)
     verdicts = []
     for finding, paper, judge in checks:
@@ -253,15 +256,16 @@ def headline_markdown(reports_dir: Path, link_prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(verdicts: list[Verdict], header: str = "| finding (pass rule) | paper | ours: AP mean [95% CI] (seeds) | holds |") -> str:
+FINDING_HEADER = "| finding (pass rule) | paper | ours: AP mean [95% CI] (seeds) | holds |"
+FOLLOW_UP_HEADER = "| hypothesis (pass rule) | for the failing finding | ours | holds |"
+
+
+def markdown(verdicts: list[Verdict], header: str = FINDING_HEADER) -> str:
     lines = [header, "|:---|:---|:---|:---|"]
     for v in verdicts:
         mark = {True: "yes", False: "**no**", None: "not measured"}[v.holds]
         lines.append(f"| {v.finding} | {v.paper} | {v.ours} | {mark} |")
     return "\n".join(lines) + "\n"
-
-
-FOLLOW_UP_HEADER = "| hypothesis (pass rule) | for the failing finding | ours | holds |"
 
 
 def replace_between_markers(text: str, block: str, source: str) -> str:
