@@ -139,13 +139,16 @@ def welch_p(a: CellStats, b: CellStats) -> float:
     return float(stats.ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False).pvalue)
 
 
-def _focal_beats_alpha_ce(r: Reports) -> tuple[str, bool | None]:
-    fl, best = r.cell("gamma-sweep", "g=2 a=0.25"), r.best("alpha-ce")
-    gap = fl.mean - best.mean
-    apart = disjoint(fl, best)
-    p = welch_p(fl, best)
+def _focal_leads_by_two(fl: CellStats, ce: CellStats) -> tuple[str, bool | None]:
+    """FL at least 2 AP above alpha-CE, with disjoint CIs; the text gives the Welch p too."""
+    gap = fl.mean - ce.mean
+    p = welch_p(fl, ce)
     test = f" (Welch t-test p = {p:.3f})" if math.isfinite(p) else ""
-    return f"FL {fl.text()}; alpha-CE {best.text()}; {gap:+.1f}{test}", False if gap < 2.0 else apart
+    return f"FL {fl.text()}; alpha-CE {ce.text()}; {gap:+.1f}{test}", False if gap < 2.0 else disjoint(fl, ce)
+
+
+def _focal_beats_alpha_ce(r: Reports) -> tuple[str, bool | None]:
+    return _focal_leads_by_two(r.cell("gamma-sweep", "g=2 a=0.25"), r.best("alpha-ce"))
 
 
 def _gamma_peak(r: Reports) -> tuple[str, bool | None]:
@@ -202,11 +205,8 @@ def _ce_prior_is_slow(r: Reports) -> tuple[str, bool | None]:
 
 
 def _focal_lead_needs_seeds(r: Reports) -> tuple[str, bool | None]:
-    fl, ce = r.cell("focal-vs-alpha-ce", "focal g=2 a=0.25"), r.cell("focal-vs-alpha-ce", "alpha_ce a=0.9")
-    gap = fl.mean - ce.mean
-    p = welch_p(fl, ce)
-    test = f" (Welch t-test p = {p:.3f})" if math.isfinite(p) else ""
-    return f"FL {fl.text()}; alpha-CE {ce.text()}; {gap:+.1f}{test}", False if gap < 2.0 else disjoint(fl, ce)
+    return _focal_leads_by_two(r.cell("focal-vs-alpha-ce", "focal g=2 a=0.25"),
+                               r.cell("focal-vs-alpha-ce", "alpha_ce a=0.9"))
 
 
 # (hypothesis with its pass rule, the finding it would explain, judge)
