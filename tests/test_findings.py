@@ -148,3 +148,7 @@ def test_follow_up_focal_lead_over_five_seeds(reports):
     assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
     five_seeds(28.5, 0.1)  # disjoint, but +1.5 < 2
     assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
+    write(reports, "focal-vs-alpha-ce", [{"cell": "focal g=2 a=0.25", "AP": 31.0, "ci": 1.0, "n": 3, "n_runs": 3},
+                                         {"cell": "alpha_ce a=0.9", "AP": 27.0, "ci": 1.0, "n": 3, "n_runs": 3}])
+    three = next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
+    assert three.holds is None and "(n=3)" in three.ours  # 3 seeds do not test a 5-seed hypothesis
