@@ -1,0 +1,79 @@
+"""The committed reports regenerate: each reports/NAME/runs.csv, read back as tracking gives runs,
+and experiments/NAME.toml give table.md, table.tex, results.csv (and runs.csv) byte for byte.
+
+No step metrics travel with a report, so the histories are empty and loss_curves.png is skipped;
+the tables do not depend on them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from ablate.experiments import load_experiment
+from ablate.report import ReportSpec, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("*/runs.csv"))
+# Tags and run info that tracking.Tracker.load_runs reads as they are (not JSON-parsed params).
+INTEGERS = ("cell_index", "seed", "start_time")
+STRINGS = ("run_id", "run_name", "status", "cell", "outcome", "config_hash", "run_dir")
+
+
+def _param(text: str) -> Any:
+    """A config param as load_runs gives it: JSON-parsed, else the text; an empty CSV field was None."""
+    if text == "":
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _metric(text: str) -> float:
+    return math.nan if text == "" else float(text)
+
+
+def load_runs_csv(path: Path) -> pd.DataFrame:
+    """runs.csv as the runs frame the report was written from: params (dotted columns) JSON-parsed,
+    metrics floats, ids and tags as text, rows built like load_runs builds them (dtypes inferred)."""
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    rows = []
+    for record in raw.to_dict("records"):
+        row: dict[str, Any] = {}
+        for column, text in record.items():
+            if column in INTEGERS:
+                row[column] = int(text)
+            elif column in STRINGS:
+                row[column] = text or None
+            elif "." in column:
+                row[column] = _param(text)
+            else:
+                row[column] = _metric(text)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def report_spec(name: str) -> ReportSpec:
+    exp = load_experiment(str(ROOT / "experiments" / f"{name}.toml"))
+    return ReportSpec(name=exp.name, description=exp.description, varied=exp.varied, x=exp.report.x,
+                      hue=exp.report.hue, baseline=exp.baseline, paper_table=exp.report.paper_table)
+
+
+@pytest.mark.parametrize("folder", REPORTS, ids=[p.name for p in REPORTS])
+def test_committed_report_tables_regenerate(folder: Path, tmp_path: Path):
+    runs = load_runs_csv(folder / "runs.csv")
+    histories = pd.DataFrame(columns=["run_id", "key", "step", "value"])
+    paths = write_report(runs, histories, report_spec(folder.name), tmp_path)
+    # runs.csv too: it shows that load_runs_csv gives back the frame the report was written from.
+    for key, name in (("table", "table.md"), ("table_tex", "table.tex"), ("results", "results.csv"),
+                      ("runs", "runs.csv")):
+        assert paths[key].read_text() == (folder / name).read_text(), f"{folder.name}/{name} differs"
+
+
+def test_every_committed_report_is_checked():
+    assert len(REPORTS) >= 7
