@@ -233,7 +233,7 @@ def report(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
            set_: SetOption = None, data: DataOption = None) -> None:
     """Tables (Markdown like the paper's, CSV, LaTeX) and seaborn plots from the tracked runs."""
     from ablate.experiments import load_experiment
-    from ablate.results import build_report
+    from ablate.report.build import build_report
 
     exp = load_experiment(experiment)
     written = build_report(exp, overrides_from(set_, data), out or Path("reports") / exp.name)

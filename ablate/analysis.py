@@ -153,3 +153,44 @@ def write_loss_cdf(checkpoint: Path, gammas: list[float], out_dir: Path, overrid
         writer.writerows(rows)
     return {"png": png, "csv": table, "positives": len(positives), "negatives": len(negatives),
             "images": len(val_set)}
+
+
+# ----------------------------------------------------------------------------- Figure 1
+
+FIGURE1_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
+
+
+def figure1_curves(p_t: torch.Tensor, gammas: tuple[float, ...] = FIGURE1_GAMMAS) -> dict[float, torch.Tensor]:
+    """FL(p_t) for each gamma (alpha=None; gamma 0 is CE), via ablate.losses.focal on the logit of
+    p_t. p_t: probabilities of the ground-truth class in (0, 1), any shape; float64 curves of its shape."""
+    from ablate.losses import focal
+
+    p = torch.as_tensor(p_t, dtype=torch.float64)
+    logits = torch.log(p) - torch.log1p(-p)
+    targets = torch.ones_like(p)
+    return {g: focal(logits, targets, gamma=g, alpha=None) for g in gammas}
+
+
+def plot_loss_vs_pt(path: Path) -> Path:
+    """The paper's Figure 1, in the report's seaborn style: loss against the probability of the
+    ground-truth class, for FIGURE1_GAMMAS."""
+    import seaborn as sns
+
+    from ablate.report.plots import new_figure, save_figure, style
+
+    p_t = torch.linspace(1e-3, 1 - 1e-6, 600, dtype=torch.float64)
+    with style():
+        fig, ax = new_figure(6.5, 4.6)
+        ax.axvspan(0.6, 1.0, color="0.9", zorder=0)
+        ax.text(0.8, 2.6, "well-classified\nexamples", ha="center", va="center", fontsize=10)
+        palette = sns.color_palette("tab10", len(FIGURE1_GAMMAS))
+        for color, (gamma, loss) in zip(palette, figure1_curves(p_t).items()):
+            label = "γ = 0 (CE)" if gamma == 0 else f"γ = {gamma:g}"
+            ax.plot(p_t.numpy(), loss.numpy(), color=color, linewidth=2, label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 5)
+        ax.set_xlabel("probability of ground truth class")
+        ax.set_ylabel("loss")
+        ax.set_title(r"$\mathrm{CE}(p_t) = -\log(p_t)$,  $\mathrm{FL}(p_t) = -(1-p_t)^\gamma \log(p_t)$")
+        ax.legend(loc="upper right")
+        return save_figure(fig, path)

@@ -1,4 +1,5 @@
-"""ablate.report: statistics over seeds by hand, the paper's rows, and the files of a report."""
+"""ablate.report: statistics over seeds by hand, the paper's rows, and the files of a report
+(with the paper's Figure 1 from ablate.analysis, passed in as the report's edge does)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from scipy import stats
 
-from ablate.report import (ReportSpec, aggregate, baseline_deltas, display_table, figure1_curves, latex_table,
-                           paper_rows, results_table, summarize, write_report)
+from ablate.analysis import figure1_curves
+from ablate.report import (ReportSpec, aggregate, baseline_deltas, display_table, latex_table, paper_rows,
+                           results_table, summarize, welch, write_report)
+from ablate.report.build import FIGURE1_CAPTION, figure1
 
 T_975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2), also in any t table
 T_975_DF1 = 12.706204736174707
-PNGS = ("ap.png", "deltas.png", "loss_curves.png", "loss_vs_pt.png")
+PNGS = ("ap.png", "deltas.png", "loss_curves.png", "loss_vs_pt.png")  # loss_vs_pt.png: Figure 1, passed in
 COMMAND = "ablate sweep gamma-sweep && ablate report gamma-sweep"
 
 
@@ -248,10 +252,16 @@ def test_paper_rows_table_e_depth_scale_and_no_table():
 # ----------------------------------------------------------------------------- write_report
 
 
+def _write(runs: pd.DataFrame, histories: pd.DataFrame, spec: ReportSpec, out: Path) -> dict[str, Path]:
+    """write_report with the paper's Figure 1 drawn first and passed in, as build_report does."""
+    out.mkdir(parents=True)
+    return write_report(runs, histories, spec, out, figure1(out))
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[dict[str, Path], pd.DataFrame]:
     runs = _gamma_sweep()
-    paths = write_report(runs, _histories(runs), _spec(), tmp_path_factory.mktemp("report") / "gamma-sweep")
+    paths = _write(runs, _histories(runs), _spec(), tmp_path_factory.mktemp("report") / "gamma-sweep")
     return paths, runs
 
 
@@ -327,7 +337,7 @@ def test_report_with_a_fully_diverged_cell(tmp_path):
     runs = _runs([("focal g=2", _config(), [(0, "finished", 0.33), (1, "finished", 0.35)]),
                   ("focal g=0.5 a=0.25", _config(loss__gamma=0.5),
                    [(0, "diverged", math.nan), (1, "diverged", math.nan)])])
-    paths = write_report(runs, _histories(runs), _spec(), tmp_path / "r")
+    paths = _write(runs, _histories(runs), _spec(), tmp_path / "r")
     rows = _read_table(paths["table"])
     assert rows[1]["AP"] == "diverged (2/2)" and rows[1]["AP50"] == "—" and rows[1]["paper AP"] == "—"
     assert rows[0]["paper AP"] == "34.0"
@@ -339,7 +349,7 @@ def test_report_when_no_run_finished_and_no_metric_was_logged(tmp_path):
     runs = _runs([("a", _config(loss__gamma=0.0), [(0, "diverged", math.nan)]),
                   ("b", _config(), [(0, "failed", math.nan)])])
     runs = runs.drop(columns=["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"])
-    paths = write_report(runs, _histories(runs), _spec(), tmp_path / "r")
+    paths = _write(runs, _histories(runs), _spec(), tmp_path / "r")
     rows = _read_table(paths["table"])
     assert [r["AP"] for r in rows] == ["diverged (1/1)", "failed (1/1)"]
     assert "0 finished, 1 diverged, 1 failed" in paths["readme"].read_text()
@@ -353,7 +363,7 @@ def test_single_seed_empty_histories_and_no_numeric_x(tmp_path):
                   ("FL", _config(), [(0, "finished", 0.33)])])
     empty = pd.DataFrame(columns=["run_id", "key", "step", "value"])
     spec = ReportSpec(name="losses", description="The loss family.", varied=["loss.cls"], command="ablate report x")
-    paths = write_report(runs, empty, spec, tmp_path / "r")
+    paths = _write(runs, empty, spec, tmp_path / "r")
     assert "loss_curves" not in paths and not (tmp_path / "r" / "loss_curves.png").exists()
     readme = paths["readme"].read_text()
     assert "`loss_curves.png` was not written" in readme and "](loss_curves.png)" not in readme
@@ -381,8 +391,49 @@ def test_categorical_x_with_hue(tmp_path):
 
 def test_figure1_curves_are_the_focal_loss():
     p = np.array([0.5, 0.9])
-    curves = figure1_curves(p)
+    curves = {g: c.numpy() for g, c in figure1_curves(torch.tensor(p)).items()}
     assert sorted(curves) == [0.0, 0.5, 1.0, 2.0, 5.0]
     assert curves[0.0] == pytest.approx(-np.log(p))  # CE
     assert curves[2.0] == pytest.approx(-(1 - p) ** 2 * np.log(p))
     assert curves[5.0][1] == pytest.approx(-(0.1**5) * np.log(0.9))
+
+
+def test_figures_come_in_from_the_caller_in_order_with_their_captions(tmp_path):
+    """write_report draws no paper figure itself: Figure 1 and 4 are passed in (or said missing)."""
+    runs = _gamma_sweep()
+    bare = write_report(runs, _histories(runs), _spec(), tmp_path / "bare")
+    assert "loss_vs_pt" not in bare and not (tmp_path / "bare" / "loss_vs_pt.png").exists()
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "loss_cdf.png").write_bytes((bare["ap"]).read_bytes())  # any PNG stands in for Figure 4
+    paths = write_report(runs, _histories(runs), _spec(), out,
+                         {**figure1(out), "loss_cdf": (out / "loss_cdf.png", "figure 4, as the caller says")},
+                         {"other.png": "no checkpoint"})
+    assert list(paths)[-3:] == ["loss_vs_pt", "loss_cdf", "readme"]
+    readme = paths["readme"].read_text()
+    order = [readme.index(f"]({name}.png)") for name in ("ap", "deltas", "loss_curves", "loss_vs_pt", "loss_cdf")]
+    assert order == sorted(order)
+    assert f"{FIGURE1_CAPTION[0].upper()}{FIGURE1_CAPTION[1:]}:" in readme and "Figure 4, as the caller says:" in readme
+    assert "`other.png` was not written: no checkpoint." in readme
+    _check_png(paths["loss_vs_pt"])
+
+
+def test_welch_equals_scipy():
+    a, b = [0.31, 0.33, 0.36, 0.30], [0.25, 0.29, 0.26]
+    test = welch((np.mean(a), np.std(a, ddof=1), 4), (np.mean(b), np.std(b, ddof=1), 3))
+    result = stats.ttest_ind(a, b, equal_var=False)
+    low, high = result.confidence_interval()
+    assert test.difference == pytest.approx(np.mean(a) - np.mean(b))
+    assert test.half == pytest.approx((high - low) / 2) and test.p == pytest.approx(result.pvalue)
+    one = welch((0.3, math.nan, 1), (0.2, 0.01, 3))
+    assert one.difference == pytest.approx(0.1) and math.isnan(one.half) and math.isnan(one.p)
+    flat = welch((0.3, 0.0, 3), (0.2, 0.0, 3))  # no spread on either side
+    assert flat.half == 0.0 and flat.p == 0.0
+
+
+def test_the_reporter_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ablate.report; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from ablate.experiments import load_experiment
-from ablate.report import ReportSpec, write_report
+from ablate.report import write_report
+from ablate.report.build import report_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("*/runs.csv"))
@@ -58,17 +59,12 @@ def load_runs_csv(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def report_spec(name: str) -> ReportSpec:
-    exp = load_experiment(str(ROOT / "experiments" / f"{name}.toml"))
-    return ReportSpec(name=exp.name, description=exp.description, varied=exp.varied, x=exp.report.x,
-                      hue=exp.report.hue, baseline=exp.baseline, paper_table=exp.report.paper_table)
-
-
 @pytest.mark.parametrize("folder", REPORTS, ids=[p.name for p in REPORTS])
 def test_committed_report_tables_regenerate(folder: Path, tmp_path: Path):
     runs = load_runs_csv(folder / "runs.csv")
     histories = pd.DataFrame(columns=["run_id", "key", "step", "value"])
-    paths = write_report(runs, histories, report_spec(folder.name), tmp_path)
+    spec = report_spec(load_experiment(str(ROOT / "experiments" / f"{folder.name}.toml")))
+    paths = write_report(runs, histories, spec, tmp_path)
     # runs.csv too: it shows that load_runs_csv gives back the frame the report was written from.
     for key, name in (("table", "table.md"), ("table_tex", "table.tex"), ("results", "results.csv"),
                       ("runs", "runs.csv")):
