@@ -191,16 +191,17 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     """Run an ablation grid: every cell x seed not yet done, tracked in MLflow."""
     from ablate import grid
     from ablate.experiments import load_experiment
+    from ablate.runs import Outcome
 
     exp = load_experiment(experiment)
     if preset:
-        exp.preset = preset
+        exp = exp.with_preset(preset)
     outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides_from(set_, data), jobs=jobs, force=force,
                              dry_run=dry_run, console=console, show_progress=progress)
     if outcomes:
         console.print(f"{exp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
                       + f"; browse with `ablate ui`, tabulate with `ablate report {exp.name}`")
-    if outcomes.get("failed") or outcomes.get("worker crashed"):
+    if outcomes.get(Outcome.FAILED) or outcomes.get(grid.WORKER_CRASHED):
         raise typer.Exit(4)
 
 

@@ -3,9 +3,17 @@
     description = "..."
     preset = "tiny"            # the budget: a preset of ablate.config.PRESETS
     data = "synth"             # or "coco:PATH"
-    seeds = [0, 1, 2]
-    paper_table = "b"          # which sub-table of the paper's Table 1 the report sets beside ours
+    seeds = [0, 1, 2]          # the seeds `ablate run NAME` runs and its report shows
     baseline = "focal g=2 a=0.25"   # the cell deltas are measured against (default: the first)
+
+    [report]                   # how `ablate report` lays the cells out (all optional)
+    paper_table = "b"          # which sub-table of the paper's Table 1 to set beside ours
+    x = "loss.gamma"           # the key on the plots' x axis (default: the first varied key)
+    hue = "loss.alpha"         # the key that colours the lines (or "cell")
+
+    [report.loss_cdf]          # the paper's Figure 4 in the report, from this cell's trained model
+    cell = "focal g=2"
+    gammas = [0.0, 0.5, 1.0, 2.0]
 
     [config]                   # dotted keys: the base, on top of the preset
     loss.cls = "focal"
@@ -17,10 +25,6 @@
     name = "alpha-ce"          # optional; otherwise the name is made from the values
     loss.cls = "alpha_ce"
 
-    [loss_cdf]                 # the paper's Figure 4 in the report, from this cell's trained model
-    cell = "focal g=2"
-    gammas = [0.0, 0.5, 1.0, 2.0]
-
     [search]                   # `ablate search`: an Optuna space over config keys
     metric = "AP"
     [search.space]
@@ -28,11 +32,13 @@
     "train.lr" = { low = 0.001, high = 0.05, log = true }
     "loss.cls" = { choices = ["focal", "alpha_ce"] }
 
-Every key is checked: an unknown key or a wrong type is one `ConfigError` naming file and key.
+The file is the whole experiment: `ablate run NAME` and `ablate report NAME` with no flags run and
+report exactly what it declares. Every key is checked: an unknown key or a wrong type is one `ConfigError` naming file and key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import tomllib
@@ -42,9 +48,11 @@ from typing import Any
 
 from ablate.config import PRESETS, Config, apply_overrides, build_config, flatten
 from ablate.errors import ConfigError
+from ablate.runs import PlannedRun
 
-TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "paper_table", "baseline", "x", "hue",
-                  "config", "grid", "variants", "search", "loss_cdf"}
+TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "baseline", "report", "config", "grid", "variants",
+                  "search"}
+REPORT_KEYS = {"paper_table", "x", "hue", "loss_cdf"}
 SEARCH_KEYS = {"metric", "direction", "space", "trials", "eval_every"}
 
 # Short labels for cell names and report headers: "focal g=2 a=0.25" rather than the dotted keys.
@@ -81,6 +89,16 @@ class LossCdfSpec:
 
 
 @dataclass
+class ReportSettings:
+    """The [report] table: how the report lays the cells out; it changes no run."""
+
+    paper_table: str | None = None  # a..e: the sub-table of the paper's Table 1 set beside ours
+    x: str | None = None
+    hue: str | None = None
+    loss_cdf: LossCdfSpec | None = None
+
+
+@dataclass
 class Experiment:
     name: str
     path: Path
@@ -88,15 +106,27 @@ class Experiment:
     preset: str = "tiny"
     data: str = "synth"
     seeds: list[int] = field(default_factory=lambda: [0])
-    paper_table: str | None = None
     baseline: str | None = None
-    x: str | None = None
-    hue: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # [config], flat dotted keys
     grid: dict[str, list[Any]] = field(default_factory=dict)
     variants: list[dict[str, Any]] = field(default_factory=list)
     search: SearchSpec | None = None
-    loss_cdf: LossCdfSpec | None = None
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+    def with_preset(self, preset: str) -> Experiment:
+        """The same experiment at another budget (`--preset`), validated again; self is unchanged."""
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+        other = dataclasses.replace(self, preset=preset)
+        validate(other)
+        return other
+
+    def planned_runs(self, seeds: list[int], overrides: dict[str, Any] | None = None) -> list[PlannedRun]:
+        """Every cell x seed, resolved: what the queue carries to the workers."""
+        overrides = overrides or {}
+        return [PlannedRun.from_config(self.name, cell.name, cell.index, self.cell_config(cell, overrides, seed),
+                                       overrides, list(cell.overrides))
+                for cell in self.cells() for seed in seeds]
 
     def base_config(self, extra: dict[str, Any] | None = None, source: str = "--set") -> Config:
         """The preset, then the data set, then [config], then `extra` (e.g. --set)."""
@@ -250,18 +280,34 @@ def _parse_search(path: Path, table: Any) -> SearchSpec:
     return spec
 
 
+def _parse_report(path: Path, table: Any) -> ReportSettings:
+    _expect(path, "report", table, dict, "a table")
+    unknown = set(table) - REPORT_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key 'report.{sorted(unknown)[0]}' (allowed: {', '.join(sorted(REPORT_KEYS))})")
+    settings = ReportSettings()
+    for key in ("paper_table", "x", "hue"):
+        if key in table:
+            setattr(settings, key, _expect(path, f"report.{key}", table[key], str, "a string"))
+    if settings.paper_table is not None and settings.paper_table not in ("a", "b", "c", "d", "e"):
+        raise ConfigError(f"{path}: 'report.paper_table' must be one of a, b, c, d, e; got '{settings.paper_table}'")
+    if "loss_cdf" in table:
+        settings.loss_cdf = _parse_loss_cdf(path, table["loss_cdf"])
+    return settings
+
+
 def _parse_loss_cdf(path: Path, table: Any) -> LossCdfSpec:
-    _expect(path, "loss_cdf", table, dict, "a table {cell, gammas}")
+    _expect(path, "report.loss_cdf", table, dict, "a table {cell, gammas}")
     unknown = set(table) - {"cell", "gammas"}
     if unknown:
-        raise ConfigError(f"{path}: unknown key 'loss_cdf.{sorted(unknown)[0]}' (allowed: cell, gammas)")
+        raise ConfigError(f"{path}: unknown key 'report.loss_cdf.{sorted(unknown)[0]}' (allowed: cell, gammas)")
     if "cell" not in table:
-        raise ConfigError(f"{path}: 'loss_cdf.cell' is missing: the cell whose trained model Figure 4 reads")
-    spec = LossCdfSpec(_expect(path, "loss_cdf.cell", table["cell"], str, "a string"))
+        raise ConfigError(f"{path}: 'report.loss_cdf.cell' is missing: the cell whose trained model Figure 4 reads")
+    spec = LossCdfSpec(_expect(path, "report.loss_cdf.cell", table["cell"], str, "a string"))
     if "gammas" in table:
-        gammas = _expect(path, "loss_cdf.gammas", table["gammas"], list, "a non-empty list of numbers")
+        gammas = _expect(path, "report.loss_cdf.gammas", table["gammas"], list, "a non-empty list of numbers")
         if not gammas or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in gammas):
-            raise ConfigError(f"{path}: 'loss_cdf.gammas' must be a non-empty list of numbers >= 0")
+            raise ConfigError(f"{path}: 'report.loss_cdf.gammas' must be a non-empty list of numbers >= 0")
         spec.gammas = [float(g) for g in gammas]
     return spec
 
@@ -273,10 +319,13 @@ def load_experiment(name_or_path: str) -> Experiment:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     unknown = set(data) - TOP_LEVEL_KEYS
+    moved = sorted(unknown & REPORT_KEYS)
+    if moved:
+        raise ConfigError(f"{path}: '{moved[0]}' belongs in the [report] table now")
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     exp = Experiment(name=path.stem, path=path)
-    for key in ("description", "preset", "data", "paper_table", "baseline", "x", "hue"):
+    for key in ("description", "preset", "data", "baseline"):
         if key in data:
             setattr(exp, key, _expect(path, key, data[key], str, "a string"))
     if "seeds" in data:
@@ -284,6 +333,8 @@ def load_experiment(name_or_path: str) -> Experiment:
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers")
         exp.seeds = seeds
+    if "report" in data:
+        exp.report = _parse_report(path, data["report"])
     if "config" in data:
         exp.overrides = flatten_tables(_expect(path, "config", data["config"], dict, "a table of dotted keys"))
     if "grid" in data:
@@ -292,12 +343,8 @@ def load_experiment(name_or_path: str) -> Experiment:
         exp.variants = _parse_variants(path, data["variants"])
     if "search" in data:
         exp.search = _parse_search(path, data["search"])
-    if "loss_cdf" in data:
-        exp.loss_cdf = _parse_loss_cdf(path, data["loss_cdf"])
     if exp.preset not in PRESETS:
         raise ConfigError(f"{path}: unknown preset '{exp.preset}' (known: {', '.join(PRESETS)})")
-    if exp.paper_table is not None and exp.paper_table not in "abcde":
-        raise ConfigError(f"{path}: 'paper_table' must be one of a, b, c, d, e")
     validate(exp)
     return exp
 
@@ -309,7 +356,8 @@ def validate(exp: Experiment) -> None:
     for cell in cells:
         exp.cell_config(cell)
     names = [c.name for c in cells]
-    for key, cell in (("baseline", exp.baseline), ("loss_cdf.cell", exp.loss_cdf and exp.loss_cdf.cell)):
+    loss_cdf = exp.report.loss_cdf
+    for key, cell in (("baseline", exp.baseline), ("report.loss_cdf.cell", loss_cdf and loss_cdf.cell)):
         if cell is not None and cell not in names:
             raise ConfigError(f"{exp.path}: '{key}' names no cell: '{cell}' (cells: {', '.join(names)})")
     if exp.search:

@@ -14,26 +14,24 @@ from typing import Any
 
 import pandas as pd
 
-from ablate import tracking
-from ablate.config import config_hash
 from ablate.experiments import Experiment
+from ablate.runs import DONE
 
 
 def select_runs(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame) -> pd.DataFrame:
-    """The rows of `runs` (Tracker.load_runs) that are the experiment's cells, one per cell x seed."""
+    """The rows of `runs` (Tracker.load_runs) that are the experiment's cells, one per cell x seed:
+    the runs whose config hash is a planned run's, for every seed that was tracked."""
     if runs.empty:
         return runs
+    seeds = sorted(int(s) for s in runs["seed"].unique())
     chosen = []
-    for cell in exp.cells():
-        mine = runs[runs["cell"] == cell.name]
-        for seed in sorted(mine["seed"].unique()):
-            expected = config_hash(exp.cell_config(cell, extra, int(seed)))
-            rows = mine[(mine["seed"] == seed) & (mine["config_hash"] == expected)]
-            if rows.empty:
-                continue
-            done = rows[rows["outcome"].isin(tracking.DONE_OUTCOMES)]
-            pick = (done if not done.empty else rows).sort_values("start_time").iloc[-1]
-            chosen.append(pick.to_dict() | {"cell_index": cell.index})
+    for planned in exp.planned_runs(seeds, extra):
+        rows = runs[(runs["cell"] == planned.cell) & (runs["config_hash"] == planned.config_hash)]
+        if rows.empty:
+            continue
+        done = rows[rows["outcome"].isin(DONE)]
+        pick = (done if not done.empty else rows).sort_values("start_time").iloc[-1]
+        chosen.append(pick.to_dict() | {"cell_index": planned.cell_index})
     return pd.DataFrame(chosen)
 
 

@@ -9,7 +9,12 @@ metrics, the files written and, once tracked, the tracking run id.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
+from typing import Any
+
+from ablate.config import Config, apply_overrides, config_hash, flatten
 
 
 class Outcome(StrEnum):
@@ -28,3 +33,69 @@ class Outcome(StrEnum):
 
 
 DONE = frozenset({Outcome.FINISHED, Outcome.DIVERGED})
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One cell x seed of an experiment, resolved when the grid was planned.
+
+    `config` is the flattened config ({'loss.gamma': 2.0, ...}) with every default, preset, file
+    key, cell value, override and the seed applied; `config_hash` is its key in every store.
+    `overrides` are the command-line overrides (`--data`, `--set`) it was planned with, and
+    `values` the cell's own values (what the grid varies, plus the seed).
+    """
+
+    experiment: str
+    cell: str
+    cell_index: int
+    seed: int
+    config: dict[str, Any]
+    config_hash: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, experiment: str, cell: str, cell_index: int, cfg: Config,
+                    overrides: dict[str, Any], varied: list[str]) -> PlannedRun:
+        flat = flatten(cfg)
+        return cls(experiment, cell, cell_index, cfg.train.seed, flat, config_hash(cfg), dict(overrides),
+                   {"seed": cfg.train.seed, **{k: flat[k] for k in varied}})
+
+    def build_config(self) -> Config:
+        """The typed config, validated again (the planned run may come from another machine)."""
+        return apply_overrides(Config(), self.config, f"planned run {self.name!r}")
+
+    @property
+    def name(self) -> str:
+        """'focal g=2 a=0.25 s0': the cell, led by its loss when the cell's name does not say it."""
+        loss = self.config.get("loss.cls", "")
+        prefix = "" if self.cell.split(" ")[0] in (loss, "ohem") else f"{loss} "
+        return f"{prefix}{self.cell} s{self.seed}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PlannedRun:
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"planned run: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class RunResult:
+    """What one run ended with: its outcome, final metrics (fractions in [0, 1]), the files it wrote
+    (name -> path), the tracking run id once tracked, and the error line of a failed run."""
+
+    outcome: Outcome
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+    error: str | None = None
+
+    @property
+    def value(self) -> float | None:
+        """The AP of a finished run: what the queue's trial completes with."""
+        return self.metrics.get("AP") if self.outcome is Outcome.FINISHED else None

@@ -1,9 +1,11 @@
 """Everything Optuna: the only module that imports it.
 
-A grid's cells x seeds are the trials of a study named after the ablation, each *enqueued* with its
-exact values (the grid sampler, with several workers, runs duplicates and skips points). Workers
-pull the enqueued trials from a journal-file storage, which is safe for parallel processes where
-SQLite is not. `ablate search` runs TPE with a median pruner over a declared space instead.
+A grid's planned runs (cells x seeds) are the trials of a study named after the ablation, each
+*enqueued* with its exact values and the whole `PlannedRun` as a user attribute (the grid sampler,
+with several workers, runs duplicates and skips points). The queue holds work only: whether a
+run is done is the tracking store's answer, not the trial's state. Workers pull the enqueued
+trials from a journal-file storage, which is safe for parallel processes where SQLite is not.
+`ablate search` runs TPE with a median pruner over a declared space instead.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-ITEM_ATTR = "ablate_item"  # user attribute holding what a worker needs to run an enqueued trial
+from ablate.runs import Outcome, PlannedRun, RunResult
+
+PLANNED_ATTR = "ablate_planned_run"  # user attribute: the PlannedRun (JSON) an enqueued trial stands for
+OUTCOME_ATTR = "outcome"  # user attribute: how the trial's run ended, for Optuna's dashboard
 
 optuna.logging.set_verbosity(logging.WARNING)
 
-RunItem = Callable[[dict[str, Any]], tuple[str, float | None]]
+# Runs one planned run; None when the tracking store said it is done or running elsewhere.
+RunPlanned = Callable[[PlannedRun], RunResult | None]
 
 
 def state_dir() -> Path:
@@ -50,7 +56,7 @@ def reset_queue(study: optuna.Study) -> int:
         cleared += 1
     while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial = study.ask()  # pops the oldest waiting trial
-        trial.set_user_attr("outcome", "superseded")
+        trial.set_user_attr(OUTCOME_ATTR, "superseded")
         study.tell(trial, state=TrialState.FAIL)
         cleared += 1
     return cleared
@@ -63,44 +69,52 @@ def trial_params(values: dict[str, Any]) -> dict[str, int | float]:
     return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def enqueue(study: optuna.Study, items: list[dict[str, Any]]) -> None:
-    """One waiting trial per item; the numeric `item["params"]` become the trial's params."""
-    for item in items:
-        study.enqueue_trial(trial_params(item["params"]), user_attrs={ITEM_ATTR: item})
+def enqueue(study: optuna.Study, runs: list[PlannedRun]) -> None:
+    """One waiting trial per planned run; the cell's numeric values become the trial's params."""
+    for run in runs:
+        study.enqueue_trial(trial_params(run.values), user_attrs={PLANNED_ATTR: run.to_json()})
 
 
-def work_grid(study: optuna.Study, num_trials: int, run_item: RunItem) -> int:
-    """Pull and run up to `num_trials` enqueued trials; returns how many ran.
+def work_grid(study: optuna.Study, num_trials: int, run_planned: RunPlanned) -> int:
+    """Pull and run up to `num_trials` enqueued trials; returns how many were pulled.
 
-    `run_item(item)` returns (outcome, value): outcome "finished" completes the trial with the value,
-    anything else (diverged, failed) fails it, with the outcome kept as a user attribute.
+    A finished run completes its trial with its AP; any other outcome, or a run skipped because it
+    was done elsewhere, fails the trial, with the outcome kept as a user attribute.
     """
-    ran = 0
+    pulled = 0
     for _ in range(num_trials):
         trial = study.ask()
-        item = trial.user_attrs.get(ITEM_ATTR)
-        if item is None:  # no enqueued trial left: the sampler made this one up, so discard it
-            trial.set_user_attr("outcome", "unused")
+        text = trial.user_attrs.get(PLANNED_ATTR)
+        if text is None:  # no enqueued trial left: the sampler made this one up, so discard it
+            trial.set_user_attr(OUTCOME_ATTR, "unused")
             study.tell(trial, state=TrialState.FAIL)
             break
-        for key, value in trial_params(item["params"]).items():  # fixed by the queue: (value, value)
+        planned = PlannedRun.from_json(text)
+        for key, value in trial_params(planned.values).items():  # fixed by the queue: (value, value)
             if isinstance(value, int):
                 trial.suggest_int(key, value, value)
             else:
                 trial.suggest_float(key, value, value)
         try:
-            outcome, value = run_item(item)
+            result = run_planned(planned)
         except BaseException:
-            trial.set_user_attr("outcome", "interrupted")
+            trial.set_user_attr(OUTCOME_ATTR, str(Outcome.INTERRUPTED))
             study.tell(trial, state=TrialState.FAIL)
             raise
-        trial.set_user_attr("outcome", outcome)
-        if outcome == "finished" and value is not None:
-            study.tell(trial, value)
-        else:
-            study.tell(trial, state=TrialState.FAIL)
-        ran += 1
-    return ran
+        _tell(study, trial, result)
+        pulled += 1
+    return pulled
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult | None) -> None:
+    """Close a trial from its run's result: COMPLETE with the AP, PRUNED, or FAIL."""
+    trial.set_user_attr(OUTCOME_ATTR, "skipped" if result is None else str(result.outcome))
+    if result is not None and result.value is not None:
+        study.tell(trial, result.value)
+    elif result is not None and result.outcome is Outcome.PRUNED:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def search_study(name: str, store: JournalStorage, direction: str, seed: int,
@@ -127,7 +141,7 @@ def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, 
 
 
 Reporter = Callable[[int, float], bool]
-RunSearchTrial = Callable[[int, dict[str, Any], Reporter], tuple[str, float | None]]
+RunSearchTrial = Callable[[int, dict[str, Any], Reporter], RunResult]
 
 
 def work_search(study: optuna.Study, num_trials: int, space: dict[str, dict[str, Any]],
@@ -144,17 +158,12 @@ def work_search(study: optuna.Study, num_trials: int, space: dict[str, dict[str,
             return trial.should_prune()
 
         try:
-            outcome, value = run_trial(trial.number, overrides, report)
+            result = run_trial(trial.number, overrides, report)
         except BaseException:
+            trial.set_user_attr(OUTCOME_ATTR, str(Outcome.INTERRUPTED))
             study.tell(trial, state=TrialState.FAIL)
             raise
-        trial.set_user_attr("outcome", outcome)
-        if outcome == "finished" and value is not None:
-            study.tell(trial, value)
-        elif outcome == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, result)
 
 
 def best_trial(study: optuna.Study) -> tuple[dict[str, Any], float] | None:

@@ -2,8 +2,14 @@
 
 Layout of the records: one MLflow experiment per ablation; one parent run per `ablate run` (or
 `ablate search`); one child run per cell x seed, named like "focal g=2 a=0.25 s0", holding the
-full flattened config as params, tags (cell, seed, config hash, git commit, command line, outcome),
-step metrics sent in batches, the final COCO metrics and the run folder's files as artifacts.
+full flattened config as params, tags (cell, seed, config hash, git commit, command line, outcome,
+the process that owns it), step metrics sent in batches, the final COCO metrics and the run
+folder's files as artifacts.
+
+The tracking store is the one source of truth for "this cell is done": a child run with the cell's
+config hash whose outcome is finished or diverged. Every process that shares the store (another
+working folder, another machine) gets the same answer, and a worker *claims* a run here before
+training it (`Tracker.claim`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,8 +26,11 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import psutil
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
+
+from ablate.runs import DONE, Outcome, PlannedRun
 
 # MLflow announces its schema migrations at INFO level on every fresh store: keep the terminal for
 # the progress bars.
@@ -30,9 +40,9 @@ for _name in ("mlflow", "alembic"):
 TAG = "ablate."  # prefix of our tags
 STEP_METRICS = ("loss", "loss_cls", "loss_box_reg", "lr", "num_fg", "num_bg", "num_ignored", "img_per_s",
                 "data_fraction")
-# What a finished cell is, for resuming: a run that ended FINISHED, or one that diverged (a result
-# of the cell, which a rerun would only repeat).
-DONE_OUTCOMES = ("finished", "diverged")
+# The MLflow run status each outcome closes a run with; the outcome tag tells FAILED ones apart.
+RUN_STATUS = {Outcome.FINISHED: "FINISHED", Outcome.DIVERGED: "FAILED", Outcome.FAILED: "FAILED",
+              Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED"}
 
 
 def tracking_uri() -> str:
@@ -88,22 +98,50 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def start_child(self, parent_id: str, name: str, params: dict[str, Any], tags: dict[str, Any]) -> ChildRun:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+    def start_child(self, planned: PlannedRun, parent_id: str) -> ChildRun:
+        """A RUNNING child run for `planned`: its config as params, its identity and owner as tags."""
+        tags = {"cell": planned.cell, "cell_index": planned.cell_index, "seed": planned.seed,
+                "config_hash": planned.config_hash, "overrides": json.dumps(planned.overrides, sort_keys=True),
+                "owner": process_owner()}
+        run = self.client.create_run(self.experiment_id, run_name=planned.name, tags={
             "mlflow.parentRunId": parent_id, f"{TAG}git_commit": git_commit(), f"{TAG}command": command_line(),
             **{f"{TAG}{k}": str(v) for k, v in tags.items()}})
         child = ChildRun(self.client, run.info.run_id)
-        items = [Param(k, param_value(v)) for k, v in params.items()]
+        items = [Param(k, param_value(v)) for k, v in planned.config.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(child.run_id, params=items[i:i + 100])
         return child
 
+    def claim(self, planned: PlannedRun, parent_id: str) -> ChildRun | None:
+        """Start `planned`'s child run unless the store says it is done or owned by a live process.
+
+        Two processes that claim the same run at once both create a run and then look again: the
+        older claim (start time, then run id) wins and the other deletes its own. Returns the new
+        child run, or None when the run belongs to someone else.
+        """
+        if self._rivals(planned.config_hash):
+            return None
+        child = self.start_child(planned, parent_id)
+        rivals = self._rivals(planned.config_hash)
+        first = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id))
+        if first.info.run_id != child.run_id:
+            self.client.delete_run(child.run_id)
+            return None
+        return child
+
+    def _rivals(self, config_hash: str) -> list:
+        """The child runs with this config hash that are done or still owned by a live process."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}config_hash` = '{config_hash}'",
+                                       max_results=1000)
+        return [r for r in runs if is_done(r) or r.info.status == "RUNNING" and owner_alive(r)]
+
     def close_orphans(self) -> int:
-        """Mark child runs still RUNNING as KILLED (outcome "interrupted"): their process is gone,
-        since the caller holds the ablation's lock. Returns how many."""
-        orphans = [r for r in self._child_runs() if r.info.status == "RUNNING"]
+        """Mark the child runs left RUNNING by a process that is gone as KILLED (outcome
+        "interrupted"). Only this machine's processes can be checked; a run owned on another
+        machine is left as it is. Returns how many were closed."""
+        orphans = [r for r in self._child_runs() if r.info.status == "RUNNING" and not owner_alive(r)]
         for run in orphans:
-            self.client.set_tag(run.info.run_id, f"{TAG}outcome", "interrupted")
+            self.client.set_tag(run.info.run_id, f"{TAG}outcome", str(Outcome.INTERRUPTED))
             self.client.set_terminated(run.info.run_id, status="KILLED")
         return len(orphans)
 
@@ -111,8 +149,7 @@ class Tracker:
         """{config hash: run id} of the runs that count as done (finished, or diverged)."""
         done = {}
         for run in self._child_runs():
-            outcome = run.data.tags.get(f"{TAG}outcome")
-            if outcome in DONE_OUTCOMES and run.info.status in ("FINISHED", "FAILED"):
+            if is_done(run):
                 done.setdefault(run.data.tags.get(f"{TAG}config_hash", ""), run.info.run_id)
         return done
 
@@ -128,7 +165,7 @@ class Tracker:
             row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
                    "start_time": run.info.start_time, "cell": tags.get(f"{TAG}cell"),
                    "cell_index": int(tags.get(f"{TAG}cell_index", -1)), "seed": int(tags.get(f"{TAG}seed", -1)),
-                   "outcome": tags.get(f"{TAG}outcome", "interrupted"),
+                   "outcome": tags.get(f"{TAG}outcome", str(Outcome.INTERRUPTED)),
                    "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir")}
             row.update({k: _parse_param(v) for k, v in run.data.params.items()})
             row.update(run.data.metrics)
@@ -139,6 +176,34 @@ class Tracker:
         rows = [{"run_id": rid, "key": key, "step": m.step, "value": m.value}
                 for rid in run_ids for key in keys for m in self.client.get_metric_history(rid, key)]
         return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def is_done(run) -> bool:
+    """A run that ended with a done outcome (finished, diverged): its cell needs no rerun."""
+    return run.data.tags.get(f"{TAG}outcome") in DONE and run.info.status in ("FINISHED", "FAILED")
+
+
+def process_owner(pid: int | None = None) -> str:
+    """'host:pid:start time' of a process: which process owns a RUNNING run (pids are reused; the
+    start time tells a new process from the one that made the run)."""
+    proc = psutil.Process(pid)
+    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
+
+
+def owner_alive(run) -> bool:
+    """Whether the process that owns a RUNNING run still runs. A run owned on another machine is
+    taken to be alive (nothing here can tell); a run without an owner tag (written before owners
+    were recorded) is taken to be gone."""
+    owner = run.data.tags.get(f"{TAG}owner")
+    if not owner:
+        return False
+    host, pid, _ = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True
+    try:
+        return process_owner(int(pid)) == owner
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
 
 
 def _parse_param(text: str) -> Any:
@@ -185,10 +250,9 @@ class ChildRun:
         for path in files:
             self.client.log_artifact(self.run_id, str(path))
 
-    def end(self, outcome: str) -> None:
+    def end(self, outcome: Outcome) -> None:
         """Close the run: FINISHED for a finished cell, FAILED for diverged or crashed, KILLED for
         an interruption or a search trial the pruner stopped; the `outcome` tag tells them apart."""
         self.flush()
-        self.set_tags({"outcome": outcome})
-        status = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}.get(outcome, "FAILED")
-        self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+        self.set_tags({"outcome": str(outcome)})
+        self.client.set_terminated(self.run_id, status=RUN_STATUS[Outcome(outcome)])

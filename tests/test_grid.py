@@ -21,6 +21,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from ablate.config import Config, flatten
+from ablate.runs import PlannedRun
+from ablate.scheduling import PLANNED_ATTR
 from cli import app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +106,7 @@ def test_run_creates_the_mlflow_records_and_skips_done_cells(workdir):
     study = optuna.load_study(study_name="smoke", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(workdir / ".ablate" / "optuna.journal"))))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(t.user_attrs["ablate_item"]["cell"] for t in done) == ["alpha_ce", "focal"]
+    assert sorted(PlannedRun.from_json(t.user_attrs[PLANNED_ATTR]).cell for t in done) == ["alpha_ce", "focal"]
     assert all(t.params == {"seed": 0} for t in done)
 
 
