@@ -1,45 +1,56 @@
 """The paper's Table 1 findings as checks over the committed reports (reports/NAME/results.csv).
 
-Each check names the cells it compares, the paper's numbers and a fixed pass rule (the criteria
-the project set for reproducing Table 1, the same for every run), and says whether our runs show
-the effect. It reads only the report folders, whose results.csv carries the run ids behind every
+Each check names the cells it compares by their config values (not by their display names), the
+paper's numbers and a fixed pass rule (the criteria the project set for reproducing Table 1, the
+same for every run), and says whether our runs show the effect. It reads only the report folders, whose results.csv carries the run ids behind every
 mean, so every verdict traces back to tracked runs.
 AP here is in points (percent). "CI" is the Student t 95% interval of a cell's mean over seeds.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from ablate.errors import AblateError
-from ablate.report import mean_std_text
+from ablate.report.stats import ci_bounds, is_missing, mean_std_text, welch
+from ablate.runs import Outcome
 
 MARK_START = "<!-- findings:start -->"
 MARK_END = "<!-- findings:end -->"
+
+# A cell is named by its config values, {"loss.gamma": 2.0, "loss.alpha": 0.25}, matched against
+# results.csv's config columns (None matches an empty field, a list the list written there): the
+# display names of cells can change without a check quietly losing its cell.
+Values = dict[str, Any]
+REL_TOL = 1e-9  # numbers in results.csv are written at full precision; this only absorbs the text round trip
 
 
 @dataclass
 class CellStats:
     """One cell of one report: AP mean, std, CI half-width and finished seeds (AP in points)."""
 
-    cell: str
+    cell: str  # its display name, for the text only
     mean: float
     std: float  # over seeds; NaN with fewer than 2
     half: float  # of the 95% CI; NaN with fewer than 2 seeds
     n: int
+    row: pd.Series = field(repr=False, compare=False)  # its row of results.csv: counts and config values
 
     @property
     def low(self) -> float:
-        return self.mean - self.half if math.isfinite(self.half) else math.nan
+        return ci_bounds(self.mean, self.half)[0]
 
     @property
     def high(self) -> float:
-        return self.mean + self.half if math.isfinite(self.half) else math.nan
+        return ci_bounds(self.mean, self.half)[1]
 
     def text(self) -> str:
         spread = f" [{self.low:.1f}, {self.high:.1f}]" if math.isfinite(self.half) else ""
@@ -54,46 +65,109 @@ class Verdict:
     holds: bool | None  # None: not measured (a report or a cell is missing, or a CI needs >= 2 seeds)
 
 
+def _value_text(value: Any) -> str:
+    """A config value as a reader writes it: 2, 0.25, none, [0.5, 1, 2], ce."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def values_text(values: Values) -> str:
+    return ", ".join(f"{key}={_value_text(value)}" for key, value in values.items())
+
+
+def _as_list(text: Any) -> list | None:
+    """A list column's field ("[0.5, 1.0, 2.0]" as results.csv writes it) as a list; None if it is none."""
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    if not isinstance(text, str):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = ast.literal_eval(text)  # a list of strings, written with Python's quotes
+        except (ValueError, SyntaxError):
+            return None
+    return value if isinstance(value, list) else None
+
+
+def config_equal(field_value: Any, wanted: Any) -> bool:
+    """Whether a results.csv field holds the config value `wanted` (numbers within REL_TOL)."""
+    if wanted is None:
+        return is_missing(field_value)
+    if is_missing(field_value):
+        return False
+    if isinstance(wanted, (list, tuple)):
+        found = _as_list(field_value)
+        return found is not None and len(found) == len(wanted) and all(map(config_equal, found, wanted))
+    if isinstance(wanted, bool):
+        return str(field_value) == str(wanted)
+    if isinstance(wanted, (int, float)):
+        try:
+            return math.isclose(float(field_value), float(wanted), rel_tol=REL_TOL)
+        except (TypeError, ValueError):
+            return False
+    return str(field_value) == str(wanted)
+
+
 class Reports:
-    """Lazy access to reports/NAME/results.csv."""
+    """Lazy access to reports/NAME/results.csv; cells are looked up by their config values."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self._frames: dict[str, pd.DataFrame] = {}
 
+    def path(self, experiment: str) -> Path:
+        return self.root / experiment / "results.csv"
+
     def frame(self, experiment: str) -> pd.DataFrame:
         if experiment not in self._frames:
-            path = self.root / experiment / "results.csv"
+            path = self.path(experiment)
             if not path.is_file():
                 raise KeyError(f"{path} (run `ablate run {experiment}` with the seeds its check names, "
                                f"then `ablate report {experiment}`)")
             self._frames[experiment] = pd.read_csv(path)
         return self._frames[experiment]
 
-    def cell(self, experiment: str, cell: str) -> CellStats:
+    def cells(self, experiment: str, values: Values | None = None) -> list[CellStats]:
+        """The cells whose config has `values` (every cell without them), in the report's order.
+
+        A key that results.csv has no column for raises KeyError (the check is then not measured)."""
         frame = self.frame(experiment)
-        rows = frame[frame["cell"] == cell]
-        if rows.empty:
-            raise KeyError(f"cell '{cell}' in {self.root / experiment / 'results.csv'}")
-        return self._stats(rows.iloc[0])
+        mask = pd.Series(True, index=frame.index)
+        for key, wanted in (values or {}).items():
+            if key not in frame.columns:
+                raise KeyError(f"column '{key}' in {self.path(experiment)}")
+            mask &= frame[key].map(lambda field_value, wanted=wanted: config_equal(field_value, wanted))
+        return [self._stats(row) for _, row in frame[mask].iterrows()]
 
-    def all_cells(self, experiment: str, where: Callable[[pd.Series], bool] = lambda row: True) -> list[CellStats]:
-        return [self._stats(row) for _, row in self.frame(experiment).iterrows() if where(row)]
+    def cell(self, experiment: str, values: Values) -> CellStats:
+        """The one cell whose config has `values`: KeyError when there is none (not measured), an
+        AblateError when there are several (the check names its cell ambiguously: a bug to fix)."""
+        found = self.cells(experiment, values)
+        if not found:
+            raise KeyError(f"cell with {values_text(values)} in {self.path(experiment)}")
+        if len(found) > 1:
+            raise AblateError(f"{experiment}: {len(found)} cells have {values_text(values)} "
+                              f"({', '.join(c.cell for c in found)}) in {self.path(experiment)}; "
+                              "a findings check must name exactly one")
+        return found[0]
 
-    def best(self, experiment: str, where: Callable[[pd.Series], bool] = lambda row: True) -> CellStats:
-        cells = [c for c in self.all_cells(experiment, where) if math.isfinite(c.mean)]
+    def best(self, experiment: str, values: Values | None = None) -> CellStats:
+        """The cell with the highest AP among those whose config has `values`."""
+        cells = [c for c in self.cells(experiment, values) if math.isfinite(c.mean)]
         if not cells:
-            raise KeyError(f"a finished cell in {self.root / experiment / 'results.csv'}")
+            where = f" with {values_text(values)}" if values else ""
+            raise KeyError(f"finished cell{where} in {self.path(experiment)}")
         return max(cells, key=lambda c: c.mean)
-
-    def value(self, experiment: str, cell: str, key: str):
-        frame = self.frame(experiment)
-        return frame[frame["cell"] == cell].iloc[0][key]
 
     @staticmethod
     def _stats(row: pd.Series) -> CellStats:
         return CellStats(str(row["cell"]), 100 * float(row["AP_mean"]), 100 * float(row["AP_std"]),
-                         100 * float(row["AP_ci95"]), int(row["n"]))
+                         100 * float(row["AP_ci95"]), int(row["n"]), row)
 
 
 def disjoint(better: CellStats, worse: CellStats) -> bool | None:
@@ -104,71 +178,72 @@ def disjoint(better: CellStats, worse: CellStats) -> bool | None:
     return better.low > worse.high
 
 
+def every_seed_finished(cell: CellStats) -> bool:
+    return cell.n == int(cell.row["n_runs"])
+
+
 # ----------------------------------------------------------------------------- the checks
 # Each judge returns (what we measured, whether the finding holds); a missing report or cell
 # raises KeyError and the finding is listed as not measured.
 
+CE = {"loss.cls": "ce"}
+FOCAL = {"loss.cls": "focal"}
+ALPHA_CE = {"loss.cls": "alpha_ce"}
+
 
 def _prior_collapse(r: Reports) -> tuple[str, bool | None]:
-    ce = r.cell("prior-init", "ce pi=none")
-    diverged = int(r.value("prior-init", ce.cell, "n_diverged"))
-    return f"{ce.text()}; {diverged} diverged", ce.n == 0 or ce.mean < 1.0
+    ce = r.cell("prior-init", {**CE, "model.prior": None})
+    diverged = int(ce.row[f"n_{Outcome.DIVERGED}"])
+    return f"{ce.text()}; {diverged} {Outcome.DIVERGED}", ce.n == 0 or ce.mean < 1.0
 
 
 def _prior_trains(r: Reports) -> tuple[str, bool | None]:
-    cells = [r.cell("prior-init", "ce pi=0.01"), r.cell("prior-init", "focal pi=0.01")]
-    every_seed = all(c.n == int(r.value("prior-init", c.cell, "n_runs")) for c in cells)
-    return "; ".join(c.text() for c in cells), every_seed and all(c.mean > 5.0 for c in cells)
+    cells = [r.cell("prior-init", {**CE, "model.prior": 0.01}), r.cell("prior-init", {**FOCAL, "model.prior": 0.01})]
+    return "; ".join(c.text() for c in cells), all(map(every_seed_finished, cells)) and all(c.mean > 5.0 for c in cells)
 
 
 def _alpha_best(r: Reports) -> tuple[str, bool | None]:
     best = r.best("alpha-ce")
-    return best.text(), 0.5 <= float(r.value("alpha-ce", best.cell, "loss.alpha")) <= 0.9
+    return best.text(), 0.5 <= float(best.row["loss.alpha"]) <= 0.9
 
 
 def _alpha_quarter_worse(r: Reports) -> tuple[str, bool | None]:
-    best, quarter = r.best("alpha-ce"), r.cell("alpha-ce", "a=0.25")
+    best, quarter = r.best("alpha-ce"), r.cell("alpha-ce", {**ALPHA_CE, "loss.alpha": 0.25})
     return f"{quarter.text()}; best {best.text()}", disjoint(best, quarter)
-
-
-def welch_p(a: CellStats, b: CellStats) -> float:
-    """Two-sided Welch t-test p-value of the two cells' means (NaN with fewer than 2 seeds each)."""
-    if a.n < 2 or b.n < 2:
-        return math.nan
-    from scipy import stats
-
-    return float(stats.ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False).pvalue)
 
 
 def _focal_leads_by_two(fl: CellStats, ce: CellStats) -> tuple[str, bool | None]:
     """FL at least 2 AP above alpha-CE, with disjoint CIs; the text gives the Welch p too."""
     gap = fl.mean - ce.mean
-    p = welch_p(fl, ce)
+    p = welch((fl.mean, fl.std, fl.n), (ce.mean, ce.std, ce.n)).p
     test = f" (Welch t-test p = {p:.3f})" if math.isfinite(p) else ""
     return f"FL {fl.text()}; alpha-CE {ce.text()}; {gap:+.1f}{test}", False if gap < 2.0 else disjoint(fl, ce)
 
 
 def _focal_beats_alpha_ce(r: Reports) -> tuple[str, bool | None]:
-    return _focal_leads_by_two(r.cell("gamma-sweep", "g=2 a=0.25"), r.best("alpha-ce"))
+    fl = r.cell("gamma-sweep", {**FOCAL, "loss.gamma": 2.0, "loss.alpha": 0.25})
+    return _focal_leads_by_two(fl, r.best("alpha-ce"))
 
 
 def _gamma_peak(r: Reports) -> tuple[str, bool | None]:
-    at = {float(r.value("gamma-sweep", c.cell, "loss.gamma")): c for c in r.all_cells("gamma-sweep")}
+    ends = [r.cell("gamma-sweep", {"loss.gamma": g}) for g in (0.0, 5.0)]
+    at = {float(c.row["loss.gamma"]): c for c in r.cells("gamma-sweep")}
     peak = max(at, key=lambda g: at[g].mean)
     curve = ", ".join(f"{g:g}: {at[g].mean:.1f}" for g in sorted(at))
-    holds = 1.0 <= peak <= 2.0 and at[0.0].mean < at[peak].mean and at[5.0].mean < at[peak].mean
+    holds = 1.0 <= peak <= 2.0 and all(end.mean < at[peak].mean for end in ends)
     return f"peak at gamma {peak:g}; AP by gamma {curve}", holds
 
 
 def _focal_beats_ohem(r: Reports) -> tuple[str, bool | None]:
-    fl = r.cell("ohem-vs-focal", "focal")
-    best = r.best("ohem-vs-focal", lambda row: row["cell"] != "focal")
+    fl = r.cell("ohem-vs-focal", FOCAL)
+    best = r.best("ohem-vs-focal", {"loss.cls": "ohem"})
     gap = fl.mean - best.mean
     return f"FL {fl.text()}; OHEM {best.text()}; {gap:+.1f}", gap >= 2.0
 
 
 def _anchors_3x3(r: Reports) -> tuple[str, bool | None]:
-    nine, one = r.cell("anchors", "scales=3 ratios=[0.5,1,2]"), r.cell("anchors", "scales=1 ratios=[1]")
+    nine = r.cell("anchors", {"model.num_scales": 3, "model.aspect_ratios": [0.5, 1.0, 2.0]})
+    one = r.cell("anchors", {"model.num_scales": 1, "model.aspect_ratios": [1.0]})
     gap = nine.mean - one.mean
     return f"{nine.text()}; {one.text()}; {gap:+.1f}", gap >= 2.0
 
@@ -196,17 +271,21 @@ CHECKS: tuple[tuple[str, str, Judge], ...] = (
 
 
 def _ce_prior_is_slow(r: Reports) -> tuple[str, bool | None]:
-    ce = [r.cell("prior-init", "ce pi=0.01"), *(r.cell("prior-schedule", f"ce iterations={n}") for n in (1600, 3200))]
-    fl = [r.cell("prior-init", "focal pi=0.01"),
-          *(r.cell("prior-schedule", f"focal iterations={n}") for n in (1600, 3200))]
-    every_seed = ce[-1].n == int(r.value("prior-schedule", ce[-1].cell, "n_runs"))
+    def at(loss: Values, iterations: int) -> CellStats:
+        # 800 iterations (the tiny schedule) is prior-init's cell; the longer ones are prior-schedule's.
+        values = {**loss, "model.prior": 0.01, "train.iterations": iterations}
+        return r.cell("prior-init" if iterations == 800 else "prior-schedule", values)
+
+    ce, fl = [at(CE, n) for n in (800, 1600, 3200)], [at(FOCAL, n) for n in (800, 1600, 3200)]
+    every_seed = every_seed_finished(ce[-1])
     curve = "; ".join(f"{n} it: CE {c.mean:.1f} ± {c.std:.1f}, FL {f.mean:.1f} ± {f.std:.1f} (n={c.n}/{f.n})"
                       for n, c, f in zip((800, 1600, 3200), ce, fl))
     return curve, every_seed and ce[0].mean < ce[1].mean < ce[2].mean and ce[2].mean > 5.0
 
 
 def _focal_lead_needs_seeds(r: Reports) -> tuple[str, bool | None]:
-    fl, ce = r.cell("focal-vs-alpha-ce", "focal g=2 a=0.25"), r.cell("focal-vs-alpha-ce", "alpha_ce a=0.9")
+    fl = r.cell("focal-vs-alpha-ce", {**FOCAL, "loss.gamma": 2.0, "loss.alpha": 0.25})
+    ce = r.cell("focal-vs-alpha-ce", {**ALPHA_CE, "loss.alpha": 0.9})
     ours, holds = _focal_leads_by_two(fl, ce)
     # The hypothesis is about 5 seeds: fewer (e.g. a run with `--seeds 3`) do not test it.
     return ours, holds if min(fl.n, ce.n) >= 5 else None

@@ -9,11 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ablate import findings
+from ablate.errors import AblateError
 from cli import app
 
 
 def write(root: Path, experiment: str, rows: list[dict]) -> None:
-    """rows: cell, AP (points), ci (points, None for one seed), n, plus config columns."""
+    """rows: cell, AP (points), ci (points, None for one seed), n, plus config columns (dotted keys;
+    a list is written as the report writes it, "[0.5, 1.0, 2.0]", None as an empty field)."""
     frame = pd.DataFrame([{"cell": r["cell"], "AP_mean": r["AP"] / 100,
                            "AP_ci95": (r.get("ci") if r.get("ci") is not None else float("nan")) / 100,
                            "AP_std": 1.0 / 100, "AP50_mean": r["AP"] / 50, "AP50_std": 0.0, "AP75_mean": r["AP"] / 100,
@@ -23,20 +25,36 @@ def write(root: Path, experiment: str, rows: list[dict]) -> None:
     frame.to_csv(root / experiment / "results.csv", index=False)
 
 
+def alpha_ce(a: float, ap: float, **kw) -> dict:
+    return {"cell": f"a={a:g}", "loss.cls": "alpha_ce", "loss.alpha": a, "AP": ap, **kw}
+
+
+def gamma(g: float, ap: float, alpha: float = 0.25, **kw) -> dict:
+    return {"cell": f"g={g:g} a={alpha:g}", "loss.cls": "focal", "loss.gamma": g, "loss.alpha": alpha, "AP": ap, **kw}
+
+
+def prior(loss: str, pi: float | None, ap: float, iterations: int = 800, **kw) -> dict:
+    return {"cell": f"{loss} pi={'none' if pi is None else f'{pi:g}'}", "loss.cls": loss, "model.prior": pi,
+            "train.iterations": iterations, "AP": ap, **kw}
+
+
 @pytest.fixture
 def reports(tmp_path: Path) -> Path:
-    write(tmp_path, "alpha-ce", [{"cell": f"a={a:g}", "loss.alpha": a, "AP": ap, "ci": 1.0}
-                                 for a, ap in ((0.25, 3.0), (0.5, 20.0), (0.75, 27.0), (0.99, 15.0))])
-    write(tmp_path, "gamma-sweep", [{"cell": f"g={g:g} a=0.25", "loss.gamma": g, "AP": ap, "ci": 1.0}
-                                    for g, ap in ((0.0, 27.0), (1.0, 29.0), (2.0, 31.0), (5.0, 20.0))])
-    write(tmp_path, "ohem-vs-focal", [{"cell": "focal", "AP": 31.0, "ci": 1.0},
-                                      {"cell": "ohem B=128 nms=0.5", "AP": 29.5, "ci": 1.0},
-                                      {"cell": "ohem B=256 nms=0.5", "AP": 25.0, "ci": 1.0}])
-    write(tmp_path, "anchors", [{"cell": "scales=3 ratios=[0.5,1,2]", "AP": 31.0, "ci": 1.0},
-                                {"cell": "scales=1 ratios=[1]", "AP": 24.0, "ci": 1.0}])
-    write(tmp_path, "prior-init", [{"cell": "ce pi=none", "AP": 0.2, "ci": 0.1},
-                                   {"cell": "ce pi=0.01", "AP": 8.0, "ci": 2.0},
-                                   {"cell": "focal pi=0.01", "AP": 31.0, "ci": 1.0}])
+    write(tmp_path, "alpha-ce", [alpha_ce(a, ap, ci=1.0) for a, ap in ((0.25, 3.0), (0.5, 20.0), (0.75, 27.0),
+                                                                       (0.99, 15.0))])
+    write(tmp_path, "gamma-sweep", [gamma(g, ap, ci=1.0) for g, ap in ((0.0, 27.0), (1.0, 29.0), (2.0, 31.0),
+                                                                      (5.0, 20.0))])
+    write(tmp_path, "ohem-vs-focal", [{"cell": "focal", "loss.cls": "focal", "AP": 31.0, "ci": 1.0},
+                                      {"cell": "ohem B=128 nms=0.5", "loss.cls": "ohem", "AP": 29.5, "ci": 1.0},
+                                      {"cell": "ohem B=256 nms=0.5", "loss.cls": "ohem", "AP": 25.0, "ci": 1.0}])
+    write(tmp_path, "anchors", [{"cell": "scales=3 ratios=[0.5,1,2]", "model.num_scales": 3,
+                                 "model.aspect_ratios": [0.5, 1.0, 2.0], "AP": 31.0, "ci": 1.0},
+                                {"cell": "scales=3 ratios=[1]", "model.num_scales": 3, "model.aspect_ratios": [1.0],
+                                 "AP": 35.0, "ci": 1.0},
+                                {"cell": "scales=1 ratios=[1]", "model.num_scales": 1, "model.aspect_ratios": [1.0],
+                                 "AP": 24.0, "ci": 1.0}])
+    write(tmp_path, "prior-init", [prior("ce", None, 0.2, ci=0.1), prior("ce", 0.01, 8.0, ci=2.0),
+                                   prior("focal", None, 0.5, ci=0.1), prior("focal", 0.01, 31.0, ci=1.0)])
     return tmp_path
 
 
@@ -55,10 +73,9 @@ def test_every_finding_is_judged_from_the_reports(reports):
 
 
 def test_overlapping_cis_or_a_wrong_peak_fail(reports):
-    write(reports, "alpha-ce", [{"cell": "a=0.25", "loss.alpha": 0.25, "AP": 3.0, "ci": 1.0},
-                                {"cell": "a=0.99", "loss.alpha": 0.99, "AP": 29.5, "ci": 1.0}])
-    write(reports, "gamma-sweep", [{"cell": f"g={g:g} a=0.25", "loss.gamma": g, "AP": ap, "ci": 1.5}
-                                   for g, ap in ((0.0, 27.0), (0.5, 32.0), (2.0, 31.0), (5.0, 20.0))])
+    write(reports, "alpha-ce", [alpha_ce(0.25, 3.0, ci=1.0), alpha_ce(0.99, 29.5, ci=1.0)])
+    write(reports, "gamma-sweep", [gamma(g, ap, ci=1.5) for g, ap in ((0.0, 27.0), (0.5, 32.0), (2.0, 31.0),
+                                                                     (5.0, 20.0))])
     by_rule = {v.finding: v for v in findings.evaluate(reports)}
     assert next(v for f, v in by_rule.items() if "lies in [0.5, 0.9]" in f).holds is False  # best alpha 0.99
     # 31.0 - 29.5 < 2, and [29.5, 32.5] overlaps [28.5, 30.5]
@@ -67,8 +84,7 @@ def test_overlapping_cis_or_a_wrong_peak_fail(reports):
 
 
 def test_one_seed_or_a_missing_report_is_not_measured(reports):
-    write(reports, "alpha-ce", [{"cell": "a=0.25", "loss.alpha": 0.25, "AP": 3.0, "ci": None, "n": 1},
-                                {"cell": "a=0.75", "loss.alpha": 0.75, "AP": 27.0, "ci": None, "n": 1}])
+    write(reports, "alpha-ce", [alpha_ce(0.25, 3.0, ci=None, n=1), alpha_ce(0.75, 27.0, ci=None, n=1)])
     (reports / "anchors" / "results.csv").unlink()
     by_rule = {v.finding: v for v in findings.evaluate(reports)}
     assert next(v for f, v in by_rule.items() if "clearly worse" in f).holds is None  # no CI from one seed
@@ -77,9 +93,8 @@ def test_one_seed_or_a_missing_report_is_not_measured(reports):
 
 
 def test_prior_rules_count_unfinished_seeds(reports):
-    write(reports, "prior-init", [{"cell": "ce pi=none", "AP": float("nan"), "n": 0, "n_diverged": 3},
-                                  {"cell": "ce pi=0.01", "AP": 8.0, "ci": 2.0, "n": 2, "n_runs": 3},
-                                  {"cell": "focal pi=0.01", "AP": 31.0, "ci": 1.0}])
+    write(reports, "prior-init", [prior("ce", None, float("nan"), n=0, n_diverged=3),
+                                  prior("ce", 0.01, 8.0, ci=2.0, n=2, n_runs=3), prior("focal", 0.01, 31.0, ci=1.0)])
     by_rule = {v.finding: v for v in findings.evaluate(reports)}
     collapse = next(v for f, v in by_rule.items() if "without the prior" in f)
     assert collapse.holds is True and "3 diverged" in collapse.ours
@@ -110,8 +125,9 @@ def test_cli_names_a_readme_without_markers(reports, tmp_path):
 def _prior_schedule(reports: Path, ce: tuple[float, float], n_runs: int = 3) -> None:
     """prior-schedule with CE at 1600 and 3200 iterations scoring ce (points); FL fixed."""
     write(reports, "prior-schedule",
-          [{"cell": f"ce iterations={it}", "AP": ap, "ci": 2.0, "n_runs": n_runs} for it, ap in zip((1600, 3200), ce)]
-          + [{"cell": f"focal iterations={it}", "AP": 33.0, "ci": 1.0} for it in (1600, 3200)])
+          [prior("ce", 0.01, ap, iterations=it, ci=2.0, n_runs=n_runs, cell=f"ce iterations={it}")
+           for it, ap in zip((1600, 3200), ce)]
+          + [prior("focal", 0.01, 33.0, iterations=it, ci=1.0, cell=f"focal iterations={it}") for it in (1600, 3200)])
 
 
 def test_follow_up_ce_prior_schedule_rule(reports):
@@ -138,8 +154,8 @@ def test_cli_writes_the_follow_ups(reports, tmp_path):
 
 def test_follow_up_focal_lead_over_five_seeds(reports):
     def five_seeds(focal: float, ci: float) -> None:
-        write(reports, "focal-vs-alpha-ce", [{"cell": "focal g=2 a=0.25", "AP": focal, "ci": ci, "n": 5, "n_runs": 5},
-                                             {"cell": "alpha_ce a=0.9", "AP": 27.0, "ci": ci, "n": 5, "n_runs": 5}])
+        write(reports, "focal-vs-alpha-ce", [gamma(2.0, focal, ci=ci, n=5, n_runs=5),
+                                             alpha_ce(0.9, 27.0, ci=ci, n=5, n_runs=5)])
 
     five_seeds(31.0, 1.0)
     lead = next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
@@ -148,7 +164,56 @@ def test_follow_up_focal_lead_over_five_seeds(reports):
     assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
     five_seeds(28.5, 0.1)  # disjoint, but +1.5 < 2
     assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
-    write(reports, "focal-vs-alpha-ce", [{"cell": "focal g=2 a=0.25", "AP": 31.0, "ci": 1.0, "n": 3, "n_runs": 3},
-                                         {"cell": "alpha_ce a=0.9", "AP": 27.0, "ci": 1.0, "n": 3, "n_runs": 3}])
+    write(reports, "focal-vs-alpha-ce", [gamma(2.0, 31.0, ci=1.0, n=3, n_runs=3), alpha_ce(0.9, 27.0, ci=1.0, n=3, n_runs=3)])
     three = next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
     assert three.holds is None and "(n=3)" in three.ours  # 3 seeds do not test a 5-seed hypothesis
+
+
+# ----------------------------------------------------------------------------- cells by config values
+
+
+def test_a_renamed_cell_keeps_its_verdict(reports):
+    """Checks find cells by config values: relabelling every cell changes no verdict, only the names shown."""
+    before = findings.evaluate(reports)
+    for results in reports.glob("*/results.csv"):
+        frame = pd.read_csv(results)
+        frame["cell"] = [f"renamed {i}" for i in range(len(frame))]
+        frame.to_csv(results, index=False)
+    after = findings.evaluate(reports)
+    assert [v.holds for v in after] == [v.holds for v in before]
+    assert all(v.holds is not None for v in after) and "renamed" in after[0].ours
+
+
+def test_a_cell_no_row_has_is_not_measured_with_the_values(reports):
+    write(reports, "gamma-sweep", [gamma(g, ap, ci=1.0) for g, ap in ((0.0, 27.0), (1.0, 29.0), (5.0, 20.0))])
+    write(reports, "anchors", [{"cell": "nine", "model.num_scales": 3, "AP": 31.0, "ci": 1.0}])  # no ratios column
+    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    fl = next(v for f, v in by_rule.items() if "best alpha-CE" in f)
+    assert fl.holds is None
+    assert fl.ours.startswith("not measured: no cell with loss.cls=focal, loss.gamma=2, loss.alpha=0.25 in ")
+    assert "gamma-sweep/results.csv" in fl.ours
+    anchors = next(v for f, v in by_rule.items() if "3 scales" in f)
+    assert anchors.holds is None and "no column 'model.aspect_ratios'" in anchors.ours
+
+
+def test_a_cell_several_rows_have_is_an_error(reports):
+    write(reports, "gamma-sweep", [gamma(2.0, 31.0, ci=1.0), gamma(2.0, 30.0, ci=1.0, cell="g=2 again"),
+                                   gamma(0.0, 27.0, ci=1.0), gamma(5.0, 20.0, ci=1.0)])
+    with pytest.raises(AblateError, match=r"gamma-sweep: 2 cells have loss.cls=focal, loss.gamma=2, loss.alpha=0.25"):
+        findings.evaluate(reports)
+    result = CliRunner().invoke(app, ["findings", "--reports", str(reports)])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "g=2 again" in result.output
+
+
+def test_config_equal_reads_fields_as_results_csv_writes_them():
+    nan = float("nan")
+    assert findings.config_equal(nan, None) and not findings.config_equal(0.01, None)
+    assert findings.config_equal(0.01, 0.01) and not findings.config_equal(nan, 0.01)
+    assert findings.config_equal(3, 3) and findings.config_equal(3.0, 3) and not findings.config_equal(3, 1)
+    assert findings.config_equal(0.1 + 0.2, 0.3)  # the text round trip of a float
+    assert findings.config_equal("[0.5, 1.0, 2.0]", [0.5, 1.0, 2.0]) and findings.config_equal("[1.0]", [1])
+    assert not findings.config_equal("[1.0]", [0.5, 1.0, 2.0]) and not findings.config_equal(nan, [1.0])
+    assert findings.config_equal("['person', 'car']", ["person", "car"])
+    assert findings.config_equal("focal", "focal") and not findings.config_equal("focal_star", "focal")
+    assert findings.config_equal(True, True) and not findings.config_equal(False, True)
+    assert not findings.config_equal("tiny", 50)
