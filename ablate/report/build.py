@@ -24,16 +24,11 @@ from ablate.runs import Outcome
 FIGURE1_CAPTION = "the loss family (paper's Figure 1)"
 
 
-def _settings(exp: Experiment) -> Any:
-    """exp.report; TEMPORARY: the experiment itself until experiments.py's [report] table lands."""
-    return getattr(exp, "report", exp)
-
-
 def report_spec(exp: Experiment, command: str = "") -> ReportSpec:
     """What the report of `exp` is about: its cells' varied keys and the file's [report] settings."""
-    settings = _settings(exp)
-    return ReportSpec(name=exp.name, description=exp.description, varied=exp.varied, x=settings.x,
-                      hue=settings.hue, baseline=exp.baseline, paper_table=settings.paper_table, command=command)
+    return ReportSpec(name=exp.name, description=exp.description, varied=exp.varied, x=exp.report.x,
+                      hue=exp.report.hue, baseline=exp.baseline, paper_table=exp.report.paper_table,
+                      command=command)
 
 
 def build_report(exp: Experiment, extra: dict[str, Any], out_dir: Path, command: str | None = None) -> dict[str, Path]:
@@ -61,7 +56,7 @@ def loss_cdf_figure(exp: Experiment, runs: pd.DataFrame, out_dir: Path) -> tuple
     """Figure 4 when the file asks for it ([report.loss_cdf]): from the checkpoint of the cell's
     finished run with the lowest seed. Returns ({"loss_cdf": (png, caption)}, {}) or
     ({}, {"loss_cdf.png": why})."""
-    spec = _settings(exp).loss_cdf
+    spec = exp.report.loss_cdf
     if spec is None:
         return {}, {}
     finished = runs[(runs["cell"] == spec.cell) & (runs["outcome"] == Outcome.FINISHED)]
