@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -212,6 +213,38 @@ def test_parallel_jobs_run_every_cell_once(workdir):
     assert sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.seed"]) for r in runs) == [
         ("alpha_ce", "0"), ("alpha_ce", "1"), ("focal", "0"), ("focal", "1")]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_two_folders_sharing_one_store_run_each_cell_once(workdir):
+    """Two `ablate run` started at once in two working folders (two queues) over one tracking
+    store: the store's claims decide, so every cell x seed runs once; a third run finds all done."""
+    uri = f"sqlite:///{workdir / 'shared.db'}"
+    from ablate.tracking import init_store
+
+    init_store(uri)  # a fresh sqlite store is created once; racing migrations is another matter
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, str(REPO / "cli.py"), "run", "smoke", "--seeds", "2", "--no-progress"]
+    folders = [workdir / "a", workdir / "b"]
+    procs = []
+    for folder in folders:
+        folder.mkdir()
+        procs.append(subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("smoke")
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`ablate.cell` != ''")
+    finished = sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.seed"]) for r in runs
+                      if r.info.status == "FINISHED")
+    assert finished == [("alpha_ce", "0"), ("alpha_ce", "1"), ("focal", "0"), ("focal", "1")], outputs
+    assert all(r.info.status == "FINISHED" for r in runs)  # a losing claim leaves no run behind
+    # What both planned beyond the 4 runs was skipped at claim time, and said so.
+    planned = sum(int(m) for m in re.findall(r"(\d+) to run", "".join(outputs)))
+    skipped = sum(int(m) for m in re.findall(r"(\d+) skipped \(done elsewhere\)", "".join(outputs)))
+    assert planned - 4 == skipped, outputs
+    third = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert "4 already done, 0 to run" in third.stdout + third.stderr
 
 
 def test_search_runs_tpe_trials_with_intermediate_ap(workdir):

@@ -1,0 +1,122 @@
+"""The tracking store as the one answer to 'is this cell done': claims, owners, orphans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ablate import tracking
+from ablate.experiments import load_experiment
+from ablate.runs import Outcome
+
+TAG = tracking.TAG
+
+
+@pytest.fixture
+def tracker(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tracking.Tracker("smoke", tracking.init_store(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+
+
+@pytest.fixture
+def planned():
+    return load_experiment("smoke").planned_runs([0])[0]
+
+
+def dead_owner() -> str:
+    """The owner string of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = tracking.process_owner(proc.pid)
+    proc.wait()
+    return owner
+
+
+def test_child_run_holds_the_planned_run(tracker, planned):
+    parent = tracker.start_parent("run")
+    child = tracker.start_child(planned, parent)
+    run = tracker.client.get_run(child.run_id)
+    assert run.info.run_name == "focal s0" and run.info.status == "RUNNING"
+    assert run.data.tags[f"{TAG}config_hash"] == planned.config_hash
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags[f"{TAG}owner"] == tracking.process_owner()
+    assert run.data.params["loss.cls"] == "focal" and run.data.params["model.prior"] == "0.01"
+    assert len(run.data.params) == len(planned.config)
+
+
+def test_claim_is_refused_while_a_live_process_runs_the_cell_or_once_it_is_done(tracker, planned):
+    parent = tracker.start_parent("run")
+    first = tracker.claim(planned, parent)
+    assert first is not None
+    assert tracker.claim(planned, parent) is None  # running here, by a live process
+    first.end(Outcome.FINISHED)
+    assert tracker.claim(planned, parent) is None  # done
+    assert tracker.done_runs() == {planned.config_hash: first.run_id}
+
+
+@pytest.mark.parametrize("outcome", [Outcome.FAILED, Outcome.INTERRUPTED])
+def test_a_failed_or_interrupted_run_is_claimed_again(tracker, planned, outcome):
+    parent = tracker.start_parent("run")
+    tracker.claim(planned, parent).end(outcome)
+    assert tracker.done_runs() == {}
+    assert tracker.claim(planned, parent) is not None
+
+
+def test_diverged_counts_as_done(tracker, planned):
+    parent = tracker.start_parent("run")
+    tracker.claim(planned, parent).end(Outcome.DIVERGED)
+    assert planned.config_hash in tracker.done_runs()
+    assert tracker.claim(planned, parent) is None
+
+
+def test_of_two_simultaneous_claims_the_older_wins_and_the_other_deletes_its_run(tracker, planned, monkeypatch):
+    parent = tracker.start_parent("run")
+    older = tracker.start_child(planned, parent)  # the other process's claim, made a moment earlier
+    real, looks = tracker._rivals, []
+
+    def rivals(config_hash):  # our first look saw nothing yet: the race
+        looks.append(config_hash)
+        return [] if len(looks) == 1 else real(config_hash)
+
+    monkeypatch.setattr(tracker, "_rivals", rivals)
+    assert tracker.claim(planned, parent) is None
+    assert len(looks) == 2  # it did create its run and look again
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG}config_hash` = '{planned.config_hash}'")
+    assert [r.info.run_id for r in runs] == [older.run_id]  # ours was deleted
+
+
+def test_orphans_of_dead_processes_are_closed_and_their_cells_claimable(tracker, planned):
+    parent = tracker.start_parent("run")
+    orphan = tracker.start_child(planned, parent)
+    tracker.client.set_tag(orphan.run_id, f"{TAG}owner", dead_owner())
+    alive = tracker.start_child(load_experiment("smoke").planned_runs([1])[0], parent)
+    assert tracker.close_orphans() == 1
+    run = tracker.client.get_run(orphan.run_id)
+    assert run.info.status == "KILLED" and run.data.tags[f"{TAG}outcome"] == "interrupted"
+    assert tracker.client.get_run(alive.run_id).info.status == "RUNNING"
+    assert tracker.claim(planned, parent) is not None
+
+
+def test_owner_liveness():
+    class Run:
+        def __init__(self, owner):
+            self.data = type("Data", (), {"tags": {f"{TAG}owner": owner} if owner else {}})
+
+    assert tracking.owner_alive(Run(tracking.process_owner()))
+    assert not tracking.owner_alive(Run(dead_owner()))
+    assert tracking.owner_alive(Run("another-machine:12:3.00"))  # cannot be checked from here
+    assert not tracking.owner_alive(Run(None))  # written before owners were recorded
+    me = tracking.process_owner()
+    assert not tracking.owner_alive(Run(me.rsplit(":", 1)[0] + ":1.00"))  # same pid, another start: reused
+
+
+def test_end_maps_outcomes_to_mlflow_statuses(tracker):
+    parent = tracker.start_parent("run")
+    statuses = {}
+    for seed, outcome in enumerate(Outcome):
+        child = tracker.start_child(load_experiment("smoke").planned_runs([seed])[0], parent)
+        child.end(outcome)
+        statuses[outcome] = tracker.client.get_run(child.run_id).info.status
+    assert statuses == {Outcome.FINISHED: "FINISHED", Outcome.DIVERGED: "FAILED", Outcome.FAILED: "FAILED",
+                        Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED"}
