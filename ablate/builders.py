@@ -17,6 +17,7 @@ from ablate.criterion import DetectionLoss
 from ablate.data.coco import Batch, CocoDetection, collate
 from ablate.data.synth import ensure_synth
 from ablate.errors import ConfigError
+from ablate.matching import BoxCoder, Matcher
 from ablate.model.retinanet import RetinaNet
 
 
@@ -59,8 +60,22 @@ def build_model(cfg: Config, num_classes: int) -> RetinaNet:
     return RetinaNet(cfg.model, num_classes)
 
 
+def build_matcher(cfg: Config) -> Matcher:
+    m = cfg.matcher
+    return Matcher(m.fg_iou_thresh, m.bg_iou_thresh, m.allow_low_quality)
+
+
+def build_box_coder(cfg: Config) -> BoxCoder:
+    return BoxCoder(cfg.loss.box_weights)
+
+
 def build_criterion(cfg: Config) -> DetectionLoss:
-    return DetectionLoss(cfg.loss, cfg.matcher)
+    c = cfg.loss
+    return DetectionLoss(cls_loss=c.cls, alpha=c.alpha, gamma=c.gamma, beta=c.beta, ohem_batch=c.ohem_batch,
+                         ohem_nms=c.ohem_nms, ohem_fg_fraction=c.ohem_fg_fraction, normalizer=c.normalizer,
+                         normalizer_momentum=c.normalizer_momentum, box_loss=c.box,
+                         smooth_l1_beta=c.smooth_l1_beta, box_loss_weight=c.box_loss_weight,
+                         matcher=build_matcher(cfg), box_coder=build_box_coder(cfg))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -1,17 +1,28 @@
-"""The classification-loss family of Table 1 and the box losses, as pure tensor functions.
+"""The classification-loss family of Table 1 and the box losses, as pure tensor functions, and
+the registries that pick one by name.
 
 Classification losses are elementwise over sigmoid outputs: logits and 0/1 targets of the same
 shape (typically [B, N, K]) in, an unreduced loss of that shape out; the caller masks ignored
 anchors, sums and normalises. All are computed from logits (log-sigmoid / softplus) for
 numerical stability. Notation of the paper: p = sigmoid(x), p_t = p if y = 1 else 1 - p.
+
+`CLS_LOSSES` and `BOX_LOSSES` map the names of `loss.cls` and `loss.box` to functions that apply a
+loss to a matched batch and return its unnormalised sum (see `ClsTargets`, `register_cls_loss`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms, generalized_box_iou_loss
+
+if TYPE_CHECKING:
+    from ablate.matching import BoxCoder
 
 
 def sigmoid_ce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -211,3 +222,127 @@ def focal_loss_sum(logits: Tensor, positive_index: Tensor, valid: Tensor, gamma:
     """
     chunk = chunk or max(1, 2**17 // logits.shape[-1])
     return _FocalLossSum.apply(logits, positive_index, valid, float(gamma), alpha, chunk)
+
+
+# ----------------------------------------------------------------------------- registries
+
+
+@dataclass
+class ClsTargets:
+    """The classification targets of a matched batch, as the criterion hands them to a loss.
+
+    labels: int64 [B, N], the class (0..K-1) of each anchor's matched box (meaningless, possibly
+    -1, where the anchor is not foreground); is_fg, valid: bool [B, N] (valid is False on ignored
+    anchors); pred_boxes: () -> float [B, N, 4] x1y1x2y2, the detached predicted boxes, decoded
+    only when a loss asks (OHEM's NMS).
+    """
+
+    labels: Tensor
+    is_fg: Tensor
+    valid: Tensor
+    pred_boxes: Callable[[], Tensor]
+
+    def positive_index(self, num_classes: int) -> Tensor:
+        """int64 [P]: flat indices into [B, N, K] of the positive (foreground anchor, its class) pairs."""
+        fg = self.is_fg.reshape(-1)
+        return fg.nonzero().squeeze(1) * num_classes + self.labels.reshape(-1)[fg]
+
+    def one_hot(self, logits: Tensor) -> Tensor:
+        """0/1 targets shaped like logits [B, N, K]: 1 at (foreground anchor, its class) only."""
+        targets = torch.zeros_like(logits)
+        targets.scatter_(2, self.labels.clamp(min=0)[..., None], self.is_fg[..., None].to(targets.dtype))
+        return targets
+
+
+# name -> fn(logits [B, N, K], targets, **hyper-parameters) -> scalar: the loss summed over valid
+# anchors and classes, not yet normalised. Each takes the hyper-parameters it uses by keyword and
+# ignores the rest, so that a criterion can hand the same set to any of them.
+ClsLossFn = Callable[..., Tensor]
+CLS_LOSSES: dict[str, ClsLossFn] = {}
+# name -> fn(pred_deltas [F, 4], gt_boxes [F, 4], anchors [F, 4], box_coder, **hyper-parameters)
+# -> scalar: the loss summed over the F foreground anchors, not yet normalised.
+BoxLossFn = Callable[..., Tensor]
+BOX_LOSSES: dict[str, BoxLossFn] = {}
+
+
+def register_cls_loss(name: str) -> Callable[[ClsLossFn], ClsLossFn]:
+    """Decorator: make `fn` the classification loss called `name` (a `loss.cls` value)."""
+    def add(fn: ClsLossFn) -> ClsLossFn:
+        if name in CLS_LOSSES:
+            raise ValueError(f"classification loss {name!r} registered twice")
+        CLS_LOSSES[name] = fn
+        return fn
+    return add
+
+
+def register_box_loss(name: str) -> Callable[[BoxLossFn], BoxLossFn]:
+    """Decorator: make `fn` the box loss called `name` (a `loss.box` value)."""
+    def add(fn: BoxLossFn) -> BoxLossFn:
+        if name in BOX_LOSSES:
+            raise ValueError(f"box loss {name!r} registered twice")
+        BOX_LOSSES[name] = fn
+        return fn
+    return add
+
+
+def get_cls_loss(name: str) -> ClsLossFn:
+    if name not in CLS_LOSSES:
+        raise ValueError(f"unknown classification loss {name!r} (known: {', '.join(CLS_LOSSES)})")
+    return CLS_LOSSES[name]
+
+
+def get_box_loss(name: str) -> BoxLossFn:
+    if name not in BOX_LOSSES:
+        raise ValueError(f"unknown box loss {name!r} (known: {', '.join(BOX_LOSSES)})")
+    return BOX_LOSSES[name]
+
+
+# CE, alpha-CE and FL are one family (FL with gamma 0 is alpha-CE; alpha None drops the balance):
+# all three take the fused path.
+@register_cls_loss("ce")
+def ce_sum(logits: Tensor, targets: ClsTargets, **_) -> Tensor:
+    return focal_loss_sum(logits, targets.positive_index(logits.shape[-1]), targets.valid, 0.0, None)
+
+
+@register_cls_loss("alpha_ce")
+def alpha_ce_sum(logits: Tensor, targets: ClsTargets, *, alpha: float = 0.25, **_) -> Tensor:
+    return focal_loss_sum(logits, targets.positive_index(logits.shape[-1]), targets.valid, 0.0, alpha)
+
+
+@register_cls_loss("focal")
+def focal_sum(logits: Tensor, targets: ClsTargets, *, gamma: float = 2.0, alpha: float = 0.25, **_) -> Tensor:
+    return focal_loss_sum(logits, targets.positive_index(logits.shape[-1]), targets.valid, gamma, alpha)
+
+
+@register_cls_loss("focal_star")
+def focal_star_sum(logits: Tensor, targets: ClsTargets, *, gamma: float = 2.0, beta: float = 1.0, **_) -> Tensor:
+    """FL* with the appendix's best setting (gamma 2, beta 1) by default."""
+    per_elem = focal_star(logits, targets.one_hot(logits), gamma, beta)
+    return (per_elem * targets.valid[..., None]).sum()
+
+
+@register_cls_loss("ohem")
+def ohem_sum(logits: Tensor, targets: ClsTargets, *, ohem_batch: int = 128, ohem_nms: float = 0.7,
+             ohem_fg_fraction: float | None = None, **_) -> Tensor:
+    """CE over the examples `ohem_select` keeps (Table 1d), ignored anchors never among them."""
+    per_elem = sigmoid_ce(logits, targets.one_hot(logits))
+    selected = ohem_select(per_elem.detach().sum(-1), targets.pred_boxes(), targets.is_fg, targets.valid,
+                           ohem_batch, ohem_nms, ohem_fg_fraction)
+    return (per_elem * selected[..., None]).sum()
+
+
+@register_box_loss("smooth_l1")
+def smooth_l1_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder, *,
+                  smooth_l1_beta: float = 0.11, **_) -> Tensor:
+    return smooth_l1(pred_deltas, box_coder.encode(gt_boxes, anchors), smooth_l1_beta).sum()
+
+
+@register_box_loss("l1")
+def l1_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder, **_) -> Tensor:
+    return smooth_l1(pred_deltas, box_coder.encode(gt_boxes, anchors), 0.0).sum()
+
+
+@register_box_loss("giou")
+def giou_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder, **_) -> Tensor:
+    """1 - GIoU of the decoded boxes: the loss is on boxes, not on deltas."""
+    return giou_loss(box_coder.decode(pred_deltas, anchors), gt_boxes).sum()

@@ -3,6 +3,10 @@
 Assignment (paper 4.1): IoU >= fg_iou_thresh with a ground-truth box makes an anchor foreground,
 < bg_iou_thresh background, in between ignored. Box coding is the standard (dx, dy, dw, dh)
 parametrisation relative to the anchor, divided by per-coordinate weights.
+
+`Matcher` and `BoxCoder` hold these parameters (plain arguments with the paper's defaults) so that
+the criterion, post-processing and diagnostics take one injected object each; the pure functions
+they wrap (`batched_iou`, `match_anchors`, `encode_boxes`, `decode_boxes`) stay usable alone.
 """
 
 from __future__ import annotations
@@ -78,3 +82,52 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float] = (1.
     half_w = 0.5 * torch.exp((deltas[..., 2] / ww).clamp(max=MAX_LOG_SCALE)) * aw
     half_h = 0.5 * torch.exp((deltas[..., 3] / wh).clamp(max=MAX_LOG_SCALE)) * ah
     return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)
+
+
+class Matcher:
+    """Callable: padded ground truth and anchors -> each anchor's ground-truth index (`match_anchors`).
+
+    fg_iou_thresh 0.5 and bg_iou_thresh 0.4 are the paper's (4.1); `allow_low_quality` keeps each
+    box's best anchor(s) as Detectron and torchvision do for RetinaNet.
+    """
+
+    def __init__(self, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4, allow_low_quality: bool = True):
+        if bg_iou_thresh > fg_iou_thresh:
+            raise ValueError(f"bg_iou_thresh {bg_iou_thresh} must be <= fg_iou_thresh {fg_iou_thresh}")
+        self.fg_iou_thresh = fg_iou_thresh
+        self.bg_iou_thresh = bg_iou_thresh
+        self.allow_low_quality = allow_low_quality
+
+    @torch.no_grad()
+    def __call__(self, gt_boxes: Tensor, gt_labels: Tensor, anchors: Tensor) -> Tensor:
+        """gt_boxes float [B, M, 4] x1y1x2y2, gt_labels int64 [B, M] (-1 = padding row), anchors
+        float [N, 4]. Returns int64 [B, N]: 0..M-1 (foreground), BACKGROUND (-1) or IGNORED (-2)."""
+        iou = batched_iou(gt_boxes, gt_labels >= 0, anchors)
+        return match_anchors(iou, self.fg_iou_thresh, self.bg_iou_thresh, self.allow_low_quality)
+
+    def __repr__(self) -> str:
+        return (f"Matcher(fg_iou_thresh={self.fg_iou_thresh}, bg_iou_thresh={self.bg_iou_thresh}, "
+                f"allow_low_quality={self.allow_low_quality})")
+
+
+class BoxCoder:
+    """`encode_boxes` / `decode_boxes` with fixed per-coordinate weights (wx, wy, ww, wh).
+
+    Unit weights are RetinaNet's in Detectron and torchvision; (10, 10, 5, 5) is Faster R-CNN's.
+    """
+
+    def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)):
+        if len(weights) != 4:
+            raise ValueError(f"box coder weights: expected 4 numbers (wx, wy, ww, wh), got {list(weights)}")
+        self.weights = tuple(weights)
+
+    def encode(self, gt_boxes: Tensor, anchors: Tensor) -> Tensor:
+        """gt_boxes, anchors float [..., 4] x1y1x2y2 (broadcastable) -> deltas [..., 4]."""
+        return encode_boxes(gt_boxes, anchors, self.weights)
+
+    def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
+        """deltas [..., 4] on anchors [..., 4] -> boxes [..., 4] x1y1x2y2, in the deltas' dtype."""
+        return decode_boxes(deltas, anchors, self.weights)
+
+    def __repr__(self) -> str:
+        return f"BoxCoder(weights={self.weights})"

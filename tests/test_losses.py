@@ -362,3 +362,92 @@ def test_ohem_short_nms_prefix_selects_as_nms_over_all_candidates(fg_fraction, n
             want |= set(flat[mine & ~fg][:batch - len(want)].tolist())
             assert set((i * n + fast[i].nonzero().squeeze(1)).tolist()) == want
     assert int(fast.sum()) == b * batch
+
+
+# ----------------------------------------------------------------------------- registries
+
+def _targets(valid=(True, True, True)) -> losses.ClsTargets:
+    """One image, 3 anchors: a0 foreground of class 1, a1 background, a2 background (or ignored)."""
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0]]])
+    return losses.ClsTargets(labels=torch.tensor([[1, -1, 0]]), is_fg=torch.tensor([[True, False, False]]),
+                             valid=torch.tensor([list(valid)]), pred_boxes=lambda: boxes)
+
+
+def test_every_config_choice_has_a_registered_loss():
+    from ablate.config import CHOICES
+
+    assert set(losses.CLS_LOSSES) == set(CHOICES["loss.cls"])
+    assert set(losses.BOX_LOSSES) == set(CHOICES["loss.box"])
+
+
+def test_unknown_loss_names_raise_and_list_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown classification loss 'softmax' \(known: ce, alpha_ce, focal"):
+        losses.get_cls_loss("softmax")
+    with pytest.raises(ValueError, match=r"unknown box loss 'iou' \(known: smooth_l1, l1, giou\)"):
+        losses.get_box_loss("iou")
+    assert losses.get_cls_loss("ohem") is losses.ohem_sum
+
+
+def test_register_adds_a_name_once():
+    @losses.register_cls_loss("test_only_zero")
+    def zero(logits, targets, **_):
+        return logits.sum() * 0
+
+    try:
+        assert losses.get_cls_loss("test_only_zero") is zero
+        with pytest.raises(ValueError, match="registered twice"):
+            losses.register_cls_loss("test_only_zero")(zero)
+    finally:
+        del losses.CLS_LOSSES["test_only_zero"]
+
+
+def test_cls_targets_positive_index_and_one_hot_by_hand():
+    t = _targets()
+    # a0's class 1 in a [1, 3, K=2] tensor: flat index 0 * 2 + 1
+    assert t.positive_index(2).tolist() == [1]
+    torch.testing.assert_close(t.one_hot(torch.zeros(1, 3, 2)), torch.tensor([[[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]]))
+
+
+def test_registered_cls_losses_by_hand_at_zero_logits():
+    logits = torch.zeros(1, 3, 2)
+    log2 = math.log(2)
+    params = {"alpha": 0.25, "gamma": 2.0, "beta": 1.0, "ohem_batch": 128, "ohem_nms": 0.7, "ohem_fg_fraction": None}
+    got = {name: fn(logits, _targets(), **params).item() for name, fn in losses.CLS_LOSSES.items()}
+    # 6 elements at p = 0.5: CE log 2 each; alpha-CE 0.25 / 0.75 of it for the 1 positive / 5 negatives;
+    # FL a further (1 - p_t)^2 = 1/4; FL* (gamma 2, beta 1) log(1 + e^-1) / 2 each; OHEM keeps all 3 anchors.
+    assert got["ce"] == pytest.approx(6 * log2, rel=1e-6)
+    assert got["alpha_ce"] == pytest.approx((0.25 + 5 * 0.75) * log2, rel=1e-6)
+    assert got["focal"] == pytest.approx((0.25 + 5 * 0.75) * 0.25 * log2, rel=1e-6)
+    assert got["focal_star"] == pytest.approx(6 * math.log1p(math.exp(-1)) / 2, rel=1e-6)
+    assert got["ohem"] == pytest.approx(6 * log2, rel=1e-6)
+    # an ignored anchor (a2) drops out of every one of them: 2 of the 3 anchors remain
+    ignored = {name: fn(logits, _targets((True, True, False)), **params).item() for name, fn in losses.CLS_LOSSES.items()}
+    assert ignored["ce"] == pytest.approx(4 * log2, rel=1e-6)
+    assert ignored["ohem"] == pytest.approx(4 * log2, rel=1e-6)
+    assert ignored["focal_star"] == pytest.approx(4 * math.log1p(math.exp(-1)) / 2, rel=1e-6)
+
+
+def test_registered_ohem_keeps_ohem_batch_examples():
+    logits = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [1.0, 0.0]]])  # a1 the hardest negative, then a2
+    kept_one = losses.CLS_LOSSES["ohem"](logits, _targets(), ohem_batch=1)
+    # only a1 is kept: CE of logits 3 and 0 as negatives
+    assert kept_one.item() == pytest.approx(math.log1p(math.exp(3.0)) + math.log(2), rel=1e-6)
+
+
+def test_registered_box_losses_by_hand():
+    from ablate.matching import BoxCoder
+
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # centre (5, 10), 10 x 20
+    gt = torch.tensor([[2.0, 4.0, 22.0, 24.0]])  # target deltas (0.7, 0.2, log 2, 0)
+    zero = torch.zeros(1, 4)
+    coder = BoxCoder()
+    l1 = 0.7 + 0.2 + math.log(2)
+    assert losses.BOX_LOSSES["l1"](zero, gt, anchors, coder).item() == pytest.approx(l1, rel=1e-6)
+    # smooth L1 with beta 0.11: every |d| is above beta, so each loses beta / 2
+    assert losses.BOX_LOSSES["smooth_l1"](zero, gt, anchors, coder).item() == pytest.approx(l1 - 3 * 0.055, rel=1e-6)
+    assert losses.BOX_LOSSES["smooth_l1"](zero, gt, anchors, coder, smooth_l1_beta=1.0).item() == pytest.approx(
+        (0.49 + 0.04 + math.log(2) ** 2) / 2, rel=1e-6)
+    # GIoU on the decoded anchor itself: [0,0,10,20] vs [2,4,22,24]: 8 x 16 = 128 over 200 + 400 - 128;
+    # the hull 22 x 24 = 528 adds (528 - 472) / 528
+    iou, hull_term = 128 / 472, (528 - 472) / 528
+    assert losses.BOX_LOSSES["giou"](zero, gt, anchors, coder).item() == pytest.approx(1 - iou + hull_term, rel=1e-5)

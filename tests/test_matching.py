@@ -1,4 +1,5 @@
-"""ablate.matching: batched IoU, anchor assignment (fg / bg / ignored, low-quality rule), box coding."""
+"""ablate.matching: batched IoU, anchor assignment (fg / bg / ignored, low-quality rule), box coding,
+and the Matcher / BoxCoder objects that hold their parameters."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import math
 
 import torch
 
-from ablate.matching import (BACKGROUND, IGNORED, MAX_LOG_SCALE, batched_iou, decode_boxes, encode_boxes,
-                             match_anchors)
+import pytest
+
+from ablate.matching import (BACKGROUND, IGNORED, MAX_LOG_SCALE, BoxCoder, Matcher, batched_iou, decode_boxes,
+                             encode_boxes, match_anchors)
 
 ANCHORS = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
 
@@ -193,3 +196,53 @@ def test_decode_clamps_huge_scale_deltas():
     # the clamp applies after dividing by the weight: 5 * MAX_LOG_SCALE is the limit for ww = 5
     weighted = decode_boxes(torch.tensor([[0.0, 0.0, 1e3, 1e3]]), anchor, (10.0, 10.0, 5.0, 5.0))
     torch.testing.assert_close(weighted, boxes)
+
+
+# ----------------------------------------------------------------------------- Matcher / BoxCoder
+
+def test_matcher_by_hand_on_padded_ground_truth():
+    # image 0: one box equal to anchor 0, then a padding row (label -1) equal to anchor 2;
+    # image 1: a box overlapping anchors 0 and 1 by 7.5 x 10 each (IoU 75 / 125 = 0.6 with both).
+    gt_boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]],
+                             [[2.5, 0.0, 12.5, 10.0], [0.0, 0.0, 0.0, 0.0]]])
+    gt_labels = torch.tensor([[3, -1], [1, -1]])
+    matched = Matcher()(gt_boxes, gt_labels, ANCHORS)
+    # image 0: anchor 1 has IoU 1/3 < 0.4 -> background; the padding row matches nothing
+    assert torch.equal(matched, torch.tensor([[0, BACKGROUND, BACKGROUND], [0, 0, BACKGROUND]]))
+    strict = Matcher(fg_iou_thresh=0.7, bg_iou_thresh=0.4, allow_low_quality=False)(gt_boxes, gt_labels, ANCHORS)
+    assert torch.equal(strict, torch.tensor([[0, BACKGROUND, BACKGROUND], [IGNORED, IGNORED, BACKGROUND]]))
+
+
+def test_matcher_equals_the_functions_it_wraps_and_needs_no_grad():
+    gt_boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 12.0]]], requires_grad=True)
+    gt_labels = torch.tensor([[0, 2]])
+    matched = Matcher(0.5, 0.3, False)(gt_boxes, gt_labels, ANCHORS)
+    assert torch.equal(matched, match_anchors(batched_iou(gt_boxes.detach(), gt_labels >= 0, ANCHORS), 0.5, 0.3, False))
+    assert not matched.requires_grad
+
+
+def test_matcher_rejects_crossed_thresholds():
+    with pytest.raises(ValueError, match="bg_iou_thresh 0.6 must be <= fg_iou_thresh 0.5"):
+        Matcher(fg_iou_thresh=0.5, bg_iou_thresh=0.6)
+
+
+def test_box_coder_by_hand():
+    anchor = torch.tensor([0.0, 0.0, 10.0, 20.0])  # centre (5, 10), 10 x 20
+    gt = torch.tensor([2.0, 4.0, 22.0, 24.0])  # centre (12, 14), 20 x 20
+    coder = BoxCoder()
+    assert coder.weights == (1.0, 1.0, 1.0, 1.0)
+    # dx = 7 / 10, dy = 4 / 20, dw = log 2, dh = 0
+    torch.testing.assert_close(coder.encode(gt, anchor), torch.tensor([0.7, 0.2, math.log(2.0), 0.0]))
+    torch.testing.assert_close(coder.decode(torch.tensor([0.7, 0.2, math.log(2.0), 0.0]), anchor), gt)
+    weighted = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    torch.testing.assert_close(weighted.encode(gt, anchor), torch.tensor([7.0, 2.0, 5 * math.log(2.0), 0.0]))
+    torch.testing.assert_close(weighted.decode(torch.tensor([7.0, 2.0, 5 * math.log(2.0), 0.0]), anchor), gt)
+    # bit-identical to the functions it wraps
+    assert torch.equal(weighted.encode(gt, anchor), encode_boxes(gt, anchor, (10.0, 10.0, 5.0, 5.0)))
+
+
+def test_box_coder_decodes_in_the_deltas_dtype_and_checks_its_weights():
+    anchors = ANCHORS.double()
+    assert BoxCoder().decode(torch.zeros(3, 4), anchors).dtype == torch.float32
+    with pytest.raises(ValueError, match="expected 4 numbers"):
+        BoxCoder((1.0, 1.0))

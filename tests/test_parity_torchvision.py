@@ -69,9 +69,8 @@ def test_same_weights_give_same_head_outputs(setup):
 @pytest.mark.parametrize("box_loss,beta", [("l1", 0.0), ("smooth_l1", 1.0), ("giou", 0.0)])
 def test_focal_and_box_losses_match_torchvision(setup, box_loss, beta):
     cfg, cls_logits, box_deltas, anchors, _, tv, _, gt_boxes, gt_labels = setup
-    cfg.loss.cls, cfg.loss.gamma, cfg.loss.alpha = "focal", 2.0, 0.25
-    cfg.loss.box, cfg.loss.smooth_l1_beta = box_loss, beta
-    ours = DetectionLoss(cfg.loss, cfg.matcher)(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
+    criterion = DetectionLoss(cls_loss="focal", gamma=2.0, alpha=0.25, box_loss=box_loss, smooth_l1_beta=beta)
+    ours = criterion(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
     tv.head.regression_head._loss_type = box_loss
     theirs = tv.compute_loss([{"boxes": gt_boxes[0], "labels": gt_labels[0]}],
                              {"cls_logits": cls_logits, "bbox_regression": box_deltas}, [anchors])
