@@ -262,7 +262,7 @@ def test_search_runs_tpe_trials_with_intermediate_ap(workdir):
 def test_dry_run_and_show_list_the_cells(workdir):
     result = invoke("run", "gamma-sweep", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "7 runs" in result.output and "g=5 a=0.25" in result.output
+    assert "21 runs" in result.output and "g=5 a=0.25" in result.output
     assert not (workdir / "runs").exists()
     listing = invoke("list")
     assert listing.exit_code == 0 and "gamma-sweep" in listing.output and "ohem-vs-focal" in listing.output
