@@ -107,15 +107,14 @@ def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
           progress: ProgressOption = True) -> None:
     """Evaluate a checkpoint on the val split (COCO AP, AP50, AP75, APs/m/l, AR100)."""
     from ablate import builders, engine
+    from ablate.checkpoint import load_checkpoint
     from ablate.evaluation import save_results
-    from ablate.runner import load_checkpoint, write_json
+    from ablate.runner import write_json
 
     model, cfg, _ = load_checkpoint(checkpoint, overrides_from(set_, data))
     device = builders.resolve_device(cfg.train.device)
-    root = builders.data_root(cfg, progress=progress)
-    val_set = builders.build_dataset(cfg.data, root, cfg.data.val_split, train=False)
-    loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
-    metrics, records = engine.evaluate(model.to(device), loader, val_set, cfg.infer, cfg.loss.box_weights, device,
+    val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress))
+    metrics, records = engine.evaluate(model.to(device), loader, val_set, builders.build_postprocess(cfg), device,
                                        amp=cfg.train.amp, show_progress=progress)
     out = out or checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -133,8 +132,8 @@ def infer(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
           score_min: Annotated[float, typer.Option(help="Draw detections scoring at least this.")] = 0.3,
           set_: SetOption = None) -> None:
     """Detect objects in images and save each with its boxes, class names and scores drawn."""
+    from ablate.checkpoint import load_checkpoint
     from ablate.inference import detect_files
-    from ablate.runner import load_checkpoint
 
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, None))
     out.mkdir(parents=True, exist_ok=True)
@@ -349,7 +348,7 @@ def data_synth(set_: SetOption = None,
     for key, value in stats.items():
         console.print(f"  {key}: {value}")
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=False)
-    b = anchor_balance(train_set, cfg.model, cfg.matcher)
+    b = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     console.print(f"  anchors ({preset} preset): {b['anchors_per_image']:.0f} per image, foreground "
                   f"{b['fg_per_image']:.1f}, background {b['bg_per_image']:.0f}: 1:{b['bg_per_fg']:.0f} "
                   f"(x {len(train_set.category_names)} classes in the sigmoid outputs)")

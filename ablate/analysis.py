@@ -6,26 +6,25 @@ from pathlib import Path
 
 import torch
 
-from ablate.config import MatcherConfig, ModelConfig
+from ablate import builders
+from ablate.checkpoint import load_checkpoint
 from ablate.data.coco import CocoDetection, collate
-from ablate.matching import BACKGROUND, IGNORED, batched_iou, match_anchors
+from ablate.matching import BACKGROUND, IGNORED, Matcher
 from ablate.model.anchors import AnchorGenerator, feature_sizes_for
 
 
-def anchor_balance(dataset: CocoDetection, model_cfg: ModelConfig, matcher_cfg: MatcherConfig,
+def anchor_balance(dataset: CocoDetection, anchor_generator: AnchorGenerator, matcher: Matcher,
                    num_images: int = 128, batch_size: int = 16) -> dict[str, float]:
     """Foreground, background and ignored anchors per image over the first `num_images` images,
-    as the matcher assigns them; `bg_per_fg` is the imbalance the focal loss is about (the paper's
-    setting has ~100k anchors for a handful of objects: about 1:1000 before counting classes)."""
-    generator = AnchorGenerator(model_cfg.anchor_size, model_cfg.num_scales, model_cfg.aspect_ratios,
-                                model_cfg.anchor_offset)
+    as `matcher` assigns the anchors of `anchor_generator`; `bg_per_fg` is the imbalance the focal
+    loss is about (the paper's setting has ~100k anchors for a handful of objects: about 1:1000
+    before counting classes)."""
     counts = torch.zeros(3)
     seen = 0
     for start in range(0, min(num_images, len(dataset)), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, num_images, len(dataset)))])
-        anchors, _ = generator(feature_sizes_for(*batch.images.shape[-2:]))
-        matched = match_anchors(batched_iou(batch.gt_boxes, batch.gt_labels >= 0, anchors),
-                                matcher_cfg.fg_iou_thresh, matcher_cfg.bg_iou_thresh, matcher_cfg.allow_low_quality)
+        anchors, _ = anchor_generator(feature_sizes_for(*batch.images.shape[-2:]))
+        matched = matcher(batch.gt_boxes, batch.gt_labels, anchors)
         counts += torch.stack([(matched >= 0).sum(), (matched == BACKGROUND).sum(), (matched == IGNORED).sum()])
         seen += len(batch.images)
     fg, bg, ignored = (counts / max(1, seen)).tolist()
@@ -70,7 +69,7 @@ def normalized_loss_cdf(losses: torch.Tensor, points: int = 200) -> tuple[torch.
 
 
 @torch.no_grad()
-def collect_examples(model, loader, matcher_cfg: MatcherConfig, device, max_negatives: int = 2_000_000,
+def collect_examples(model, loader, matcher: Matcher, device, max_negatives: int = 2_000_000,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the positive (anchor, its class) and negative (anchor, other class) examples of a
     trained model on a data set: (positives [P], negatives [<= max_negatives], random subsample).
@@ -84,8 +83,7 @@ def collect_examples(model, loader, matcher_cfg: MatcherConfig, device, max_nega
         batch = batch.to(device)
         cls_logits, _, anchors, _ = model(batch.images)
         cls_logits = cls_logits.float()
-        matched = match_anchors(batched_iou(batch.gt_boxes, batch.gt_labels >= 0, anchors),
-                                matcher_cfg.fg_iou_thresh, matcher_cfg.bg_iou_thresh, matcher_cfg.allow_low_quality)
+        matched = matcher(batch.gt_boxes, batch.gt_labels, anchors)
         labels = batch.gt_labels.gather(1, matched.clamp(min=0))
         is_pos = torch.zeros_like(cls_logits, dtype=torch.bool)
         is_pos.scatter_(2, labels.clamp(min=0)[..., None], (matched >= 0)[..., None])
@@ -136,14 +134,10 @@ def write_loss_cdf(checkpoint: Path, gammas: list[float], out_dir: Path, overrid
     into out_dir; returns {"png", "csv", "positives", "negatives", "images"}."""
     import csv
 
-    from ablate import builders
-    from ablate.runner import load_checkpoint  # runner imports this module
-
     model, cfg, _ = load_checkpoint(checkpoint, overrides or {})
     device = builders.resolve_device(cfg.train.device)
-    val_set = builders.build_dataset(cfg.data, builders.data_root(cfg), cfg.data.val_split, train=False)
-    loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
-    positives, negatives = collect_examples(model.to(device), loader, cfg.matcher, device)
+    val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg))
+    positives, negatives = collect_examples(model.to(device), loader, builders.build_matcher(cfg), device)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, table = out_dir / "loss_cdf.png", out_dir / "loss_cdf.csv"
     rows = loss_cdf_png(positives, negatives, gammas, png, title=title or f"{checkpoint} ({len(val_set)} val images)")

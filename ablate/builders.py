@@ -1,6 +1,8 @@
-"""Builders: the only place that reads a `Config` to make data sets, loaders, model and optimiser.
+"""Builders: the only place that reads a `Config` to make parts: data sets and loaders, the model
+and its anchor generator, matcher, box coder, criterion, post-processing, optimiser and schedule.
 
-Components take plain arguments; this module turns config sections into those arguments.
+Components take plain arguments with the paper's defaults; this module turns config sections into
+those arguments, and edges (the runner, checkpoint loading, the CLI) call it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from ablate.data.coco import Batch, CocoDetection, collate
 from ablate.data.synth import ensure_synth
 from ablate.errors import ConfigError
 from ablate.matching import BoxCoder, Matcher
+from ablate.model.anchors import AnchorGenerator
 from ablate.model.retinanet import RetinaNet
+from ablate.postprocess import Postprocess
 
 
 def data_root(cfg: Config, progress: bool = True) -> Path:
@@ -48,6 +52,13 @@ def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, s
                       persistent_workers=workers > 0)
 
 
+def build_val_loader(cfg: Config, root: Path) -> tuple[CocoDetection, DataLoader]:
+    """The val split (`data.val_split`) and its loader in file order: what training's evaluation,
+    `ablate eval` and Figure 4 all read."""
+    val_set = build_dataset(cfg.data, root, cfg.data.val_split, train=False)
+    return val_set, build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
+
+
 def forever(loader: DataLoader) -> Iterator[Batch]:
     """Cycle through `loader` epoch after epoch (training counts iterations, not epochs)."""
     if len(loader) == 0:
@@ -56,8 +67,17 @@ def forever(loader: DataLoader) -> Iterator[Batch]:
         yield from loader
 
 
+def build_anchor_generator(cfg: Config) -> AnchorGenerator:
+    m = cfg.model
+    return AnchorGenerator(m.anchor_size, m.num_scales, m.aspect_ratios, m.anchor_offset)
+
+
 def build_model(cfg: Config, num_classes: int) -> RetinaNet:
-    return RetinaNet(cfg.model, num_classes)
+    m = cfg.model
+    return RetinaNet(num_classes, trunk=m.trunk, trunk_norm=m.trunk_norm, tiny_widths=m.tiny_widths,
+                     weights=m.weights, fpn_channels=m.fpn_channels, head_convs=m.head_convs,
+                     head_channels=m.head_channels, head_norm=m.head_norm, prior=m.prior,
+                     anchor_generator=build_anchor_generator(cfg))
 
 
 def build_matcher(cfg: Config) -> Matcher:
@@ -66,7 +86,7 @@ def build_matcher(cfg: Config) -> Matcher:
 
 
 def build_box_coder(cfg: Config) -> BoxCoder:
-    return BoxCoder(cfg.loss.box_weights)
+    return BoxCoder(cfg.model.box_weights)
 
 
 def build_criterion(cfg: Config) -> DetectionLoss:
@@ -76,6 +96,11 @@ def build_criterion(cfg: Config) -> DetectionLoss:
                          normalizer_momentum=c.normalizer_momentum, box_loss=c.box,
                          smooth_l1_beta=c.smooth_l1_beta, box_loss_weight=c.box_loss_weight,
                          matcher=build_matcher(cfg), box_coder=build_box_coder(cfg))
+
+
+def build_postprocess(cfg: Config) -> Postprocess:
+    i = cfg.infer
+    return Postprocess(i.score_thresh, i.topk_candidates, i.nms_thresh, i.detections_per_img, build_box_coder(cfg))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -86,6 +86,9 @@ class ModelConfig:
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # h / w
     # Anchor centres at cell centres, as Detectron's (stride - 1) / 2.
     anchor_offset: float = 0.5
+    # (wx, wy, ww, wh) of the box coder, shared by the regression targets and decoding: unit
+    # weights as RetinaNet in Detectron and torchvision. Was loss.box_weights (see HASH_ALIASES).
+    box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
 
 
 @dataclass
@@ -110,7 +113,6 @@ class LossConfig:
     normalizer_momentum: float = 0.9
     box: str = "smooth_l1"  # smooth_l1 | l1 | giou
     smooth_l1_beta: float = 0.11  # the paper gives none; Detectron's RetinaNet used 0.11
-    box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     box_loss_weight: float = 1.0
 
 
@@ -153,6 +155,12 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+
+# Keys renamed since runs were recorded: new name -> the name the key had then. `config_hash` hashes
+# a key under its old name, so every recorded run keeps its hash (and is still found done), and
+# `from_dict` reads a checkpoint written under the old name. Add a rename here, never edit one.
+HASH_ALIASES: dict[str, str] = {"model.box_weights": "loss.box_weights"}
+_RENAMED = {old: new for new, old in HASH_ALIASES.items()}
 
 # Keys that change where or how fast a run goes, never what it computes: left out of the hash.
 UNHASHED_KEYS = frozenset({"train.out_dir", "train.log_every", "data.num_workers", "data.cache_dir",
@@ -204,8 +212,9 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 def config_hash(cfg: Config) -> str:
-    """A short stable hash of everything that can change a run's result."""
-    items = {k: v for k, v in flatten(cfg).items() if k not in UNHASHED_KEYS}
+    """A short stable hash of everything that can change a run's result (renamed keys under their
+    old names, see HASH_ALIASES)."""
+    items = {HASH_ALIASES.get(k, k): v for k, v in flatten(cfg).items() if k not in UNHASHED_KEYS}
     return hashlib.sha1(json.dumps(items, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -214,8 +223,10 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def from_dict(nested: dict[str, dict[str, Any]], source: str = "config") -> Config:
-    """Inverse of `to_dict`, validated (used to reload a checkpoint's config)."""
+    """Inverse of `to_dict`, validated (used to reload a checkpoint's config); keys under a name
+    they had before a rename (HASH_ALIASES) are read under the new one."""
     flat = {f"{s}.{k}": v for s, section in nested.items() for k, v in section.items()}
+    flat = {_RENAMED.get(k, k): v for k, v in flat.items()}
     return apply_overrides(Config(), flat, source)
 
 
@@ -280,6 +291,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
 def _suggest(key: str, known: set[str]) -> str:
     import difflib
 
+    if key in _RENAMED:
+        return f" (renamed: use '{_RENAMED[key]}')"
     close = difflib.get_close_matches(key, sorted(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -294,7 +307,7 @@ def _check_ranges(cfg: Config, source: str) -> None:
         ("model.num_scales", cfg.model.num_scales >= 1, ">= 1"),
         ("model.aspect_ratios", len(cfg.model.aspect_ratios) >= 1
          and all(r > 0 for r in cfg.model.aspect_ratios), "a non-empty list of positive ratios"),
-        ("loss.box_weights", len(cfg.loss.box_weights) == 4, "a list of 4 numbers"),
+        ("model.box_weights", len(cfg.model.box_weights) == 4, "a list of 4 numbers"),
         ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),
         ("train.iterations", cfg.train.iterations >= 1, ">= 1"),
         ("train.log_every", cfg.train.log_every >= 1, ">= 1"),

@@ -1,5 +1,8 @@
 """The training loop and evaluation. Both return plain metric dicts; what to do with them (files,
-MLflow) is the caller's business, reached through the `on_log` / `on_checkpoint` callbacks."""
+MLflow) is the caller's business, reached through the `on_log` / `on_checkpoint` callbacks.
+
+Both take plain arguments and injected parts (model, criterion, post-processing); the runner
+builds them from a config."""
 
 from __future__ import annotations
 
@@ -12,11 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ablate.config import InferConfig, TrainConfig
 from ablate.criterion import DetectionLoss
 from ablate.data.coco import Batch, CocoDetection
 from ablate.evaluation import coco_evaluate, detections_to_coco
-from ablate.postprocess import postprocess
+from ablate.postprocess import Postprocess
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -59,27 +61,32 @@ def autocast(device: torch.device, amp: bool):
 
 def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Batch],
           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-          cfg: TrainConfig, device: torch.device, *, on_log: LogFn | None = None,
+          device: torch.device, *, iterations: int, log_every: int = 10, amp: bool = True,
+          channels_last: bool = True, checkpoint_every: int = 0, on_log: LogFn | None = None,
           on_checkpoint: Callable[[int], None] | None = None, show_progress: bool = True,
           progress: Progress | None = None, eval_every: int = 0,
           on_eval: Callable[[int], bool] | None = None) -> TrainOutcome:
-    """Run `cfg.iterations` SGD steps. A non-finite loss stops the run with status "diverged"
+    """Run `iterations` SGD steps. A non-finite loss stops the run with status "diverged"
     (before the step that would poison the weights); everything logged until then is kept.
-    Every `eval_every` iterations `on_eval(iteration)` may stop the run early (status "pruned")."""
+
+    Every `log_every` iterations (and at the end) the interval's mean losses and counts go to
+    `on_log(iteration, metrics)`; every `checkpoint_every` (0: never) `on_checkpoint(iteration)`
+    is called before the end; every `eval_every` iterations `on_eval(iteration)` may stop the run
+    early (status "pruned"). `amp`: bf16 autocast on CUDA; `channels_last`: NHWC input images.
+    """
     model.train()
-    channels_last = cfg.channels_last
     sums: dict[str, float] = {}
     history: list[dict[str, float]] = []
     start = interval_start = time.perf_counter()
     data_seconds = 0.0
     images_in_interval = 0
-    with progress_task(progress, "train", cfg.iterations, show_progress) as (bar, task):
-        for it in range(cfg.iterations):
+    with progress_task(progress, "train", iterations, show_progress) as (bar, task):
+        for it in range(iterations):
             t0 = time.perf_counter()
             batch = next(batches).to(device, non_blocking=True)
             data_seconds += time.perf_counter() - t0
             images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
-            with autocast(device, cfg.amp):
+            with autocast(device, amp):
                 cls_logits, box_deltas, anchors, _ = model(images)
             out = criterion(cls_logits, box_deltas, anchors, batch.gt_boxes, batch.gt_labels)
             loss = out["loss"]
@@ -94,7 +101,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
                 sums[key] = sums.get(key, 0.0) + float(out[key])
             images_in_interval += len(batch.images)
             done = it + 1
-            if done % cfg.log_every == 0 or done == cfg.iterations:
+            if done % log_every == 0 or done == iterations:
                 n = done - (history[-1]["iteration"] if history else 0)
                 elapsed = time.perf_counter() - interval_start
                 metrics = {"iteration": done, "lr": optimizer.param_groups[0]["lr"],
@@ -109,20 +116,21 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
                            f"({metrics['img_per_s']:.1f} img/s)")
                 sums, images_in_interval, data_seconds = {}, 0, 0.0
                 interval_start = time.perf_counter()
-            if on_checkpoint and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+            if on_checkpoint and checkpoint_every and done % checkpoint_every == 0 and done < iterations:
                 on_checkpoint(done)
-            if on_eval and eval_every and done % eval_every == 0 and done < cfg.iterations:
+            if on_eval and eval_every and done % eval_every == 0 and done < iterations:
                 stop = on_eval(done)
                 model.train()
                 if stop:
                     return TrainOutcome("pruned", done, time.perf_counter() - start, history=history)
-    return TrainOutcome("finished", cfg.iterations, time.perf_counter() - start, history=history)
+    return TrainOutcome("finished", iterations, time.perf_counter() - start, history=history)
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batch: Batch, infer: InferConfig, box_weights, device: torch.device,
+def predict(model: torch.nn.Module, batch: Batch, postprocess: Postprocess, device: torch.device,
             amp: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Detections of one batch, boxes in the ORIGINAL image pixels (undoing the resize)."""
+    """Detections of one batch (`postprocess` applied to the model's outputs), boxes in the
+    ORIGINAL image pixels (undoing the resize)."""
     model.eval()
     batch = batch.to(device)
     images = batch.images
@@ -130,15 +138,14 @@ def predict(model: torch.nn.Module, batch: Batch, infer: InferConfig, box_weight
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
         cls_logits, box_deltas, anchors, per_level = model(images)
-    dets = postprocess(cls_logits, box_deltas, anchors, per_level, batch.image_sizes, infer.score_thresh,
-                       infer.topk_candidates, infer.nms_thresh, infer.detections_per_img, box_weights)
+    dets = postprocess(cls_logits, box_deltas, anchors, per_level, batch.image_sizes)
     scale = (batch.orig_sizes / batch.image_sizes).float()  # [B, 2] (h, w)
     for det, (sy, sx) in zip(dets, scale.tolist()):
         det["boxes"] = det["boxes"] * det["boxes"].new_tensor([sx, sy, sx, sy])
     return dets
 
 
-def evaluate(model: torch.nn.Module, loader, dataset: CocoDetection, infer: InferConfig, box_weights,
+def evaluate(model: torch.nn.Module, loader, dataset: CocoDetection, postprocess: Postprocess,
              device: torch.device, *, amp: bool = True, show_progress: bool = True,
              progress: Progress | None = None) -> tuple[dict[str, float], list[dict]]:
     """COCO metrics of `model` on `dataset` and the detections as COCO result records.
@@ -150,7 +157,7 @@ def evaluate(model: torch.nn.Module, loader, dataset: CocoDetection, infer: Infe
     with progress_task(progress, "eval", len(loader), show_progress) as (bar, task):
         for batch in loader:
             t0 = time.perf_counter()
-            dets = predict(model, batch, infer, box_weights, device, amp)
+            dets = predict(model, batch, postprocess, device, amp)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0

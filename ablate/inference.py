@@ -1,4 +1,7 @@
-"""Detection on image files for `ablate infer`: decode, resize as in training, detect, draw, save."""
+"""Detection on image files for `ablate infer`: decode, resize as in training, detect, draw, save.
+
+`detect_files` is an edge like the runner: it takes a checkpoint's whole config and has the
+builders make the device and post-processing from it."""
 
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ def detect_files(model: torch.nn.Module, cfg: Config, class_names: Sequence[str]
     device = builders.resolve_device(cfg.train.device)
     model = model.to(device)
     resize = make_transform(cfg.data.min_size, cfg.data.max_size, 0.0)
+    postprocess = builders.build_postprocess(cfg)
     for path in paths:
         original = decode_image(Path(path))
         resized = resize(original)
         target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 0,
                   "orig_size": tuple(original.shape[-2:])}
-        (det,) = predict(model, collate([(resized, target)]), cfg.infer, cfg.loss.box_weights, device, cfg.train.amp)
+        (det,) = predict(model, collate([(resized, target)]), postprocess, device, cfg.train.amp)
         det = {k: v.cpu() for k, v in det.items()}
         drawn = draw_detections(original, det["boxes"], det["labels"], det["scores"], class_names,
                                 score_min=score_min)

@@ -1,5 +1,8 @@
 """Inference post-processing (paper 4.1), batched over images: per level keep the top-k scores
-above the threshold, decode, merge levels, class-wise NMS, keep the best detections per image."""
+above the threshold, decode, merge levels, class-wise NMS, keep the best detections per image.
+
+`postprocess` is the pure function; `Postprocess` holds its parameters (the paper's defaults and an
+injected box coder) for the engine to call."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
 from ablate.losses import per_image_rank
-from ablate.matching import decode_boxes
+from ablate.matching import BoxCoder
 
 
 def top_candidates(cls_logits: Tensor, num_per_level: Sequence[int], topk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,17 +77,19 @@ def clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
 def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_per_level: Sequence[int],
                 image_sizes: Tensor, score_thresh: float = 0.05, topk_candidates: int = 1000,
                 nms_thresh: float = 0.5, detections_per_img: int = 100,
-                box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> list[dict[str, Tensor]]:
+                box_coder: BoxCoder | None = None) -> list[dict[str, Tensor]]:
     """Detections of each image of a batch.
 
     cls_logits [B, N, K], box_deltas [B, N, 4], anchors [N, 4], image_sizes int [B, 2] (h, w before
-    padding). Returns B dicts with boxes float [D, 4] x1y1x2y2 in input pixels, scores float [D],
-    labels int64 [D], sorted by decreasing score, D <= detections_per_img.
+    padding); box_coder: the training's (default: unit weights). Returns B dicts with boxes float
+    [D, 4] x1y1x2y2 in input pixels, scores float [D], labels int64 [D], sorted by decreasing
+    score, D <= detections_per_img.
     """
+    box_coder = box_coder or BoxCoder()
     b, _, k = cls_logits.shape
     scores, anchor_idx, labels = top_candidates(cls_logits, num_per_level, topk_candidates)
     deltas = box_deltas.float().gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
-    boxes = clip_to_images(decode_boxes(deltas, anchors[anchor_idx], box_weights), image_sizes)
+    boxes = clip_to_images(box_coder.decode(deltas, anchors[anchor_idx]), image_sizes)
     image = torch.arange(b, device=scores.device)[:, None].expand_as(scores)
     keep = scores > score_thresh
     boxes, scores, labels, image = boxes[keep], scores[keep], labels[keep], image[keep]
@@ -95,3 +100,22 @@ def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_per
     return [{"boxes": bx, "scores": sc, "labels": lb}
             for bx, sc, lb in zip(boxes[kept].split(counts), scores[kept].split(counts),
                                   labels[kept].split(counts))]
+
+
+class Postprocess:
+    """`postprocess` with its parameters fixed: (cls_logits, box_deltas, anchors, num_per_level,
+    image_sizes) -> detections per image. Defaults are the paper's (4.1): scores above 0.05, the
+    top 1000 per level, NMS at 0.5, 100 detections per image."""
+
+    def __init__(self, score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
+                 detections_per_img: int = 100, box_coder: BoxCoder | None = None):
+        self.score_thresh = score_thresh
+        self.topk_candidates = topk_candidates
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.box_coder = box_coder or BoxCoder()
+
+    def __call__(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_per_level: Sequence[int],
+                 image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        return postprocess(cls_logits, box_deltas, anchors, num_per_level, image_sizes, self.score_thresh,
+                           self.topk_candidates, self.nms_thresh, self.detections_per_img, self.box_coder)

@@ -1,6 +1,7 @@
 """One training run end to end, with its files: config, metrics, checkpoint, detections, COCO stats.
 
-This is the edge where a run touches the disk; the engine only computes. A run folder holds:
+This is the edge where a run touches the disk, and it consumes a whole config: the builders turn it
+into parts, the engine only computes. A run folder holds:
     config.json        the resolved config (nested) and its hash
     metrics.jsonl      one line per logged interval
     checkpoint.pt      model weights + config + class names (and every N iterations: checkpoint_N.pt)
@@ -24,10 +25,9 @@ from rich.console import Console
 
 from ablate import builders, engine
 from ablate.analysis import anchor_balance, loss_curve_png
-from ablate.config import Config, apply_overrides, config_hash, from_dict, to_dict
-from ablate.errors import AblateError
+from ablate.checkpoint import save_checkpoint
+from ablate.config import Config, config_hash, to_dict
 from ablate.evaluation import save_results
-from ablate.model.retinanet import RetinaNet
 
 
 def set_seed(seed: int) -> None:
@@ -53,33 +53,6 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)  # atomic: an interrupted write never leaves half a file
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, class_names: list[str],
-                    category_ids: list[int], iteration: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "class_names": class_names,
-                "category_ids": category_ids, "iteration": iteration}, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[RetinaNet, Config, dict]:
-    """(model on CPU in eval mode, its config with `overrides` applied, the raw checkpoint dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AblateError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = from_dict(ckpt["config"], f"{path} (config)")
-    except AblateError:
-        raise
-    except Exception as e:
-        raise AblateError(f"{path}: not an ablate checkpoint ({type(e).__name__})") from None
-    cfg = apply_overrides(cfg, overrides or {}, "--set")
-    cfg.model.weights = ""  # the checkpoint holds every weight already
-    model = RetinaNet(cfg.model, len(ckpt["class_names"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, ckpt
-
-
 def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = None,
                  console: Console | None = None, show_progress: bool = True, progress=None,
                  on_log: Callable[[int, dict[str, float]], None] | None = None, eval_every: int = 0,
@@ -94,11 +67,11 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     device = builders.resolve_device(cfg.train.device)
     root = builders.data_root(cfg, progress=show_progress and progress is None)
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
-    val_set = builders.build_dataset(cfg.data, root, cfg.data.val_split, train=False)
+    val_set, val_loader = builders.build_val_loader(cfg, root)
     # The run folder only once the data is known good: bad input leaves no empty run behind.
     run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
-    balance = anchor_balance(train_set, cfg.model, cfg.matcher)
+    balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     if console:
         console.print(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
                       f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}")
@@ -111,7 +84,6 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     optimizer = builders.build_optimizer(model, cfg.train)
     loader = builders.build_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=True,
                                    seed=cfg.train.seed, pin_memory=device.type == "cuda")
-    val_loader = builders.build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
     classes = (train_set.category_names, train_set.category_ids)
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -121,11 +93,14 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
             on_log(step, metrics)
 
     def evaluate() -> tuple[dict[str, float], list[dict]]:
-        return engine.evaluate(model, val_loader, val_set, cfg.infer, cfg.loss.box_weights, device,
+        return engine.evaluate(model, val_loader, val_set, builders.build_postprocess(cfg), device,
                                amp=cfg.train.amp, show_progress=show_progress, progress=progress)
 
+    t = cfg.train
     outcome = engine.train(model, builders.build_criterion(cfg), builders.forever(loader), optimizer,
-                           builders.build_scheduler(optimizer, cfg.train), cfg.train, device, on_log=log,
+                           builders.build_scheduler(optimizer, t), device, iterations=t.iterations,
+                           log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
+                           checkpoint_every=t.checkpoint_every, on_log=log,
                            on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", model, cfg,
                                                                     *classes, it),
                            show_progress=show_progress, progress=progress, eval_every=eval_every,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from ablate.builders import lr_factor
-from ablate.config import (PRESETS, Config, TrainConfig, apply_overrides, build_config, config_hash, flatten,
-                           from_dict, parse_set, to_dict)
+from ablate.config import (HASH_ALIASES, PRESETS, Config, TrainConfig, apply_overrides, build_config, config_hash,
+                           flatten, from_dict, parse_set, to_dict)
 from ablate.errors import ConfigError
 from ablate.experiments import load_experiment
 
@@ -82,7 +83,7 @@ def test_wrong_types_and_bad_choices(key, value, message):
     ({"model.num_scales": 0}, "'model.num_scales' must be >= 1"),
     ({"model.aspect_ratios": []}, "'model.aspect_ratios' must be a non-empty list"),
     ({"model.aspect_ratios": [1.0, 0.0]}, "'model.aspect_ratios' must be a non-empty list"),
-    ({"loss.box_weights": [1.0, 1.0]}, "'loss.box_weights' must be a list of 4 numbers"),
+    ({"model.box_weights": [1.0, 1.0]}, "'model.box_weights' must be a list of 4 numbers"),
     ({"train.batch_size": 0}, "'train.batch_size' must be >= 1"),
     ({"loss.ohem_fg_fraction": 1.0}, "'loss.ohem_fg_fraction' must be in \\(0, 1\\) or none"),
 ])
@@ -165,6 +166,83 @@ def test_from_dict_to_dict_round_trip():
     assert config_hash(back) == config_hash(cfg)
     with pytest.raises(ConfigError, match="^ckpt: unknown key 'loss.bogus'"):
         from_dict({"loss": {"bogus": 1}}, "ckpt")
+
+
+# ----------------------------------------------------------------------------- renamed keys
+
+def test_hashes_of_the_defaults_are_pinned():
+    # Computed before loss.box_weights moved to model.box_weights: a hash must never change, or
+    # every recorded run would look undone.
+    assert config_hash(Config()) == "1cf1b56c5546"
+    assert config_hash(build_config("tiny")) == "41fb9d769e25"
+    assert HASH_ALIASES == {"model.box_weights": "loss.box_weights"}
+    moved = apply_overrides(Config(), {"model.box_weights": [10.0, 10.0, 5.0, 5.0]}, "t")
+    assert config_hash(moved) != config_hash(Config())  # still hashed, under its old name
+
+
+def test_an_old_checkpoint_config_with_loss_box_weights_loads():
+    old = to_dict(build_config("tiny"))
+    del old["model"]["box_weights"]  # as a checkpoint written before the move holds it
+    old["loss"]["box_weights"] = [10.0, 10.0, 5.0, 5.0]
+    cfg = from_dict(old, "old checkpoint")
+    assert cfg.model.box_weights == [10.0, 10.0, 5.0, 5.0]
+    assert not hasattr(cfg.loss, "box_weights")
+    new = apply_overrides(build_config("tiny"), {"model.box_weights": [10.0, 10.0, 5.0, 5.0]}, "t")
+    assert cfg == new and config_hash(cfg) == config_hash(new)
+
+
+def test_the_old_key_in_overrides_names_the_new_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.box_weights' \(renamed: use 'model.box_weights'\)"):
+        apply_overrides(Config(), {"loss.box_weights": [1.0, 1.0, 1.0, 1.0]}, "src")
+
+
+def _config_from_row(row: dict[str, str]) -> Config:
+    """A runs.csv row's config columns (the flattened config, as pandas wrote it) back to a Config,
+    through `from_dict` as a checkpoint's config is read."""
+    import typing
+
+    nested: dict[str, dict] = {}
+    for section in dataclasses.fields(Config):
+        for name, tp in typing.get_type_hints(type(getattr(Config(), section.name))).items():
+            key = f"{section.name}.{name}"
+            column = key if key in row else HASH_ALIASES[key]  # tracked before the rename: its old name
+            column_section, _, column_name = column.partition(".")
+            nested.setdefault(column_section, {})[column_name] = _parse_cell(row[column], tp)
+    return from_dict(nested, "runs.csv")
+
+
+def _parse_cell(raw: str, tp) -> object:
+    import json
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # float | None: empty or NaN is None
+        if raw in ("", "nan", "NaN"):
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return json.loads(raw)
+    if tp is bool:
+        return {"True": True, "False": False}[raw]
+    return raw if tp is str else tp(raw)  # an empty str column stays ""
+
+
+RUN_TABLES = sorted(Path(__file__).resolve().parents[1].glob("reports/*/runs.csv"))
+
+
+@pytest.mark.parametrize("table", RUN_TABLES, ids=[p.parent.name for p in RUN_TABLES])
+def test_recorded_runs_keep_their_config_hash(table: Path):
+    import csv
+
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and "config_hash" in rows[0]
+    for row in rows:
+        assert config_hash(_config_from_row(row)) == row["config_hash"], (table, row["run_name"])
+
+
+def test_the_gamma_sweep_table_is_among_them():
+    assert "gamma-sweep" in {p.parent.name for p in RUN_TABLES}
 
 
 # ----------------------------------------------------------------------------- presets
@@ -250,10 +328,14 @@ def test_load_valid_experiment(tmp_path):
     ('[config]\nloss.alpha = 1.5\n', "'loss.alpha' must be in"),
     ('config = 3\n', "'config' must be a table"),
     ('seeds = [0\n', "malformed TOML"),
-    ('[loss_cdf]\ncell = "nope"\n', "'loss_cdf.cell' names no cell: 'nope'"),
-    ('[loss_cdf]\ngammas = [0.0]\n', "'loss_cdf.cell' is missing"),
-    ('[loss_cdf]\ncell = "base"\ngammas = ["2"]\n', "'loss_cdf.gammas' must be a non-empty list of numbers"),
-    ('[loss_cdf]\ncell = "base"\ngama = [2.0]\n', "unknown key 'loss_cdf.gama'"),
+    ('[report.loss_cdf]\ncell = "nope"\n', "'report.loss_cdf.cell' names no cell: 'nope'"),
+    ('[report.loss_cdf]\ngammas = [0.0]\n', "'report.loss_cdf.cell' is missing"),
+    ('[report.loss_cdf]\ncell = "base"\ngammas = ["2"]\n', "'report.loss_cdf.gammas' must be a non-empty list"),
+    ('[report.loss_cdf]\ncell = "base"\ngama = [2.0]\n', "unknown key 'report.loss_cdf.gama'"),
+    ('[loss_cdf]\ncell = "base"\n', "'loss_cdf' belongs in the \\[report\\] table now"),
+    ('x = "loss.gamma"\n', "'x' belongs in the \\[report\\] table now"),
+    ('[report]\npaper_table = "f"\n', "'report.paper_table' must be one of a, b, c, d, e"),
+    ('[report]\nxx = "loss.gamma"\n', "unknown key 'report.xx'"),
 ])
 def test_bad_experiment_files_name_the_file(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -267,9 +349,11 @@ def test_bad_experiment_files_name_the_file(tmp_path, text, message):
 
 def test_loss_cdf_names_a_cell_and_its_gammas(tmp_path):
     path = tmp_path / "fig4.toml"
-    path.write_text('[grid]\n"loss.gamma" = [0.0, 2.0]\n[loss_cdf]\ncell = "g=2"\ngammas = [0, 1]\n')
+    path.write_text('[grid]\n"loss.gamma" = [0.0, 2.0]\n[report]\nx = "loss.gamma"\n'
+                    '[report.loss_cdf]\ncell = "g=2"\ngammas = [0, 1]\n')
     exp = load_experiment(str(path))
-    assert (exp.loss_cdf.cell, exp.loss_cdf.gammas) == ("g=2", [0.0, 1.0])
+    assert (exp.report.loss_cdf.cell, exp.report.loss_cdf.gammas) == ("g=2", [0.0, 1.0])
+    assert exp.report.x == "loss.gamma" and exp.report.hue is None
 
 
 def test_unknown_preset_in_experiment_names_the_file(tmp_path):

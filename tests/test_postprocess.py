@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from ablate.matching import BoxCoder
 from ablate.model.anchors import AnchorGenerator, feature_sizes_for
-from ablate.postprocess import clip_to_images, postprocess, top_candidates
+from ablate.postprocess import Postprocess, clip_to_images, postprocess, top_candidates
 
 K = 4
 
@@ -139,13 +140,34 @@ def test_class_wise_nms_by_hand():
     assert dets["scores"][-1].item() == pytest.approx(1 / (1 + math.e), rel=1e-6)
 
 
-def test_box_weights_are_used_for_decoding():
+def test_the_box_coder_is_used_for_decoding():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     logits = torch.full((1, 1, 1), 3.0)
     deltas = torch.tensor([[[10.0, 0.0, 0.0, 0.0]]])  # dx 10 with wx 10: a shift of one anchor width
     dets = postprocess(logits, deltas, anchors, [1], torch.tensor([[100, 100]]),
-                       box_weights=(10.0, 10.0, 5.0, 5.0))[0]
+                       box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0)))[0]
     torch.testing.assert_close(dets["boxes"], torch.tensor([[10.0, 0.0, 20.0, 10.0]]))
+    # unit weights (the default): dx 10 moves the box by ten widths, clipped to the 100 px image
+    dets = postprocess(logits, deltas, anchors, [1], torch.tensor([[100, 100]]))[0]
+    torch.testing.assert_close(dets["boxes"], torch.tensor([[100.0, 0.0, 100.0, 10.0]]))
+
+
+def test_postprocess_object_equals_the_function_with_its_arguments():
+    anchors, per_level = AnchorGenerator(size=8.0)(feature_sizes_for(32, 32))
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, len(anchors), 3, generator=g) * 2
+    deltas = torch.randn(2, len(anchors), 4, generator=g) * 0.2
+    sizes = torch.tensor([[32, 32], [20, 30]])
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    post = Postprocess(score_thresh=0.3, topk_candidates=50, nms_thresh=0.4, detections_per_img=7, box_coder=coder)
+    got = post(logits, deltas, anchors, per_level, sizes)
+    want = postprocess(logits, deltas, anchors, per_level, sizes, 0.3, 50, 0.4, 7, coder)
+    assert [len(d["scores"]) for d in got] == [7, 7]
+    for a, b in zip(got, want):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    default = Postprocess()
+    assert (default.score_thresh, default.topk_candidates, default.nms_thresh, default.detections_per_img) == (
+        0.05, 1000, 0.5, 100)
 
 
 def test_grouped_nms_equals_torchvision_batched_nms():

@@ -1,12 +1,15 @@
 """RetinaNet (paper section 4): trunk + FPN P3-P7 + class and box subnets, with the prior init.
 
 The network maps a batch of images to per-anchor class logits and box deltas; matching, losses and
-post-processing live in their own modules and take these tensors as plain inputs.
+post-processing live in their own modules and take these tensors as plain inputs. `RetinaNet`
+takes plain arguments with the paper's defaults; the trunk, the anchor generator and the two
+subnets can be injected instead (as torchvision's RetinaNet takes anchor_generator and head).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +20,6 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ablate.config import ModelConfig
 from ablate.errors import ConfigError
 from ablate.model.anchors import AnchorGenerator
 
@@ -51,16 +53,26 @@ class TinyTrunk(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def build_trunk(cfg: ModelConfig) -> tuple[nn.Module, list[int]]:
-    """The trunk (random init, or a local state dict) and its C3-C5 channel counts."""
-    norm = FrozenBatchNorm2d if cfg.trunk_norm == "frozen_bn" else nn.BatchNorm2d
-    if cfg.trunk == "tiny":
-        trunk, channels = TinyTrunk(cfg.tiny_widths, norm), cfg.tiny_widths[2:]
+TRUNKS = ("tiny", *RESNET_C3_C5)
+TRUNK_NORMS = ("bn", "frozen_bn")
+
+
+def build_trunk(name: str = "resnet50", norm: str = "bn", tiny_widths: Sequence[int] = (16, 32, 64, 128, 256),
+                weights: str | Path = "") -> tuple[nn.Module, list[int]]:
+    """The trunk `name` (tiny | resnet18/34/50/101; random init, or the local state dict `weights`)
+    with BatchNorm (`norm` "bn") or frozen BatchNorm ("frozen_bn"), and its C3-C5 channel counts."""
+    if name not in TRUNKS:
+        raise ValueError(f"unknown trunk {name!r} (known: {', '.join(TRUNKS)})")
+    if norm not in TRUNK_NORMS:
+        raise ValueError(f"unknown trunk norm {norm!r} (known: {', '.join(TRUNK_NORMS)})")
+    norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+    if name == "tiny":
+        trunk, channels = TinyTrunk(list(tiny_widths), norm_layer), list(tiny_widths[2:])
     else:
-        trunk = getattr(torchvision.models, cfg.trunk)(weights=None, norm_layer=norm)
-        channels = RESNET_C3_C5[cfg.trunk]
-    if cfg.weights:
-        load_trunk_weights(trunk, Path(cfg.weights))
+        trunk = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+        channels = RESNET_C3_C5[name]
+    if weights:
+        load_trunk_weights(trunk, Path(weights))
     return trunk, channels
 
 
@@ -89,6 +101,8 @@ class Subnet(nn.Module):
     def __init__(self, in_channels: int, channels: int, num_convs: int, num_anchors: int,
                  out_per_anchor: int, norm: str = "none", final_bias: float = 0.0):
         super().__init__()
+        if norm not in ("none", "gn"):
+            raise ValueError(f"unknown head norm {norm!r} (known: none, gn)")
         layers: list[nn.Module] = []
         for i in range(num_convs):
             layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, 1, 1))
@@ -124,23 +138,41 @@ class RetinaNet(nn.Module):
     """images uint8 or float [B, 3, H, W] -> (cls_logits [B, N, K], box_deltas [B, N, 4], anchors [N, 4]).
 
     N is the number of anchors of the padded batch; anchors are x1y1x2y2 in input pixels.
+
+    trunk: a name for `build_trunk` (with trunk_norm, tiny_widths and a local `weights` file), or a
+    module with layer2..layer4 at strides 8, 16, 32 whose C3-C5 widths `trunk_channels` lists.
+    FPN P3-P7 of `fpn_channels`; each subnet `head_convs` convs of `head_channels`, GroupNorm if
+    head_norm is "gn" (the paper: "none"); `prior` pi sets the class bias (None: 0). The anchor
+    generator (default: the paper's 3 scales x 3 ratios from 32 px) and the subnets (modules
+    mapping the P3-P7 list to [B, N, K] / [B, N, 4]) may be injected; they must agree on the anchors
+    per location.
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int):
+    def __init__(self, num_classes: int, *, trunk: str | nn.Module = "resnet50",
+                 trunk_channels: Sequence[int] | None = None, trunk_norm: str = "bn",
+                 tiny_widths: Sequence[int] = (16, 32, 64, 128, 256), weights: str | Path = "",
+                 fpn_channels: int = 256, head_convs: int = 4, head_channels: int = 256, head_norm: str = "none",
+                 prior: float | None = 0.01, anchor_generator: AnchorGenerator | None = None,
+                 cls_subnet: nn.Module | None = None, box_subnet: nn.Module | None = None):
         super().__init__()
-        trunk, c3_c5 = build_trunk(cfg)
+        if isinstance(trunk, str):
+            trunk, c3_c5 = build_trunk(trunk, trunk_norm, tiny_widths, weights)
+        elif trunk_channels is None:
+            raise ValueError("trunk_channels: give the C3-C5 widths of an injected trunk")
+        else:
+            c3_c5 = list(trunk_channels)
         # P6 from C5 (not P5), as in the paper: force it even when C5 has the FPN's width.
-        extra = LastLevelP6P7(c3_c5[-1], cfg.fpn_channels)
+        extra = LastLevelP6P7(c3_c5[-1], fpn_channels)
         extra.use_P5 = False
         self.backbone = BackboneWithFPN(trunk, {"layer2": "c3", "layer3": "c4", "layer4": "c5"},
-                                        c3_c5, cfg.fpn_channels, extra_blocks=extra)
-        self.anchor_generator = AnchorGenerator(cfg.anchor_size, cfg.num_scales, cfg.aspect_ratios,
-                                                cfg.anchor_offset)
+                                        c3_c5, fpn_channels, extra_blocks=extra)
+        self.anchor_generator = anchor_generator or AnchorGenerator()
         a = self.anchor_generator.num_anchors_per_location
         self.num_classes = num_classes
-        self.cls_subnet = Subnet(cfg.fpn_channels, cfg.head_channels, cfg.head_convs, a, num_classes,
-                                 cfg.head_norm, prior_bias(cfg.prior))
-        self.box_subnet = Subnet(cfg.fpn_channels, cfg.head_channels, cfg.head_convs, a, 4, cfg.head_norm)
+        # Built after the backbone, class subnet first: the order a seed's random init has always followed.
+        self.cls_subnet = cls_subnet or Subnet(fpn_channels, head_channels, head_convs, a, num_classes, head_norm,
+                                               prior_bias(prior))
+        self.box_subnet = box_subnet or Subnet(fpn_channels, head_channels, head_convs, a, 4, head_norm)
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
