@@ -7,6 +7,7 @@ those arguments, and edges (the runner, checkpoint loading, the CLI) call it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from ablate.config import Config, DataConfig, TrainConfig
 from ablate.criterion import DetectionLoss
 from ablate.data.coco import Batch, CocoDetection, collate
-from ablate.data.synth import ensure_synth
+from ablate.data.synth import SynthSpec, ensure_synth
 from ablate.errors import ConfigError
 from ablate.matching import BoxCoder, Matcher
 from ablate.model.anchors import AnchorGenerator
@@ -25,11 +26,15 @@ from ablate.model.retinanet import RetinaNet
 from ablate.postprocess import Postprocess
 
 
+def synth_spec(cfg: Config) -> SynthSpec:
+    return SynthSpec(**dataclasses.asdict(cfg.synth))
+
+
 def data_root(cfg: Config, progress: bool = True) -> Path:
     """The COCO-layout folder to read: the synth set (generated on first use) or `data.root`."""
     if cfg.data.source == "synth":
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
-        return ensure_synth(cfg.synth, cache, progress=progress)
+        return ensure_synth(synth_spec(cfg), cache, progress=progress)
     if not cfg.data.root:
         raise ConfigError("data.root: set it to the COCO folder for data.source=coco (or use --data coco:PATH)")
     return Path(cfg.data.root).expanduser()

@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ablate.config import SynthConfig
+from ablate.builders import synth_spec
+from ablate.config import Config, build_config
 from ablate.data import synth
 from ablate.data.coco import CocoDetection
-from ablate.data.synth import class_names, default_cache_dir, ensure_synth, synth_root, synth_stats
+from ablate.data.synth import SynthSpec, class_names, default_cache_dir, ensure_synth, synth_root, synth_stats
 from ablate.errors import ConfigError
 
-SMALL = SynthConfig(num_train=20, num_val=5)
+
+def _spec(**overrides) -> SynthSpec:
+    """The config's synth defaults with `overrides`, through the builder."""
+    return synth_spec(build_config("paper", {f"synth.{k}": v for k, v in overrides.items()}))
+
+
+SMALL = _spec(num_train=20, num_val=5)
 # Plain background and no distractors: every non-background pixel belongs to an object.
 CLEAN = dataclasses.replace(SMALL, clutter=0.0, num_distractors=0)
 
@@ -75,7 +82,7 @@ def test_second_call_does_not_rewrite(tmp_path):
 def test_interrupted_generation_leaves_no_set(tmp_path, monkeypatch):
     calls = []
 
-    def failing(cfg, root, split, count, advance):
+    def failing(spec, root, split, count, advance):
         calls.append(split)
         raise KeyboardInterrupt
 
@@ -87,7 +94,7 @@ def test_interrupted_generation_leaves_no_set(tmp_path, monkeypatch):
 
 
 def test_root_naming_and_cache_dir(tmp_path, monkeypatch):
-    assert synth_root(SMALL, tmp_path) == synth_root(SynthConfig(num_train=20, num_val=5), tmp_path)
+    assert synth_root(SMALL, tmp_path) == synth_root(_spec(num_train=20, num_val=5), tmp_path)
     assert synth_root(SMALL, tmp_path) != synth_root(CLEAN, tmp_path)
     assert synth_root(SMALL, tmp_path).name.startswith("synth-")
     monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))
@@ -96,6 +103,15 @@ def test_root_naming_and_cache_dir(tmp_path, monkeypatch):
     assert synth_root(SMALL, "") == synth_root(SMALL)  # DataConfig.cache_dir's empty default
     monkeypatch.delenv("ABLATE_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "ablate"
+
+
+def test_the_spec_is_the_configs_synth_section_and_keeps_existing_cache_folders():
+    # Every synth.* key reaches the spec, and the folder names of sets generated before the spec
+    # existed (hashed from the config section) are unchanged, so those sets are reused.
+    assert dataclasses.asdict(_spec()) == dataclasses.asdict(Config().synth)
+    assert synth_root(_spec(), "/cache").name == "synth-ff641f5c6c"
+    assert synth_root(SMALL, "/cache").name == "synth-432f351e40"
+    assert _spec(seed=3, clutter=0.25) == dataclasses.replace(_spec(), seed=3, clutter=0.25)
 
 
 def test_bad_config_names_the_key(tmp_path):
@@ -136,44 +152,44 @@ def test_boxes_are_the_tight_extent_of_drawn_pixels(tmp_path):
 
 
 def test_single_object_box_equals_pixel_extent(tmp_path):
-    cfg = dataclasses.replace(CLEAN, min_objects=1, max_objects=1, num_shapes=8, num_colors=8)
-    root = ensure_synth(cfg, tmp_path, progress=False)
+    spec = dataclasses.replace(CLEAN, min_objects=1, max_objects=1, num_shapes=8, num_colors=8)
+    root = ensure_synth(spec, tmp_path, progress=False)
     for image_id, [(x, y, w, h)] in _boxes_by_image(_json(root)).items():
         fg = _foreground(_pixels(root, "train", image_id))
         rows, cols = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
         assert (x, y, w, h) == (cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1)
 
 
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize("spec", [
     SMALL,
     dataclasses.replace(SMALL, image_size=256, num_shapes=8, num_colors=8, min_objects=3,
                         max_objects=9, min_object_size=12, max_object_size=48, num_distractors=6),
 ])
-def test_objects_within_configured_ranges(tmp_path, cfg):
-    root = ensure_synth(cfg, tmp_path, progress=False)
-    k = cfg.num_shapes * cfg.num_colors
-    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+def test_objects_within_configured_ranges(tmp_path, spec):
+    root = ensure_synth(spec, tmp_path, progress=False)
+    k = spec.num_shapes * spec.num_colors
+    for split, count in (("train", spec.num_train), ("val", spec.num_val)):
         doc = _json(root, split)
         assert [im["id"] for im in doc["images"]] == list(range(1, count + 1))
-        assert all(im["width"] == im["height"] == cfg.image_size for im in doc["images"])
+        assert all(im["width"] == im["height"] == spec.image_size for im in doc["images"])
         assert [c["id"] for c in doc["categories"]] == list(range(1, k + 1))
-        assert [c["name"] for c in doc["categories"]] == class_names(cfg)
+        assert [c["name"] for c in doc["categories"]] == class_names(spec)
         for boxes in _boxes_by_image(doc).values():
-            assert cfg.min_objects <= len(boxes) <= cfg.max_objects
+            assert spec.min_objects <= len(boxes) <= spec.max_objects
         bb = np.array([a["bbox"] for a in doc["annotations"]], dtype=float)
         side = np.sqrt(bb[:, 2] * bb[:, 3])
         # Whole pixels: up to half a pixel of rounding per side, plus a dropped thin tip.
-        assert side.min() >= cfg.min_object_size - 1.5 and side.max() <= cfg.max_object_size + 1
-        assert (bb[:, :2] >= 0).all() and (bb[:, :2] + bb[:, 2:] <= cfg.image_size).all()
+        assert side.min() >= spec.min_object_size - 1.5 and side.max() <= spec.max_object_size + 1
+        assert (bb[:, :2] >= 0).all() and (bb[:, :2] + bb[:, 2:] <= spec.image_size).all()
         aspect = bb[:, 3] / bb[:, 2]
         assert aspect.min() >= 0.4 and aspect.max() <= 2.5
         assert all(a["area"] == a["bbox"][2] * a["bbox"][3] and a["iscrowd"] == 0
                    for a in doc["annotations"])
-    assert _pixels(root, "val", 1).shape == (cfg.image_size, cfg.image_size, 3)
+    assert _pixels(root, "val", 1).shape == (spec.image_size, spec.image_size, 3)
 
 
 def test_class_names_and_palette():
-    names = class_names(SynthConfig(num_shapes=8, num_colors=8))
+    names = class_names(_spec(num_shapes=8, num_colors=8))
     assert len(names) == len(set(names)) == 64
     assert class_names(SMALL)[:2] == ["red ellipse", "green ellipse"]
     # Distractor tones stay far from every class colour: colour is what makes them negatives.

@@ -2,12 +2,13 @@
 format (`synth`), so that both go through the same reader, transforms and collate."""
 
 from ablate.data.coco import Batch, CocoDetection, DataStats, collate
-from ablate.data.synth import class_names, default_cache_dir, ensure_synth, synth_root, synth_stats
+from ablate.data.synth import SynthSpec, class_names, default_cache_dir, ensure_synth, synth_root, synth_stats
 
 __all__ = [
     "Batch",
     "CocoDetection",
     "DataStats",
+    "SynthSpec",
     "collate",
     "class_names",
     "default_cache_dir",

@@ -6,7 +6,7 @@ focal-loss paper's problem hard: many classes (shape x colour, 20 by default), s
 background ones), and hard negatives (a textured background, strokes and shapes in colours that
 are no class). Each image is a pure function of (seed, split, index), so the set is deterministic
 and any image can be re-rendered alone. It is written once, in COCO 2017's layout, into a cache
-folder whose name hashes the config, and read back through `ablate.data.coco.CocoDetection`.
+folder whose name hashes its `SynthSpec`, and read back through `ablate.data.coco.CocoDetection`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ablate.config import SynthConfig
 from ablate.errors import ConfigError, DataError
 
 # Bump when the drawing changes: it is part of the cache folder's hash, so old sets are not reused.
@@ -58,44 +58,64 @@ SUPERSAMPLE = 4  # shapes are drawn 4x larger then reduced, so small ones keep t
 COVERAGE = 64
 
 
+@dataclass(frozen=True)
+class SynthSpec:
+    """What the set is made of: the `synth.*` keys of the config (whose defaults, and why, live
+    there; `builders.synth_spec` fills this from a config). Every field is part of the cache
+    folder's hash. Sizes are in pixels; the set has num_shapes x num_colors classes."""
+
+    seed: int
+    num_train: int  # images per split
+    num_val: int
+    image_size: int  # square images
+    num_shapes: int  # 1..8, of SHAPES
+    num_colors: int  # 1..8, of CLASS_COLORS
+    min_objects: int  # objects per image, drawn uniformly in [min, max]
+    max_objects: int
+    min_object_size: int  # object side (sqrt of the box area), log-uniform in [min, max]
+    max_object_size: int
+    num_distractors: int  # up to this many shapes in no class colour, or strokes, per image
+    clutter: float  # 0..1: background texture and pixel noise
+
+
 def default_cache_dir() -> Path:
     """$ABLATE_CACHE if set, else ~/.cache/ablate."""
     env = os.environ.get("ABLATE_CACHE", "")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ablate"
 
 
-def _cfg_hash(cfg: SynthConfig) -> str:
-    fields = dataclasses.asdict(cfg) | {"generator_version": GENERATOR_VERSION}
+def _spec_hash(spec: SynthSpec) -> str:
+    fields = dataclasses.asdict(spec) | {"generator_version": GENERATOR_VERSION}
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def synth_root(cfg: SynthConfig, cache_dir: str | Path | None = None) -> Path:
-    """Where the set for `cfg` lives: cache_dir / synth-{hash of cfg and generator version}.
+def synth_root(spec: SynthSpec, cache_dir: str | Path | None = None) -> Path:
+    """Where the set for `spec` lives: cache_dir / synth-{hash of spec and generator version}.
     cache_dir None or "" (DataConfig's default) means `default_cache_dir()`."""
     base = default_cache_dir() if cache_dir is None or cache_dir == "" else Path(cache_dir)
-    return base / f"synth-{_cfg_hash(cfg)}"
+    return base / f"synth-{_spec_hash(spec)}"
 
 
-def class_names(cfg: SynthConfig) -> list[str]:
+def class_names(spec: SynthSpec) -> list[str]:
     """The K = num_shapes * num_colors names, "red ellipse" ..., in category-id order (id = i + 1)."""
-    colors = list(CLASS_COLORS)[: cfg.num_colors]
-    return [f"{color} {shape}" for shape in SHAPES[: cfg.num_shapes] for color in colors]
+    colors = list(CLASS_COLORS)[: spec.num_colors]
+    return [f"{color} {shape}" for shape in SHAPES[: spec.num_shapes] for color in colors]
 
 
-def check_config(cfg: SynthConfig) -> None:
+def check_spec(spec: SynthSpec) -> None:
     """ConfigError naming the first `synth.*` key out of range."""
     checks = [
-        ("num_shapes", 1 <= cfg.num_shapes <= len(SHAPES), f"in 1..{len(SHAPES)}"),
-        ("num_colors", 1 <= cfg.num_colors <= len(CLASS_COLORS), f"in 1..{len(CLASS_COLORS)}"),
-        ("num_train", cfg.num_train >= 1, ">= 1"),
-        ("num_val", cfg.num_val >= 1, ">= 1"),
-        ("image_size", cfg.image_size >= 16, ">= 16"),
-        ("min_objects", 0 <= cfg.min_objects <= cfg.max_objects, "in 0..synth.max_objects"),
-        ("min_object_size", 2 <= cfg.min_object_size <= cfg.max_object_size,
+        ("num_shapes", 1 <= spec.num_shapes <= len(SHAPES), f"in 1..{len(SHAPES)}"),
+        ("num_colors", 1 <= spec.num_colors <= len(CLASS_COLORS), f"in 1..{len(CLASS_COLORS)}"),
+        ("num_train", spec.num_train >= 1, ">= 1"),
+        ("num_val", spec.num_val >= 1, ">= 1"),
+        ("image_size", spec.image_size >= 16, ">= 16"),
+        ("min_objects", 0 <= spec.min_objects <= spec.max_objects, "in 0..synth.max_objects"),
+        ("min_object_size", 2 <= spec.min_object_size <= spec.max_object_size,
          "in 2..synth.max_object_size"),
-        ("max_object_size", cfg.max_object_size <= cfg.image_size, "<= synth.image_size"),
-        ("num_distractors", cfg.num_distractors >= 0, ">= 0"),
-        ("clutter", 0.0 <= cfg.clutter <= 1.0, "in [0, 1]"),
+        ("max_object_size", spec.max_object_size <= spec.image_size, "<= synth.image_size"),
+        ("num_distractors", spec.num_distractors >= 0, ">= 0"),
+        ("clutter", 0.0 <= spec.clutter <= 1.0, "in [0, 1]"),
     ]
     for key, ok, what in checks:
         if not ok:
@@ -156,13 +176,13 @@ def shape_mask(shape: str, w: int, h: int) -> np.ndarray:
     return mask
 
 
-def _sample_size(rng: np.random.Generator, cfg: SynthConfig) -> tuple[int, int]:
+def _sample_size(rng: np.random.Generator, spec: SynthSpec) -> tuple[int, int]:
     """(w, h): side sqrt(w*h) log-uniform in [min_object_size, max_object_size], aspect h/w
     log-uniform in [1/2, 2]."""
-    side = np.exp(rng.uniform(np.log(cfg.min_object_size), np.log(cfg.max_object_size)))
+    side = np.exp(rng.uniform(np.log(spec.min_object_size), np.log(spec.max_object_size)))
     ratio = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
-    w = int(np.clip(round(side / np.sqrt(ratio)), 2, cfg.image_size))
-    h = int(np.clip(round(side * np.sqrt(ratio)), 2, cfg.image_size))
+    w = int(np.clip(round(side / np.sqrt(ratio)), 2, spec.image_size))
+    h = int(np.clip(round(side * np.sqrt(ratio)), 2, spec.image_size))
     return w, h
 
 
@@ -178,9 +198,9 @@ def _upsample_matrix(size: int, grid: int) -> np.ndarray:
     return m
 
 
-def _background(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
+def _background(rng: np.random.Generator, spec: SynthSpec) -> np.ndarray:
     """int16 [S, S, 3]: a dull base tone plus low-frequency colour blobs scaled by `clutter`."""
-    s = cfg.image_size
+    s = spec.image_size
     base = rng.uniform(45, 105) + rng.uniform(-12, 12, size=3)
     field = np.zeros((s, s, 3), np.float32)
     for grid, amp in ((3, 1.0), (7, 0.5)):  # two octaves: broad patches and smaller blobs
@@ -189,7 +209,7 @@ def _background(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
         # field[y, x] = sum_ab m[y, a] coarse[a, b] m[x, b], as two small matmuls
         rows = (m @ coarse.reshape(grid, -1)).reshape(s, grid, 3)
         field += m @ rows
-    img = base + 35.0 * cfg.clutter * field
+    img = base + 35.0 * spec.clutter * field
     # Capped well below the class colours' brightness so the background never mimics a class.
     return np.clip(np.rint(img), 15, 160).astype(np.int16)
 
@@ -198,15 +218,15 @@ def _jittered(rng: np.random.Generator, color: tuple[int, int, int], amp: int) -
     return np.clip(np.asarray(color) + rng.integers(-amp, amp + 1, size=3), 0, 255)
 
 
-def _draw_distractors(rng: np.random.Generator, cfg: SynthConfig, img: np.ndarray) -> None:
+def _draw_distractors(rng: np.random.Generator, spec: SynthSpec, img: np.ndarray) -> None:
     """Paint 0..num_distractors unannotated strokes and shapes in dull colours into `img`
     (int16 [S, S, 3], in place)."""
-    s = cfg.image_size
-    for _ in range(int(rng.integers(0, cfg.num_distractors + 1))):
+    s = spec.image_size
+    for _ in range(int(rng.integers(0, spec.num_distractors + 1))):
         color = _jittered(rng, DULL_COLORS[rng.integers(len(DULL_COLORS))], DULL_JITTER)
         if rng.random() < 0.5:
             canvas = Image.new("L", (s, s), 0)
-            reach = 1.5 * cfg.max_object_size
+            reach = 1.5 * spec.max_object_size
             start = rng.uniform(0, s, size=2)
             pts = start + np.cumsum(rng.uniform(-reach, reach, size=(int(rng.integers(2, 5)), 2)), 0)
             pts = np.vstack([start, np.clip(pts, 0, s - 1)])
@@ -214,7 +234,7 @@ def _draw_distractors(rng: np.random.Generator, cfg: SynthConfig, img: np.ndarra
             ImageDraw.Draw(canvas).line([tuple(p) for p in pts], fill=255, width=width)
             img[np.asarray(canvas) > 0] = color
         else:
-            w, h = _sample_size(rng, cfg)
+            w, h = _sample_size(rng, spec)
             mask = shape_mask(SHAPES[rng.integers(len(SHAPES))], w, h)
             mh, mw = mask.shape
             x, y = int(rng.integers(0, s - mw + 1)), int(rng.integers(0, s - mh + 1))
@@ -248,18 +268,18 @@ def _place(rng: np.random.Generator, mask: np.ndarray, occupied: np.ndarray,
     return None
 
 
-def _draw_objects(rng: np.random.Generator, cfg: SynthConfig,
+def _draw_objects(rng: np.random.Generator, spec: SynthSpec,
                   img: np.ndarray) -> list[tuple[int, int, int, int, int]]:
     """Paint min_objects..max_objects class objects into `img` (int16 [S, S, 3], in place);
     returns (category_id, x, y, w, h) per object, the box being its pixels' tight extent."""
-    s = cfg.image_size
+    s = spec.image_size
     occupied = np.zeros((s, s), bool)
     boxes: list[tuple[int, int, int, int]] = []
     objects = []
-    for _ in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
-        label = int(rng.integers(cfg.num_shapes * cfg.num_colors))
-        shape, color = SHAPES[label // cfg.num_colors], _CLASS_RGB[label % cfg.num_colors]
-        mask = shape_mask(shape, *_sample_size(rng, cfg))
+    for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
+        label = int(rng.integers(spec.num_shapes * spec.num_colors))
+        shape, color = SHAPES[label // spec.num_colors], _CLASS_RGB[label % spec.num_colors]
+        mask = shape_mask(shape, *_sample_size(rng, spec))
         at = _place(rng, mask, occupied, boxes)
         if at is None:  # only in configs too crowded for the image
             continue
@@ -272,16 +292,16 @@ def _draw_objects(rng: np.random.Generator, cfg: SynthConfig,
     return objects
 
 
-def render_image(cfg: SynthConfig, split: str, index: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+def render_image(spec: SynthSpec, split: str, index: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """Image `index` (0-based) of `split`: uint8 [S, S, 3] RGB and its objects as
     (category_id, x, y, w, h). Independent random streams for background, distractors, objects
     and noise, so e.g. changing `clutter` leaves the objects where they were."""
-    seq = np.random.SeedSequence([cfg.seed, SPLITS.index(split), index])
+    seq = np.random.SeedSequence([spec.seed, SPLITS.index(split), index])
     rng_bg, rng_dis, rng_obj, rng_noise = (np.random.default_rng(s) for s in seq.spawn(4))
-    img = _background(rng_bg, cfg)
-    _draw_distractors(rng_dis, cfg, img)
-    objects = _draw_objects(rng_obj, cfg, img)
-    amp = int(round(4 * cfg.clutter))
+    img = _background(rng_bg, spec)
+    _draw_distractors(rng_dis, spec, img)
+    objects = _draw_objects(rng_obj, spec, img)
+    amp = int(round(4 * spec.clutter))
     if amp:
         # Grey (not per-channel) noise: texture for the detector, and 3x cheaper for PNG.
         img += rng_noise.integers(-amp, amp + 1, size=img.shape[:2], dtype=np.int16)[..., None]
@@ -295,23 +315,23 @@ def _file_name(image_id: int) -> str:
     return f"{image_id:012d}.png"
 
 
-def _write_split(cfg: SynthConfig, root: Path, split: str, count: int, advance) -> None:
+def _write_split(spec: SynthSpec, root: Path, split: str, count: int, advance) -> None:
     """Render `count` images into root/{split}2017/ and write their COCO JSON."""
     folder = root / f"{split}2017"
     folder.mkdir(parents=True)
     images, annotations = [], []
     for index in range(count):
-        pixels, objects = render_image(cfg, split, index)
+        pixels, objects = render_image(spec, split, index)
         image_id = index + 1
         Image.fromarray(pixels).save(folder / _file_name(image_id), compress_level=1)
         images.append({"id": image_id, "file_name": _file_name(image_id),
-                       "width": cfg.image_size, "height": cfg.image_size})
+                       "width": spec.image_size, "height": spec.image_size})
         for cat, x, y, w, h in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
         advance()
     categories = [{"id": i + 1, "name": name, "supercategory": name.split(" ", 1)[1]}
-                  for i, name in enumerate(class_names(cfg))]
+                  for i, name in enumerate(class_names(spec))]
     doc = {"info": {"description": "ablate synthetic shapes", "version": str(GENERATOR_VERSION)},
            "images": images, "annotations": annotations, "categories": categories}
     (root / "annotations").mkdir(exist_ok=True)
@@ -319,33 +339,33 @@ def _write_split(cfg: SynthConfig, root: Path, split: str, count: int, advance) 
         json.dump(doc, f, separators=(",", ":"))
 
 
-def _generate(cfg: SynthConfig, root: Path, progress: bool) -> None:
+def _generate(spec: SynthSpec, root: Path, progress: bool) -> None:
     """Write the whole set into `root` (an empty folder), with a rich progress bar if asked."""
-    counts = {"train": cfg.num_train, "val": cfg.num_val}
+    counts = {"train": spec.num_train, "val": spec.num_val}
     if not progress:
         for split, n in counts.items():
-            _write_split(cfg, root, split, n, lambda: None)
+            _write_split(spec, root, split, n, lambda: None)
     else:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task("generating the synthetic data set", total=sum(counts.values()))
             for split, n in counts.items():
-                _write_split(cfg, root, split, n, lambda: bar.advance(task))
-    provenance = dataclasses.asdict(cfg) | {"generator_version": GENERATOR_VERSION}
+                _write_split(spec, root, split, n, lambda: bar.advance(task))
+    provenance = dataclasses.asdict(spec) | {"generator_version": GENERATOR_VERSION}
     (root / "synth.json").write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
 
 
-def ensure_synth(cfg: SynthConfig, cache_dir: str | Path | None = None,
+def ensure_synth(spec: SynthSpec, cache_dir: str | Path | None = None,
                  progress: bool = True) -> Path:
-    """The root of the set for `cfg`, generated first if absent.
+    """The root of the set for `spec`, generated first if absent.
 
     Generation writes into a temporary sibling folder renamed into place at the end: a folder
     under the final name is therefore always complete, an interrupted run leaves only a
     `.synth-*.tmp-*` folder, and two processes racing both end with the same, complete set.
     """
-    check_config(cfg)
-    root = synth_root(cfg, cache_dir)
+    check_spec(spec)
+    root = synth_root(spec, cache_dir)
     if root.is_dir():
         return root
     try:
@@ -354,7 +374,7 @@ def ensure_synth(cfg: SynthConfig, cache_dir: str | Path | None = None,
     except OSError as e:
         raise DataError(f"{root.parent}: cannot create the data cache folder ({e.strerror})") from None
     try:
-        _generate(cfg, tmp, progress)
+        _generate(spec, tmp, progress)
         os.rename(tmp, root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
