@@ -34,3 +34,16 @@ def one_line(error: BaseException) -> str:
         if last.startswith(prefix):
             return last[len(prefix):]
     return last
+
+
+def mask_url(url: str) -> str:
+    """`url` with the password of its user part replaced by ***: 'postgresql://me:pw@host/db' ->
+    'postgresql://me:***@host/db'. Every URL the tool prints or logs goes through this."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"

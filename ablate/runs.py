@@ -10,11 +10,16 @@ metrics, the files written and, once tracked, the tracking run id.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+import psutil
+
 from ablate.config import Config, apply_overrides, config_hash, flatten
+from ablate.errors import AblateError
 
 
 class Outcome(StrEnum):
@@ -99,3 +104,34 @@ class RunResult:
     def value(self) -> float | None:
         """The AP of a finished run: what the queue's trial completes with."""
         return self.metrics.get("AP") if self.outcome is Outcome.FINISHED else None
+
+
+def process_owner(pid: int | None = None) -> str:
+    """'host:pid:start time' of a process (default: this one): who owns a running run or trial.
+    Pids are reused; the start time tells a new process from the one that took the work."""
+    proc = psutil.Process(pid)
+    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process named by `owner` (process_owner's string) still runs. One on another
+    machine cannot be checked from here and counts as alive (heartbeats decide there); no owner
+    at all (work taken before owners were recorded) counts as gone."""
+    if not owner:
+        return False
+    host, pid, _ = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True
+    try:
+        return process_owner(int(pid)) == owner
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between the heartbeats of running work (`ABLATE_HEARTBEAT`, default 10), in the
+    queue and in the tracking store alike; work is taken for dead after three missed beats."""
+    try:
+        return max(1, int(os.environ.get("ABLATE_HEARTBEAT", "10")))
+    except ValueError:
+        raise AblateError(f"ABLATE_HEARTBEAT: expected whole seconds, got {os.environ['ABLATE_HEARTBEAT']!r}") from None

@@ -3,29 +3,46 @@
 A grid's planned runs (cells x seeds) are the trials of a study named after the ablation, each
 *enqueued* with its exact values and the whole `PlannedRun` as a user attribute (the grid sampler,
 with several workers, runs duplicates and skips points). The queue holds work only: whether a
-run is done is the tracking store's answer, not the trial's state. Workers pull the enqueued
-trials from a journal-file storage, which is safe for parallel processes where SQLite is not.
-`ablate search` runs TPE with a median pruner over a declared space instead.
+run is done is the tracking store's answer, not the trial's state.
+
+Two storages: by default a journal file in the working folder (one machine, nothing to start;
+safe for parallel processes where SQLite is not), or an RDB URL (`--storage postgresql://...`,
+`ABLATE_STORAGE`) that workers on many machines share. On PostgreSQL a waiting trial is popped
+with SELECT ... FOR UPDATE, so two workers never take the same one; a running trial records a
+heartbeat, and one whose heartbeat stops is failed and enqueued again (Optuna's stale-trial
+retry) for another worker. `ablate search` runs TPE with a median pruner over a declared space.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
-from collections.abc import Callable
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from ablate.runs import Outcome, PlannedRun, RunResult
+from ablate.errors import AblateError, mask_url
+from ablate.runs import Outcome, PlannedRun, RunResult, heartbeat_seconds, owner_alive, process_owner
 
 PLANNED_ATTR = "ablate_planned_run"  # user attribute: the PlannedRun (JSON) an enqueued trial stands for
 OUTCOME_ATTR = "outcome"  # user attribute: how the trial's run ended, for Optuna's dashboard
+OWNER_ATTR = "owner"  # user attribute: the worker process that pulled the trial (host:pid:start)
+# A stale trial is enqueued again at most this often: a cell that kills every worker that takes
+# it (out of memory, say) must not circle forever.
+MAX_RETRIES = 3
 
 optuna.logging.set_verbosity(logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 # Runs one planned run; None when the tracking store said it is done or running elsewhere.
 RunPlanned = Callable[[PlannedRun], RunResult | None]
@@ -37,21 +54,147 @@ def state_dir() -> Path:
     return path
 
 
-def storage(path: Path | None = None) -> JournalStorage:
-    path = path or state_dir() / "optuna.journal"
-    return JournalStorage(JournalFileBackend(str(path)))
+def storage_url(option: str | None = None) -> str | None:
+    """The queue's URL: `--storage`, else $ABLATE_STORAGE, else None (the working folder's journal)."""
+    return option or os.environ.get("ABLATE_STORAGE") or None
 
 
-def grid_study(name: str, store: JournalStorage) -> optuna.Study:
+def storage(url_or_path: str | Path | None = None) -> BaseStorage:
+    """The queue: a journal file (a path, or None for .ablate/optuna.journal) or an RDB URL.
+
+    An RDB URL is checked now, with a 10 s connection timeout: an unreachable server, a wrong
+    password or a missing driver is one line naming the URL (password masked).
+    """
+    if url_or_path is None or isinstance(url_or_path, Path) or "://" not in str(url_or_path):
+        path = Path(url_or_path) if url_or_path else state_dir() / "optuna.journal"
+        return JournalStorage(JournalFileBackend(str(path)))
+    url = str(url_or_path)
+    shown = mask_url(url)
+    if url.startswith("sqlite"):
+        raise AblateError(f"--storage {shown}: SQLite cannot be shared by parallel workers; use PostgreSQL "
+                          "(postgresql://USER:PASSWORD@HOST:PORT/DB) or leave --storage out for the local journal")
+    beat = heartbeat_seconds()
+    engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=3 * beat,
+                          failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+    except ImportError:
+        raise AblateError(f"--storage {shown}: no database driver for this URL is installed "
+                          "(PostgreSQL: pip install 'psycopg[binary]')") from None
+    except Exception as e:  # sqlalchemy's OperationalError & co: unreachable, refused, bad password
+        cause = e.__cause__ or e
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise AblateError(f"--storage {shown}: cannot open the queue: {mask_url(reason)}") from None
+
+
+def is_shared(store: BaseStorage) -> bool:
+    """Whether workers on other machines can share this queue (an RDB storage, not the journal)."""
+    return isinstance(store, RDBStorage)
+
+
+def grid_study(name: str, store: BaseStorage) -> optuna.Study:
     return optuna.create_study(study_name=name, storage=store, direction="maximize", load_if_exists=True)
 
 
+@contextlib.contextmanager
+def queue_lock(study: optuna.Study) -> Iterator[None]:
+    """Exclusive access to one study's queue while a coordinator reads and extends it, so that two
+    coordinators started at once enqueue each planned run once: a PostgreSQL advisory lock keyed
+    by the study name, or a file lock beside the journal."""
+    store = study._storage
+    key = int.from_bytes(hashlib.sha1(study.study_name.encode()).digest()[:8], "big", signed=True)
+    if isinstance(store, RDBStorage) and store.engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        with store.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+        return
+    with open(state_dir() / f"{study.study_name}.queue.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def queued_hashes(study: optuna.Study) -> set[str]:
+    """The config hashes of the planned runs waiting in or running from the queue."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    return {PlannedRun.from_json(t.user_attrs[PLANNED_ATTR]).config_hash for t in trials if PLANNED_ATTR in t.user_attrs}
+
+
+def enqueue_missing(study: optuna.Study, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """Enqueue the planned runs that are neither waiting nor running in the queue; returns them.
+    (Runs already done are the caller's to leave out: that is the tracking store's answer.)"""
+    with queue_lock(study):
+        queued = queued_hashes(study)
+        fresh = [run for run in runs if run.config_hash not in queued]
+        enqueue(study, fresh)
+    return fresh
+
+
+def fail_dead_trials(study: optuna.Study) -> int:
+    """Fail the running trials whose worker is gone, and enqueue their planned runs again.
+
+    On an RDB storage, Optuna's heartbeats decide (`fail_stale_trials` with the retry callback);
+    on the journal, a trial's worker is a process on this machine, checked by its owner attribute.
+    Returns how many were failed.
+    """
+    if is_shared(study._storage):
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        optuna.storages.fail_stale_trials(study)
+        return before - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not owner_alive(t.user_attrs.get(OWNER_ATTR))]
+    for trial in dead:
+        study._storage.set_trial_user_attr(trial._trial_id, OUTCOME_ATTR, "worker gone")
+        study.tell(trial.number, state=TrialState.FAIL)
+        if PLANNED_ATTR in trial.user_attrs:
+            enqueue(study, [PlannedRun.from_json(trial.user_attrs[PLANNED_ATTR])])
+    return len(dead)
+
+
+def pending(study: optuna.Study) -> int:
+    """How many trials wait or run: the grid is over when this is 0."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat every interval while its run trains (RDB storages only:
+    `study.optimize` would do this, but a grid worker pulls with ask/tell)."""
+    store = study._storage
+    if not isinstance(store, RDBStorage) or not store.is_heartbeat_enabled():
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(store.get_heartbeat_interval() or 10):
+            with contextlib.suppress(Exception):  # a lost connection must not kill the training
+                store.record_heartbeat(trial._trial_id)
+
+    store.record_heartbeat(trial._trial_id)
+    thread = threading.Thread(target=beat, name="ablate-trial-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def reset_queue(study: optuna.Study) -> int:
-    """Fail the trials a previous, interrupted `ablate run` left behind: RUNNING ones (their worker
-    is gone: the caller holds the ablation's lock) and WAITING ones (they are enqueued afresh).
+    """Clear what a previous, interrupted `ablate run` left in this folder's private queue (the
+    journal; the caller holds the folder's lock): RUNNING trials whose worker is gone, and WAITING
+    ones (the new plan enqueues afresh). Never for a shared queue, whose work belongs to others.
     Returns how many were cleared."""
     cleared = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if owner_alive(trial.user_attrs.get(OWNER_ATTR)):
+            continue
         study.tell(trial.number, state=TrialState.FAIL)
         cleared += 1
     while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -75,14 +218,16 @@ def enqueue(study: optuna.Study, runs: list[PlannedRun]) -> None:
         study.enqueue_trial(trial_params(run.values), user_attrs={PLANNED_ATTR: run.to_json()})
 
 
-def work_grid(study: optuna.Study, num_trials: int, run_planned: RunPlanned) -> int:
-    """Pull and run up to `num_trials` enqueued trials; returns how many were pulled.
+def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlanned) -> int:
+    """Pull and run enqueued trials until the queue is empty (or `num_trials` were pulled);
+    returns how many were pulled.
 
     A finished run completes its trial with its AP; any other outcome, or a run skipped because it
     was done elsewhere, fails the trial, with the outcome kept as a user attribute.
     """
     pulled = 0
-    for _ in range(num_trials):
+    while num_trials is None or pulled < num_trials:
+        fail_dead_trials(study)
         trial = study.ask()
         text = trial.user_attrs.get(PLANNED_ATTR)
         if text is None:  # no enqueued trial left: the sampler made this one up, so discard it
@@ -90,16 +235,19 @@ def work_grid(study: optuna.Study, num_trials: int, run_planned: RunPlanned) -> 
             study.tell(trial, state=TrialState.FAIL)
             break
         planned = PlannedRun.from_json(text)
+        trial.set_user_attr(OWNER_ATTR, process_owner())
         for key, value in trial_params(planned.values).items():  # fixed by the queue: (value, value)
             if isinstance(value, int):
                 trial.suggest_int(key, value, value)
             else:
                 trial.suggest_float(key, value, value)
         try:
-            result = run_planned(planned)
+            with heartbeat(study, trial):
+                result = run_planned(planned)
         except BaseException:
-            trial.set_user_attr(OUTCOME_ATTR, str(Outcome.INTERRUPTED))
-            study.tell(trial, state=TrialState.FAIL)
+            with contextlib.suppress(ValueError):  # already failed as stale
+                trial.set_user_attr(OUTCOME_ATTR, str(Outcome.INTERRUPTED))
+                study.tell(trial, state=TrialState.FAIL)
             raise
         _tell(study, trial, result)
         pulled += 1
@@ -107,7 +255,11 @@ def work_grid(study: optuna.Study, num_trials: int, run_planned: RunPlanned) -> 
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult | None) -> None:
-    """Close a trial from its run's result: COMPLETE with the AP, PRUNED, or FAIL."""
+    """Close a trial from its run's result: COMPLETE with the AP, PRUNED, or FAIL. A trial that was
+    failed as stale meanwhile (its worker was too slow to beat) stays failed: its retry carries
+    the run on, and the tracking store, not this trial, holds the result."""
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        return
     trial.set_user_attr(OUTCOME_ATTR, "skipped" if result is None else str(result.outcome))
     if result is not None and result.value is not None:
         study.tell(trial, result.value)

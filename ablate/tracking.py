@@ -14,23 +14,24 @@ training it (`Tracker.claim`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
-import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from ablate.runs import DONE, Outcome, PlannedRun
+from ablate.runs import DONE, Outcome, PlannedRun, heartbeat_seconds, owner_alive, process_owner
 
 # MLflow announces its schema migrations at INFO level on every fresh store: keep the terminal for
 # the progress bars.
@@ -40,6 +41,10 @@ for _name in ("mlflow", "alembic"):
 TAG = "ablate."  # prefix of our tags
 STEP_METRICS = ("loss", "loss_cls", "loss_box_reg", "lr", "num_fg", "num_bg", "num_ignored", "img_per_s",
                 "data_fraction")
+# How long a process that takes over an interrupted run waits before checking that it is still the
+# owner (two takeovers at once: the later writer keeps the run).
+TAKEOVER_SETTLE_SECONDS = 1.0
+
 # The MLflow run status each outcome closes a run with; the outcome tag tells FAILED ones apart.
 RUN_STATUS = {Outcome.FINISHED: "FINISHED", Outcome.DIVERGED: "FAILED", Outcome.FAILED: "FAILED",
               Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED"}
@@ -106,21 +111,27 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=planned.name, tags={
             "mlflow.parentRunId": parent_id, f"{TAG}git_commit": git_commit(), f"{TAG}command": command_line(),
             **{f"{TAG}{k}": str(v) for k, v in tags.items()}})
-        child = ChildRun(self.client, run.info.run_id)
+        child = ChildRun(self.client, run.info.run_id, tags["owner"])
         items = [Param(k, param_value(v)) for k, v in planned.config.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(child.run_id, params=items[i:i + 100])
         return child
 
-    def claim(self, planned: PlannedRun, parent_id: str) -> ChildRun | None:
+    def claim(self, planned: PlannedRun, parent_id: str, resume_run_id: str | None = None) -> ChildRun | None:
         """Start `planned`'s child run unless the store says it is done or owned by a live process.
 
-        Two processes that claim the same run at once both create a run and then look again: the
-        older claim (start time, then run id) wins and the other deletes its own. Returns the new
-        child run, or None when the run belongs to someone else.
+        `resume_run_id` names the run of an interrupted attempt whose checkpoint the caller will
+        resume: that run is taken over (same run id, its step metrics continue) instead of a new one
+        started. Two processes that claim the same run at once both write their claim and then look
+        again: the older claim (start time, then run id) wins and the other withdraws its own.
+        Returns the child run, or None when the run belongs to someone else.
         """
         if self._rivals(planned.config_hash):
             return None
+        if resume_run_id:
+            taken = self._take_over(resume_run_id, planned.config_hash)
+            if taken is not False:
+                return taken
         child = self.start_child(planned, parent_id)
         rivals = self._rivals(planned.config_hash)
         first = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id))
@@ -129,17 +140,37 @@ class Tracker:
             return None
         return child
 
+    def _take_over(self, run_id: str, config_hash: str) -> ChildRun | None | bool:
+        """Make this process the owner of an interrupted run again; False when there is no such
+        run to take (gone, or another cell's), None when another process took it first."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # deleted, or another store: start afresh
+            return False
+        if run.info.lifecycle_stage != "active" or run.data.tags.get(f"{TAG}config_hash") != config_hash:
+            return False
+        owner = process_owner()
+        self.client.log_batch(run_id, tags=[RunTag(f"{TAG}owner", owner), RunTag(f"{TAG}heartbeat", f"{time.time():.0f}"),
+                                            RunTag(f"{TAG}outcome", "resuming")])
+        self.client.update_run(run_id, status="RUNNING")
+        # A process that took the same run a moment earlier or later has written its owner by
+        # now: the last writer keeps it, and the other sees that and backs off.
+        time.sleep(TAKEOVER_SETTLE_SECONDS)
+        if self.client.get_run(run_id).data.tags.get(f"{TAG}owner") != owner:
+            return None
+        return ChildRun(self.client, run_id, owner)
+
     def _rivals(self, config_hash: str) -> list:
         """The child runs with this config hash that are done or still owned by a live process."""
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}config_hash` = '{config_hash}'",
                                        max_results=1000)
-        return [r for r in runs if is_done(r) or r.info.status == "RUNNING" and owner_alive(r)]
+        return [r for r in runs if is_done(r) or r.info.status == "RUNNING" and run_owner_alive(r)]
 
     def close_orphans(self) -> int:
         """Mark the child runs left RUNNING by a process that is gone as KILLED (outcome
         "interrupted"). Only this machine's processes can be checked; a run owned on another
         machine is left as it is. Returns how many were closed."""
-        orphans = [r for r in self._child_runs() if r.info.status == "RUNNING" and not owner_alive(r)]
+        orphans = [r for r in self._child_runs() if r.info.status == "RUNNING" and not run_owner_alive(r)]
         for run in orphans:
             self.client.set_tag(run.info.run_id, f"{TAG}outcome", str(Outcome.INTERRUPTED))
             self.client.set_terminated(run.info.run_id, status="KILLED")
@@ -183,26 +214,17 @@ def is_done(run) -> bool:
     return run.data.tags.get(f"{TAG}outcome") in DONE and run.info.status in ("FINISHED", "FAILED")
 
 
-def process_owner(pid: int | None = None) -> str:
-    """'host:pid:start time' of a process: which process owns a RUNNING run (pids are reused; the
-    start time tells a new process from the one that made the run)."""
-    proc = psutil.Process(pid)
-    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
-
-
-def owner_alive(run) -> bool:
-    """Whether the process that owns a RUNNING run still runs. A run owned on another machine is
-    taken to be alive (nothing here can tell); a run without an owner tag (written before owners
-    were recorded) is taken to be gone."""
-    owner = run.data.tags.get(f"{TAG}owner")
-    if not owner:
+def run_owner_alive(run) -> bool:
+    """Whether the process that owns a RUNNING run is still at work: its process exists (checked
+    on this machine only) and its heartbeat is younger than three intervals (clocks synchronised,
+    as NTP keeps them). A stopped or hung process misses its beats and counts as gone."""
+    tags = run.data.tags
+    if not owner_alive(tags.get(f"{TAG}owner")):
         return False
-    host, pid, _ = owner.rsplit(":", 2)
-    if host != socket.gethostname():
-        return True
+    beat = tags.get(f"{TAG}heartbeat")
     try:
-        return process_owner(int(pid)) == owner
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return beat is None or time.time() - float(beat) < 3 * heartbeat_seconds()
+    except ValueError:
         return False
 
 
@@ -214,35 +236,71 @@ def _parse_param(text: str) -> Any:
         return text
 
 
+class LostClaim(Exception):
+    """This process was taken for dead (it missed its heartbeats) and another one took its run
+    over: whatever it still computes must not be recorded."""
+
+
 class ChildRun:
-    """One cell x seed. Step metrics are buffered and sent with log_batch (a single log_metric
-    costs 10-20 ms on sqlite; a batch of 1,000 values ~0.2 s)."""
+    """One cell x seed, owned by this process. Step metrics are buffered and sent with log_batch
+    (a single log_metric costs 10-20 ms on sqlite; a batch of 1,000 values ~0.2 s). A thread beats
+    the run's heartbeat tag and checks that the run is still this process's; once it is not, every
+    write raises LostClaim."""
 
     FLUSH_VALUES = 500
     FLUSH_SECONDS = 20.0
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, owner: str):
+        self.client, self.run_id, self.owner = client, run_id, owner
+        self.lost = False
+        # With resumable checkpoints, step metrics go out only when a checkpoint is written, so
+        # that a resumed run never logs a step twice (see flush_on_checkpoint).
+        self.flush_on_checkpoint = False
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
+        self._stop = threading.Event()
+        self._beat_thread = threading.Thread(target=self._beat, name="ablate-run-heartbeat", daemon=True)
+        self._beat_thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(heartbeat_seconds()):
+            with contextlib.suppress(Exception):  # an unreachable server must not kill the training
+                self.check_claim()
+                if not self.lost:
+                    self.client.set_tag(self.run_id, f"{TAG}heartbeat", f"{time.time():.0f}")
+
+    def check_claim(self) -> None:
+        """Ask the store whether the run is still this process's; remember when it is not."""
+        if self.client.get_run(self.run_id).data.tags.get(f"{TAG}owner") != self.owner:
+            self.lost = True
+
+    def _guard(self) -> None:
+        if self.lost:
+            self._stop.set()
+            raise LostClaim(f"run {self.run_id} was taken over by another worker")
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._guard()
         now = int(time.time() * 1000)
         self._buffer += [Metric(k, float(metrics[k]), now, step) for k in STEP_METRICS if k in metrics]
-        if len(self._buffer) >= self.FLUSH_VALUES or time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
+        due = len(self._buffer) >= self.FLUSH_VALUES or time.monotonic() - self._last_flush > self.FLUSH_SECONDS
+        if due and not self.flush_on_checkpoint:
             self.flush()
 
     def flush(self) -> None:
+        self._guard()
         for i in range(0, len(self._buffer), 1000):  # MLflow takes at most 1,000 metrics per batch
             self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
         self._buffer = []
         self._last_flush = time.monotonic()
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._guard()
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        self._guard()
         self.client.log_batch(self.run_id, tags=[RunTag(f"{TAG}{k}", str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, folder: Path) -> None:
@@ -252,7 +310,14 @@ class ChildRun:
 
     def end(self, outcome: Outcome) -> None:
         """Close the run: FINISHED for a finished cell, FAILED for diverged or crashed, KILLED for
-        an interruption or a search trial the pruner stopped; the `outcome` tag tells them apart."""
+        an interruption or a search trial the pruner stopped; the `outcome` tag tells them apart.
+        Raises LostClaim, recording nothing, when another process owns the run by now."""
+        self.check_claim()
         self.flush()
         self.set_tags({"outcome": str(outcome)})
+        self._stop.set()
         self.client.set_terminated(self.run_id, status=RUN_STATUS[Outcome(outcome)])
+
+    def release(self) -> None:
+        """Stop the heartbeat without closing the run (its claim was lost, or it is left for a resume)."""
+        self._stop.set()

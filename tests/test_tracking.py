@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
+import time
+
 from ablate import tracking
 from ablate.experiments import load_experiment
-from ablate.runs import Outcome
+from ablate.runs import Outcome, owner_alive, process_owner
 
 TAG = tracking.TAG
 
@@ -28,7 +30,7 @@ def planned():
 def dead_owner() -> str:
     """The owner string of a process that has exited."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    owner = tracking.process_owner(proc.pid)
+    owner = process_owner(proc.pid)
     proc.wait()
     return owner
 
@@ -40,7 +42,7 @@ def test_child_run_holds_the_planned_run(tracker, planned):
     assert run.info.run_name == "focal s0" and run.info.status == "RUNNING"
     assert run.data.tags[f"{TAG}config_hash"] == planned.config_hash
     assert run.data.tags["mlflow.parentRunId"] == parent
-    assert run.data.tags[f"{TAG}owner"] == tracking.process_owner()
+    assert run.data.tags[f"{TAG}owner"] == process_owner()
     assert run.data.params["loss.cls"] == "focal" and run.data.params["model.prior"] == "0.01"
     assert len(run.data.params) == len(planned.config)
 
@@ -99,16 +101,55 @@ def test_orphans_of_dead_processes_are_closed_and_their_cells_claimable(tracker,
 
 
 def test_owner_liveness():
-    class Run:
-        def __init__(self, owner):
-            self.data = type("Data", (), {"tags": {f"{TAG}owner": owner} if owner else {}})
+    assert owner_alive(process_owner())
+    assert not owner_alive(dead_owner())
+    assert owner_alive("another-machine:12:3.00")  # cannot be checked from here: heartbeats decide
+    assert not owner_alive(None)  # written before owners were recorded
+    me = process_owner()
+    assert not owner_alive(me.rsplit(":", 1)[0] + ":1.00")  # same pid, another start: reused
 
-    assert tracking.owner_alive(Run(tracking.process_owner()))
-    assert not tracking.owner_alive(Run(dead_owner()))
-    assert tracking.owner_alive(Run("another-machine:12:3.00"))  # cannot be checked from here
-    assert not tracking.owner_alive(Run(None))  # written before owners were recorded
-    me = tracking.process_owner()
-    assert not tracking.owner_alive(Run(me.rsplit(":", 1)[0] + ":1.00"))  # same pid, another start: reused
+
+def test_a_run_whose_heartbeat_stopped_counts_as_gone(tracker, planned, monkeypatch):
+    parent = tracker.start_parent("run")
+    child = tracker.start_child(planned, parent)
+    child.release()  # this process stops beating, as a stopped (SIGSTOP) or hung worker would
+    monkeypatch.setenv("ABLATE_HEARTBEAT", "1")
+    tracker.client.set_tag(child.run_id, f"{TAG}heartbeat", f"{time.time() - 10:.0f}")
+    assert not tracking.run_owner_alive(tracker.client.get_run(child.run_id))
+    assert tracker.claim(planned, parent) is not None  # another worker may take the cell
+
+
+def test_an_interrupted_run_is_taken_over_with_its_run_id(tracker, planned, monkeypatch):
+    monkeypatch.setattr(tracking, "TAKEOVER_SETTLE_SECONDS", 0.0)
+    parent = tracker.start_parent("run")
+    first = tracker.claim(planned, parent)
+    first.log_step(10, {"loss": 1.0})
+    first.flush()
+    first.end(Outcome.INTERRUPTED)
+    again = tracker.claim(planned, parent, resume_run_id=first.run_id)
+    assert again.run_id == first.run_id
+    run = tracker.client.get_run(first.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags[f"{TAG}owner"] == process_owner()
+    again.log_step(20, {"loss": 0.5})
+    again.end(Outcome.FINISHED)
+    history = tracker.client.get_metric_history(first.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(10, 1.0), (20, 0.5)]
+    assert tracker.done_runs() == {planned.config_hash: first.run_id}
+    # A run id that is not this cell's is no run to take over: a new run starts.
+    other = load_experiment("smoke").planned_runs([1])[0]
+    assert tracker.claim(other, parent, resume_run_id=first.run_id).run_id != first.run_id
+
+
+def test_a_worker_whose_run_was_taken_over_records_nothing(tracker, planned):
+    parent = tracker.start_parent("run")
+    slow = tracker.claim(planned, parent)
+    tracker.client.set_tag(slow.run_id, f"{TAG}owner", "another-machine:1:1.00")  # the taker
+    with pytest.raises(tracking.LostClaim):
+        slow.end(Outcome.FINISHED)
+    with pytest.raises(tracking.LostClaim):
+        slow.log_step(1, {"loss": 1.0})
+    run = tracker.client.get_run(slow.run_id)
+    assert run.info.status == "RUNNING" and f"{TAG}outcome" not in run.data.tags
 
 
 def test_end_maps_outcomes_to_mlflow_statuses(tracker):
