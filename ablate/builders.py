@@ -47,14 +47,69 @@ def build_dataset(cfg: DataConfig, root: Path, split: str, train: bool) -> CocoD
                          categories=cfg.categories, cache_images=cfg.cache_images)
 
 
+class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
+    """Batches of a seeded shuffle of `num_samples` indices, one epoch per pass over the sampler,
+    epoch after epoch; `start` (a batch count) begins the sequence anywhere, which is what lets a
+    stopped run resume with the very batches it would have seen.
+
+    The order is the one `DataLoader(shuffle=True, drop_last=True, generator=Generator().manual_seed(
+    seed))` gave before this sampler, so every recorded run keeps its data: each epoch is one
+    `randperm(num_samples)` from a single generator, cut into full batches. The sampler also makes
+    the draws of that generator which that loader made and threw away: its workers' base seed before
+    a permutation (on every pass without workers, only on the first with persistent ones:
+    `seed_draw_every_epoch`), and a second randperm after each (RandomSampler's remainder, sliced
+    to nothing). It replays the epochs before `start` to get there.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, *, start: int = 0,
+                 seed_draw_every_epoch: bool = True):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed_draw_every_epoch = seed_draw_every_epoch
+        self.batches_per_epoch = num_samples // batch_size  # drop_last: full batches only
+        self.epoch, self.skip = divmod(start, self.batches_per_epoch) if self.batches_per_epoch else (0, 0)
+        self.generator = torch.Generator().manual_seed(seed)
+        for epoch in range(self.epoch):
+            self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch == 0 or self.seed_draw_every_epoch:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        torch.randperm(self.num_samples, generator=self.generator)
+        return order
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator: nothing moves before the first batch is asked for (a DataLoader with workers
+        # calls iter() twice and reads only the second).
+        order = self._permutation(self.epoch)
+        skip, self.skip = self.skip, 0
+        self.epoch += 1
+        for b in range(skip, self.batches_per_epoch):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
 def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, shuffle: bool,
-                 seed: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader yielding padded `Batch`es; seeded so that a run's image order is reproducible."""
+                 seed: int = 0, pin_memory: bool = False, start: int = 0) -> DataLoader:
+    """A DataLoader yielding padded `Batch`es; seeded so that a run's image order is reproducible.
+
+    With `shuffle`, the batches come from `ShuffledBatches` beginning at batch `start` (the
+    iterations a resumed run has done). Without workers, the flips (drawn from torch's global RNG
+    in this process) resume exactly once the caller restores that RNG; with workers, each keeps an
+    RNG of its own, seeded when the loader starts, so a resumed run sees the same images in the
+    same order but not the same flips.
+    """
     workers = max(0, min(num_workers, (os.cpu_count() or 1)))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate, drop_last=shuffle, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=workers > 0)
+    # Its own generator: the workers' base seed (the first draw, as before), never the order's.
+    generator = torch.Generator().manual_seed(seed)
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                          pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
+    batches = ShuffledBatches(len(dataset), batch_size, seed, start=start, seed_draw_every_epoch=workers == 0)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
 
 
 def build_val_loader(cfg: Config, root: Path) -> tuple[CocoDetection, DataLoader]:
