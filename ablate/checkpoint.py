@@ -1,15 +1,29 @@
-"""Checkpoints: a trained model's weights saved with the config and class names that rebuild it.
+"""Checkpoints: a trained model's weights saved with the config and class names that rebuild it,
+and the resume checkpoints from which a stopped run goes on as if it had never stopped.
 
 A checkpoint.pt holds {"model": state dict, "config": the nested config, "class_names",
 "category_ids", "iteration"}; `load_checkpoint` rebuilds the model through the builders, so a
 checkpoint written before a config key was renamed still loads (`config.from_dict`).
+
+A resume checkpoint (`ResumeSpec.path`, e.g. resume.pt) holds, besides the iteration, the config
+and its hash and the caller's `meta`, whatever the runner needs to continue bit for bit (model,
+optimiser, schedule, loss state, every RNG, the engine's state: see `runner`); a small sidecar
+JSON beside it (resume.json) repeats the iteration, hash and meta for callers that should not
+need torch to read them. Both are written atomically, the sidecar after the checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import torch
 
 from ablate import builders
@@ -17,14 +31,37 @@ from ablate.config import Config, apply_overrides, from_dict, to_dict
 from ablate.errors import AblateError
 from ablate.model.retinanet import RetinaNet
 
+RESUME_KIND = "ablate resume checkpoint, format 1"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `path` through `write(file)` into a temporary file of the same folder, flushed to disk,
+    then renamed over `path`: a writer that dies or fails mid-way leaves the previous file whole
+    (and, unless killed outright, no temporary file either)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
 
 def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, class_names: list[str],
                     category_ids: list[int], iteration: int) -> None:
     """Write atomically: an interrupted save never leaves half a checkpoint under `path`."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "class_names": class_names,
-                "category_ids": category_ids, "iteration": iteration}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "config": to_dict(cfg),
+                                             "class_names": class_names, "category_ids": category_ids,
+                                             "iteration": iteration}, f))
 
 
 def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[RetinaNet, Config, dict]:
@@ -44,3 +81,87 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     model = builders.build_model(cfg, len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, ckpt
+
+
+# ----------------------------------------------------------------------------- resume checkpoints
+
+
+@dataclass(frozen=True)
+class ResumeSpec:
+    """Where a run keeps its resume checkpoint and how often it writes one.
+
+    path: the checkpoint file (its sidecar is path with .json); if it exists when the run starts,
+    the run continues from it. every: iterations between checkpoints (0: only when stopped).
+    meta: the caller's (JSON-able: e.g. {"run_id": ...}), saved in both files. on_saved(iteration):
+    called once a checkpoint and its sidecar are on disk.
+    """
+
+    path: Path
+    every: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    on_saved: Callable[[int], None] | None = None
+
+
+def sidecar_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_resume(spec: ResumeSpec, iteration: int, config: Config, config_hash: str, parts: dict[str, Any]) -> None:
+    """Write the resume checkpoint of `iteration` (`parts`: what the runner restores from), then its
+    sidecar, both atomically; then tell `spec.on_saved`."""
+    path = Path(spec.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {"kind": RESUME_KIND, "iteration": iteration, "config_hash": config_hash, "meta": spec.meta}
+    atomic_write(path, lambda f: torch.save({**head, "config": to_dict(config), **parts}, f))
+    side = {**head, "checkpoint": path.name, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(side, indent=2).encode()))
+    if spec.on_saved:
+        spec.on_saved(iteration)
+
+
+def load_resume(path: str | Path, config_hash: str) -> dict[str, Any]:
+    """The resume checkpoint at `path`, on the CPU; refused (AblateError naming the file) when it
+    is not one or belongs to another config than the one of hash `config_hash`."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AblateError(f"{path}: no such resume checkpoint") from None
+    except Exception as e:
+        raise AblateError(f"{path}: not a resume checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != RESUME_KIND:
+        raise AblateError(f"{path}: not a resume checkpoint of this version of ablate")
+    if ckpt["config_hash"] != config_hash:
+        raise AblateError(f"{path}: a resume checkpoint of config {ckpt['config_hash']}, not of this run's "
+                          f"config {config_hash}; resume with the same experiment and --set overrides, or delete it")
+    return ckpt
+
+
+def discard_resume(path: str | Path) -> None:
+    """Delete a resume checkpoint, its sidecar and any temporary file a killed writer left behind
+    (once its run is over: finished or diverged). Missing files are fine."""
+    path = Path(path)
+    for p in (path, sidecar_path(path), path.with_name(path.name + ".tmp"),
+              sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")):
+        p.unlink(missing_ok=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training run draws from: Python's, NumPy's, torch's (CPU, and CUDA's where
+    available), in a form `torch.load(weights_only=True)` reads back."""
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
+    states = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    numpy = dict(states["numpy"], state=dict(states["numpy"]["state"]))
+    numpy["state"]["key"] = numpy["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -68,6 +68,13 @@ class DetectionLoss:
         return {"loss": loss_cls + loss_box, "loss_cls": loss_cls.detach(), "loss_box_reg": loss_box.detach(),
                 "num_fg": num_fg, "num_bg": (matched == BACKGROUND).sum(), "num_ignored": (~valid).sum()}
 
+    def state_dict(self) -> dict[str, float | None]:
+        """What a resumed run needs to go on computing the same losses: the EMA normaliser."""
+        return {"ema_num_fg": self.ema_num_fg}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.ema_num_fg = state["ema_num_fg"]
+
     def _normalizer(self, num_fg: Tensor) -> Tensor:
         if self.normalizer == "batch":
             return num_fg.clamp(min=1).float()

@@ -7,6 +7,7 @@ builds them from a config."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -19,15 +20,36 @@ from ablate.criterion import DetectionLoss
 from ablate.data.coco import Batch, CocoDetection
 from ablate.evaluation import coco_evaluate, detections_to_coco
 from ablate.postprocess import Postprocess
+from ablate.runs import Outcome
 
 LogFn = Callable[[int, dict[str, float]], None]
+LOGGED = ("loss", "loss_cls", "loss_box_reg", "num_fg", "num_bg", "num_ignored")  # summed per interval
+
+
+@dataclass
+class TrainState:
+    """How far a run got: what the loop needs, besides the model, optimiser, schedule and loss, to
+    go on from there (a resume checkpoint holds it). `sums`, `images`, `interval_seconds` and
+    `data_seconds` are the running totals of the log interval under way, so that a logged line
+    spanning a stop and a resume averages the same iterations as without one."""
+
+    iteration: int = 0  # iterations done
+    history: list[dict[str, float]] = field(default_factory=list)  # every line logged so far
+    seconds: float = 0.0  # training time over every attempt
+    sums: dict[str, float] = field(default_factory=dict)  # losses and counts summed over the interval
+    images: int = 0
+    interval_seconds: float = 0.0
+    data_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class TrainOutcome:
-    status: str  # "finished", "diverged" or "pruned"
+    status: Outcome  # FINISHED, DIVERGED, PRUNED or INTERRUPTED
     iterations: int  # iterations completed
-    seconds: float
+    seconds: float  # training time, over every attempt of a resumed run
     diverged_at: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -65,26 +87,40 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
           channels_last: bool = True, checkpoint_every: int = 0, on_log: LogFn | None = None,
           on_checkpoint: Callable[[int], None] | None = None, show_progress: bool = True,
           progress: Progress | None = None, eval_every: int = 0,
-          on_eval: Callable[[int], bool] | None = None) -> TrainOutcome:
-    """Run `iterations` SGD steps. A non-finite loss stops the run with status "diverged"
+          on_eval: Callable[[int], bool] | None = None, state: TrainState | None = None,
+          stop: Callable[[], bool] | None = None, save_every: int = 0,
+          save_state: Callable[[TrainState], None] | None = None) -> TrainOutcome:
+    """Run SGD steps until `iterations` are done. A non-finite loss stops the run as DIVERGED
     (before the step that would poison the weights); everything logged until then is kept.
 
     Every `log_every` iterations (and at the end) the interval's mean losses and counts go to
     `on_log(iteration, metrics)`; every `checkpoint_every` (0: never) `on_checkpoint(iteration)`
     is called before the end; every `eval_every` iterations `on_eval(iteration)` may stop the run
-    early (status "pruned"). `amp`: bf16 autocast on CUDA; `channels_last`: NHWC input images.
+    early (PRUNED). `amp`: bf16 autocast on CUDA; `channels_last`: NHWC input images.
+
+    Resuming: `state` is where a stopped run got to (iteration, history, the interval's sums); the
+    model, optimiser, schedule, loss and `batches` must be at that point too. `stop()` is asked
+    once per iteration: True ends the run as INTERRUPTED. `save_state(state)` is called every
+    `save_every` iterations (0: never) and when stopped, before the end, to write a resume point.
     """
     model.train()
-    sums: dict[str, float] = {}
-    history: list[dict[str, float]] = []
+    state = state or TrainState()
     start = interval_start = time.perf_counter()
-    data_seconds = 0.0
-    images_in_interval = 0
+    seconds_before = state.seconds
+
+    def clock() -> None:  # bring the state's timers up to now
+        nonlocal interval_start
+        now = time.perf_counter()
+        state.seconds = seconds_before + now - start
+        state.interval_seconds += now - interval_start
+        interval_start = now
+
     with progress_task(progress, "train", iterations, show_progress) as (bar, task):
-        for it in range(iterations):
+        bar.update(task, completed=state.iteration)
+        for it in range(state.iteration, iterations):
             t0 = time.perf_counter()
             batch = next(batches).to(device, non_blocking=True)
-            data_seconds += time.perf_counter() - t0
+            state.data_seconds += time.perf_counter() - t0
             images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
             with autocast(device, amp):
                 cls_logits, box_deltas, anchors, _ = model(images)
@@ -92,38 +128,56 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
             loss = out["loss"]
             out["loss"] = loss.item()  # also the divergence check (one sync per step)
             if not math.isfinite(out["loss"]):
-                return TrainOutcome("diverged", it, time.perf_counter() - start, diverged_at=it, history=history)
+                clock()
+                return TrainOutcome(Outcome.DIVERGED, it, state.seconds, diverged_at=it, history=state.history)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            for key in ("loss", "loss_cls", "loss_box_reg", "num_fg", "num_bg", "num_ignored"):
-                sums[key] = sums.get(key, 0.0) + float(out[key])
-            images_in_interval += len(batch.images)
-            done = it + 1
+            for key in LOGGED:
+                state.sums[key] = state.sums.get(key, 0.0) + float(out[key])
+            state.images += len(batch.images)
+            state.iteration = done = it + 1
             if done % log_every == 0 or done == iterations:
-                n = done - (history[-1]["iteration"] if history else 0)
-                elapsed = time.perf_counter() - interval_start
-                metrics = {"iteration": done, "lr": optimizer.param_groups[0]["lr"],
-                           **{k: v / n for k, v in sums.items()},
-                           "img_per_s": images_in_interval / elapsed, "data_fraction": data_seconds / elapsed}
-                for key in ("num_fg", "num_bg", "num_ignored"):  # per image, not per batch
-                    metrics[key] /= images_in_interval / n
-                history.append(metrics)
+                clock()
+                metrics = interval_metrics(state, optimizer.param_groups[0]["lr"])
+                state.history.append(metrics)
                 if on_log:
                     on_log(done, metrics)
                 bar.update(task, completed=done, info=f"loss {metrics['loss']:.3f} "
                            f"({metrics['img_per_s']:.1f} img/s)")
-                sums, images_in_interval, data_seconds = {}, 0, 0.0
-                interval_start = time.perf_counter()
-            if on_checkpoint and checkpoint_every and done % checkpoint_every == 0 and done < iterations:
+                state.sums, state.images, state.interval_seconds, state.data_seconds = {}, 0, 0.0, 0.0
+            if done == iterations:
+                break
+            if on_checkpoint and checkpoint_every and done % checkpoint_every == 0:
                 on_checkpoint(done)
-            if on_eval and eval_every and done % eval_every == 0 and done < iterations:
-                stop = on_eval(done)
+            if on_eval and eval_every and done % eval_every == 0:
+                pruned = on_eval(done)
                 model.train()
-                if stop:
-                    return TrainOutcome("pruned", done, time.perf_counter() - start, history=history)
-    return TrainOutcome("finished", iterations, time.perf_counter() - start, history=history)
+                if pruned:
+                    clock()
+                    return TrainOutcome(Outcome.PRUNED, done, state.seconds, history=state.history)
+            stopping = stop is not None and stop()
+            if save_state and (stopping or (save_every and done % save_every == 0)):
+                clock()
+                save_state(state)
+            if stopping:
+                clock()
+                return TrainOutcome(Outcome.INTERRUPTED, done, state.seconds, history=state.history)
+    clock()
+    return TrainOutcome(Outcome.FINISHED, iterations, state.seconds, history=state.history)
+
+
+def interval_metrics(state: TrainState, lr: float) -> dict[str, float]:
+    """The logged line of the interval ending at `state.iteration`: mean losses, counts per image,
+    throughput and the fraction of the time spent waiting for data."""
+    n = state.iteration - (state.history[-1]["iteration"] if state.history else 0)
+    metrics = {"iteration": state.iteration, "lr": lr, **{k: v / n for k, v in state.sums.items()},
+               "img_per_s": state.images / state.interval_seconds,
+               "data_fraction": state.data_seconds / state.interval_seconds}
+    for key in ("num_fg", "num_bg", "num_ignored"):  # per image, not per batch
+        metrics[key] /= state.images / n
+    return metrics
 
 
 @torch.no_grad()

@@ -3,11 +3,11 @@
 This is the edge where a run touches the disk, and it consumes a whole config: the builders turn it
 into parts, the engine only computes. A run folder holds:
     config.json        the resolved config (nested) and its hash
-    metrics.jsonl      one line per logged interval
+    metrics.jsonl      one line per logged interval (a resumed run's: the whole run's, each once)
     checkpoint.pt      model weights + config + class names (and every N iterations: checkpoint_N.pt)
     detections.json    COCO results on the val split
     eval.json          COCO metrics
-    summary.json       status (finished / diverged), final metrics, timings, data statistics
+    summary.json       status (an Outcome), final metrics, timings, data statistics, resumed_from
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from rich.console import Console
 
 from ablate import builders, engine
 from ablate.analysis import anchor_balance, loss_curve_png
-from ablate.checkpoint import save_checkpoint
+from ablate.checkpoint import ResumeSpec, load_resume, rng_states, save_checkpoint, save_resume, set_rng_states
 from ablate.config import Config, config_hash, to_dict
+from ablate.errors import AblateError
 from ablate.evaluation import save_results
+from ablate.runs import Outcome
 
 
 def set_seed(seed: int) -> None:
@@ -56,19 +58,30 @@ def write_json(path: Path, data: Any) -> None:
 def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = None,
                  console: Console | None = None, show_progress: bool = True, progress=None,
                  on_log: Callable[[int, dict[str, float]], None] | None = None, eval_every: int = 0,
-                 on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+                 on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+                 resume: ResumeSpec | None = None, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train, checkpoint and evaluate one config; returns the summary (also in summary.json).
 
     `console` None keeps it quiet (grid workers); `progress` is a display to add the bars to.
     Every `eval_every` iterations the val metrics go to `on_eval(iteration, metrics)`, which may stop
     the run by returning True (the search's pruner): the run then ends as "pruned".
+
+    `resume`: where the run keeps its resume checkpoint; if that file exists the run continues from
+    it (in the run folder it was written from, when that still exists), and one is written every
+    `resume.every` iterations. `stop()`, asked once per iteration, ends the run as "interrupted"
+    after writing the resume checkpoint (if `resume`), without evaluating. On CPU a resumed run's
+    losses, weights and metrics equal an uninterrupted run's bit for bit (with data.num_workers 0;
+    with workers, its images and their order, but not its flips: see builders.build_loader).
     """
+    saved = load_resume(resume.path, config_hash(cfg)) if resume and Path(resume.path).exists() else None
     set_seed(cfg.train.seed)
     device = builders.resolve_device(cfg.train.device)
     root = builders.data_root(cfg, progress=show_progress and progress is None)
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
     val_set, val_loader = builders.build_val_loader(cfg, root)
     # The run folder only once the data is known good: bad input leaves no empty run behind.
+    if run_dir is None and saved and Path(saved["run_dir"]).is_dir():
+        run_dir = Path(saved["run_dir"])
     run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
     balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
@@ -81,10 +94,17 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     model = builders.build_model(cfg, len(train_set.category_names)).to(device)
     if cfg.train.channels_last:  # faster convolutions on CUDA and on CPU (oneDNN) alike, measured
         model = model.to(memory_format=torch.channels_last)
-    optimizer = builders.build_optimizer(model, cfg.train)
-    loader = builders.build_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=True,
-                                   seed=cfg.train.seed, pin_memory=device.type == "cuda")
+    t = cfg.train
+    optimizer = builders.build_optimizer(model, t)
+    scheduler = builders.build_scheduler(optimizer, t)
+    criterion = builders.build_criterion(cfg)
+    state = restore(saved, model, optimizer, scheduler, criterion) if saved else engine.TrainState()
+    loader = builders.build_loader(train_set, t.batch_size, cfg.data.num_workers, shuffle=True, seed=t.seed,
+                                   pin_memory=device.type == "cuda", start=state.iteration)
+    check_data_position(saved, loader, resume)
     classes = (train_set.category_names, train_set.category_ids)
+    if saved:  # the lines logged before the checkpoint, each once (a killed run may have logged more)
+        write_metrics(run_dir / "metrics.jsonl", state.history)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         with open(run_dir / "metrics.jsonl", "a") as f:
@@ -96,22 +116,36 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
         return engine.evaluate(model, val_loader, val_set, builders.build_postprocess(cfg), device,
                                amp=cfg.train.amp, show_progress=show_progress, progress=progress)
 
-    t = cfg.train
-    outcome = engine.train(model, builders.build_criterion(cfg), builders.forever(loader), optimizer,
-                           builders.build_scheduler(optimizer, t), device, iterations=t.iterations,
-                           log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
+    def save_state(state: engine.TrainState) -> None:
+        parts = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "criterion": criterion.state_dict(), "rng": rng_states(),
+                 "train": state.as_dict(), "data": {"batches_per_epoch": len(loader)}, "run_dir": str(run_dir)}
+        # No AMP GradScaler to save: autocast runs in bf16 (engine.autocast), which needs no loss scaling.
+        save_resume(resume, state.iteration, cfg, config_hash(cfg), parts)
+
+    if saved:
+        set_rng_states(saved["rng"])  # last: building the parts above drew from the RNGs
+        if console:
+            console.print(f"resuming from {resume.path} at iteration {state.iteration}")
+    outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
+                           iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
                            checkpoint_every=t.checkpoint_every, on_log=log,
                            on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", model, cfg,
                                                                     *classes, it),
                            show_progress=show_progress, progress=progress, eval_every=eval_every,
-                           on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None)
+                           on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None,
+                           state=state, stop=stop, save_every=resume.every if resume else 0,
+                           save_state=save_state if resume else None)
     summary: dict[str, Any] = {"status": outcome.status, "iterations": outcome.iterations,
                                "diverged_at": outcome.diverged_at, "train_seconds": outcome.seconds,
+                               "resumed_from": saved["iteration"] if saved else None,
                                "config_hash": config_hash(cfg), "run_dir": str(run_dir),
                                "data": {"root": str(root), **train_set.stats.as_dict()}, "anchors": balance}
+    if outcome.status is Outcome.INTERRUPTED:
+        summary["resume_checkpoint"] = str(resume.path) if resume else None
     if outcome.history:
         loss_curve_png(outcome.history, run_dir / "loss_curve.png", title=name)
-    if outcome.status == "finished":
+    if outcome.status is Outcome.FINISHED:
         save_checkpoint(run_dir / "checkpoint.pt", model, cfg, *classes, outcome.iterations)
         t0 = time.perf_counter()
         metrics, records = evaluate()
@@ -120,3 +154,40 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
         summary.update(metrics=metrics, eval_seconds=time.perf_counter() - t0)
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def resume_spec(cfg: Config, path: Path | None, every: int) -> ResumeSpec | None:
+    """The resume checkpoint of `ablate train`: `path` (which must exist) to continue from, else one
+    per config in train.out_dir (resume-HASH.pt) when `every` > 0, continued from if a stopped run
+    left it; None for neither (a stopped run then keeps only its logged metrics)."""
+    if path is not None:
+        if not path.is_file():
+            raise AblateError(f"{path}: no such resume checkpoint")
+        return ResumeSpec(path, every)
+    if every:
+        return ResumeSpec(Path(cfg.train.out_dir) / f"resume-{config_hash(cfg)}.pt", every)
+    return None
+
+
+def restore(saved: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, criterion) -> engine.TrainState:
+    """Put the parts back where a resume checkpoint left them; returns the engine's state."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    criterion.load_state_dict(saved["criterion"])
+    return engine.TrainState(**saved["train"])
+
+
+def check_data_position(saved: dict[str, Any] | None, loader, resume: ResumeSpec | None) -> None:
+    """The data order resumes at the iteration's batch only if an epoch still has as many batches."""
+    if saved and saved["data"]["batches_per_epoch"] != len(loader):
+        raise AblateError(f"{resume.path}: written with {saved['data']['batches_per_epoch']} batches per epoch, "
+                          f"the training set now gives {len(loader)}; the data changed since")
+
+
+def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    """metrics.jsonl holding exactly `history` (empty for a new run)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+    tmp.replace(path)
