@@ -65,10 +65,22 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
           set_: SetOption = None, data: DataOption = None,
           seed: Annotated[int | None, typer.Option(help="Seed (default: the experiment's first).")] = None,
           out: Annotated[Path | None, typer.Option(help="Folder for run folders (train.out_dir).")] = None,
+          resume: Annotated[Path | None, typer.Option(
+              "--resume", help="Continue from the resume checkpoint of a stopped run of the same config.")] = None,
+          checkpoint_every: Annotated[int, typer.Option(
+              "--checkpoint-every", min=0, help="Write a resume checkpoint every N iterations and when stopped "
+              "(OUT/resume-HASH.pt, or the --resume file); running the same command again goes on from it.")] = 0,
           progress: ProgressOption = True) -> None:
-    """Train one model from an experiment file, then evaluate it on the val split."""
+    """Train one model from an experiment file, then evaluate it on the val split.
+
+    SIGTERM or Ctrl-C stops the run after the current iteration (writing the resume checkpoint if
+    there is one) with exit code 130; a second signal stops it at once."""
+    from rich.markup import escape
+
+    from ablate.checkpoint import discard_resume
     from ablate.experiments import load_experiment
-    from ablate.runner import run_training
+    from ablate.runner import resume_spec, run_training
+    from ablate.signals import graceful_stop
 
     exp = load_experiment(experiment)
     overrides = overrides_from(set_, data)
@@ -76,7 +88,17 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     if out:
         overrides["train.out_dir"] = str(out)
     cfg = exp.base_config(overrides)
-    summary = run_training(cfg, name=exp.name, console=console, show_progress=progress)
+    spec = resume_spec(cfg, resume, checkpoint_every)
+    with graceful_stop() as stop:
+        summary = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
+    if summary["status"] == "interrupted":
+        kept = (f"resume checkpoint {summary['resume_checkpoint']} (go on with --resume or the same command)"
+                if spec else "no resume checkpoint (--checkpoint-every N writes one)")
+        console.print(escape(f"interrupted at iteration {summary['iterations']}: {kept}; run folder "
+                             f"{summary['run_dir']}"), style="yellow")
+        raise typer.Exit(130)
+    if spec:
+        discard_resume(spec.path)
     print_summary(summary)
     if summary["status"] != "finished":
         raise typer.Exit(3)

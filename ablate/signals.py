@@ -1,0 +1,70 @@
+"""SIGTERM handled like SIGINT: a polite stop first, an immediate one on the second signal.
+
+Preemptible machines and schedulers (Slurm, Kubernetes, spot instances) send SIGTERM and wait a
+grace period before SIGKILL. A training run should use that period to write a checkpoint and
+close its tracked run, so `graceful_stop()` turns the first SIGTERM or SIGINT into a flag the
+training loop polls once per iteration; a second signal raises KeyboardInterrupt at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[Callable[[], bool]]:
+    """Yield `stop()`, True once a SIGINT or SIGTERM arrived; restore the old handlers on exit.
+
+    Outside the main thread (where Python cannot install handlers) `stop()` stays False and the
+    signals keep their default behaviour.
+    """
+    received: list[int] = []
+
+    def handle(signum, _frame) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, handle) for sig in HANDLED}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def forward_to(processes) -> Iterator[Callable[[], bool]]:
+    """While worker processes run: a SIGTERM to this process is passed on to them (a SIGINT from
+    the terminal reaches the whole process group by itself), so each stops politely; a second
+    signal terminates them. Yields `stop()` like graceful_stop."""
+    received: list[int] = []
+
+    def handle(signum, _frame) -> None:
+        received.append(signum)
+        for proc in processes:
+            if proc.is_alive() and proc.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    if len(received) > 1:
+                        proc.terminate()
+                    elif signum == signal.SIGTERM:
+                        os.kill(proc.pid, signal.SIGTERM)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, handle) for sig in HANDLED}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
