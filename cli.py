@@ -80,6 +80,7 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     from ablate.checkpoint import discard_resume
     from ablate.experiments import load_experiment
     from ablate.runner import resume_spec, run_training
+    from ablate.runs import Outcome
     from ablate.signals import graceful_stop
 
     exp = load_experiment(experiment)
@@ -91,7 +92,7 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
         summary = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
-    if summary["status"] == "interrupted":
+    if summary["status"] is Outcome.INTERRUPTED:
         kept = (f"resume checkpoint {summary['resume_checkpoint']} (go on with --resume or the same command)"
                 if spec else "no resume checkpoint (--checkpoint-every N writes one)")
         console.print(escape(f"interrupted at iteration {summary['iterations']}: {kept}; run folder "
@@ -100,7 +101,7 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     if spec:
         discard_resume(spec.path)
     print_summary(summary)
-    if summary["status"] != "finished":
+    if summary["status"] is not Outcome.FINISHED:
         raise typer.Exit(3)
 
 

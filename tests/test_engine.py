@@ -14,6 +14,7 @@ from ablate.criterion import DetectionLoss
 from ablate.data.coco import collate
 from ablate.model.retinanet import RetinaNet
 from ablate.postprocess import Postprocess
+from ablate.runs import Outcome
 
 
 def _sample(image_id: int, size: int = 64, orig: tuple[int, int] = (64, 64)):
@@ -43,7 +44,7 @@ def _train(criterion=None, **kwargs):
 
 def test_iterations_log_every_and_checkpoint_every():
     outcome, logged, checkpoints = _train(iterations=5, log_every=2, checkpoint_every=2, amp=False)
-    assert (outcome.status, outcome.iterations) == ("finished", 5)
+    assert (outcome.status, outcome.iterations) == (Outcome.FINISHED, 5)
     assert logged == [2, 4, 5]  # every 2, and the last
     assert [h["iteration"] for h in outcome.history] == logged
     assert checkpoints == [2, 4]  # not at the end: the caller saves the final checkpoint
@@ -61,14 +62,27 @@ def test_a_non_finite_loss_stops_the_run_as_diverged():
         return out
     nan_at_two.calls = 0
     outcome, logged, _ = _train(nan_at_two, iterations=5, log_every=1)
-    assert (outcome.status, outcome.diverged_at, outcome.iterations) == ("diverged", 2, 2)
+    assert (outcome.status, outcome.diverged_at, outcome.iterations) == (Outcome.DIVERGED, 2, 2)
     assert logged == [1, 2]
 
 
 def test_on_eval_can_prune_the_run():
     seen = []
     outcome, _, _ = _train(iterations=6, log_every=1, eval_every=2, on_eval=lambda it: seen.append(it) or it >= 4)
-    assert seen == [2, 4] and (outcome.status, outcome.iterations) == ("pruned", 4)
+    assert seen == [2, 4] and (outcome.status, outcome.iterations) == (Outcome.PRUNED, 4)
+
+
+def test_stop_saves_the_state_and_a_saved_state_continues_the_numbering():
+    saved, calls = [], iter(range(1, 100))
+    outcome, logged, _ = _train(iterations=6, log_every=2, amp=False, stop=lambda: next(calls) == 3, save_every=2,
+                                save_state=lambda state: saved.append((state.iteration, set(state.sums))))
+    assert (outcome.status, outcome.iterations, logged) == (Outcome.INTERRUPTED, 3, [2])
+    assert saved == [(2, set()), (3, set(engine.LOGGED))]  # every 2, and when stopped: iteration 3 not yet logged
+    state = engine.TrainState(iteration=3, history=outcome.history, sums={k: 0.0 for k in engine.LOGGED}, images=2,
+                              interval_seconds=1.0)
+    outcome, logged, _ = _train(iterations=6, log_every=2, amp=False, state=state)
+    assert (outcome.status, outcome.iterations, logged) == (Outcome.FINISHED, 6, [4, 6])
+    assert [h["iteration"] for h in outcome.history] == [2, 4, 6] and outcome.history is state.history
 
 
 def test_predict_applies_the_postprocess_and_rescales_to_the_original_pixels():
