@@ -64,11 +64,11 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
 
     `console` None keeps it quiet (grid workers); `progress` is a display to add the bars to.
     Every `eval_every` iterations the val metrics go to `on_eval(iteration, metrics)`, which may stop
-    the run by returning True (the search's pruner): the run then ends as "pruned".
+    the run by returning True (the search's pruner): the run then ends PRUNED.
 
     `resume`: where the run keeps its resume checkpoint; if that file exists the run continues from
     it (in the run folder it was written from, when that still exists), and one is written every
-    `resume.every` iterations. `stop()`, asked once per iteration, ends the run as "interrupted"
+    `resume.every` iterations. `stop()`, asked once per iteration, ends the run INTERRUPTED
     after writing the resume checkpoint (if `resume`), without evaluating. On CPU a resumed run's
     losses, weights and metrics equal an uninterrupted run's bit for bit (with data.num_workers 0;
     with workers, its images and their order, but not its flips: see builders.build_loader).
