@@ -117,10 +117,7 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
                                amp=cfg.train.amp, show_progress=show_progress, progress=progress)
 
     def save_state(state: engine.TrainState) -> None:
-        parts = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "criterion": criterion.state_dict(), "rng": rng_states(),
-                 "train": state.as_dict(), "data": {"batches_per_epoch": len(loader)}, "run_dir": str(run_dir)}
-        # No AMP GradScaler to save: autocast runs in bf16 (engine.autocast), which needs no loss scaling.
+        parts = resume_parts(model, optimizer, scheduler, criterion, state, len(loader), run_dir)
         save_resume(resume, state.iteration, cfg, config_hash(cfg), parts)
 
     if saved:
@@ -167,6 +164,18 @@ def resume_spec(cfg: Config, path: Path | None, every: int) -> ResumeSpec | None
     if every:
         return ResumeSpec(Path(cfg.train.out_dir) / f"resume-{config_hash(cfg)}.pt", every)
     return None
+
+
+def resume_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, criterion, state: engine.TrainState,
+                 batches_per_epoch: int, run_dir: Path) -> dict[str, Any]:
+    """What a resume checkpoint holds besides its head (iteration, config, hash, meta): every part
+    whose state the next iteration depends on. The data position is the iteration itself (the
+    loader starts at that batch); the batches per epoch are kept to check that the data is the same."""
+    # No AMP GradScaler to save: autocast runs in bf16 (engine.autocast), which needs no loss scaling.
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "criterion": criterion.state_dict(), "rng": rng_states(), "train": state.as_dict(),
+            "data": {"batches_per_epoch": batches_per_epoch}, "run_dir": str(run_dir)}
 
 
 def restore(saved: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
