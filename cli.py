@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="Run, track and report the ablations of a dense detector (RetinaNet, focal loss).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -200,31 +201,92 @@ def seed_list(exp, seeds: int | None) -> list[int]:
     return list(range(seeds)) if seeds else exp.seeds
 
 
+StorageOption = Annotated[str | None, typer.Option(
+    "--storage", help="The queue shared by workers on many machines: postgresql://USER:PASSWORD@HOST:PORT/DB "
+    "(default: $ABLATE_STORAGE, else a journal file in ./.ablate)")]
+CheckpointDirOption = Annotated[Path | None, typer.Option(
+    "--checkpoint-dir", help="Where resume checkpoints go; every worker that may resume a run must read it "
+    "(default: $ABLATE_CHECKPOINT_DIR, else ./.ablate/checkpoints)")]
+CheckpointEveryOption = Annotated[int | None, typer.Option(
+    "--checkpoint-every", help="Iterations between resume checkpoints (default: a tenth of the run, 50-1000; 0: none)")]
+GpusOption = Annotated[int, typer.Option("--gpus-per-cell", help="GPUs each worker process gets (CUDA_VISIBLE_DEVICES)")]
+
+
+def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None):
+    """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints."""
+    from ablate import scheduling, tracking
+    from ablate.errors import AblateError
+    from ablate.workers import WorkerOptions
+
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise AblateError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    folder = checkpoint_dir or Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or Path.cwd() / ".ablate" / "checkpoints")
+    url = scheduling.storage_url(storage)
+    if url:
+        scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
+    return WorkerOptions(tracking_uri=tracking.init_store(), storage=url,
+                         checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every)
+
+
+def report_outcomes(name: str, outcomes) -> None:
+    from ablate.runs import Outcome
+    from ablate.workers import WORKER_CRASHED
+
+    if outcomes:
+        console.print(escape(f"{name}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+                             + f"; browse with `ablate ui`, tabulate with `ablate report {name}`"))
+    if outcomes.get(Outcome.INTERRUPTED):
+        raise typer.Exit(130)
+    if outcomes.get(Outcome.FAILED) or outcomes.get(WORKER_CRASHED):
+        raise typer.Exit(4)
+
+
 @app.command()
 @friendly_errors
 def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experiments/NAME.toml) or path.")],
         seeds: Annotated[int | None, typer.Option(help="Run seeds 0..N-1 (default: the file's seeds).")] = None,
-        jobs: Annotated[int, typer.Option(help="Cells run at once, each in its own process.")] = 1,
+        jobs: Annotated[int | None, typer.Option(
+            help="Workers of this command, each a process (default 1; 0 with a shared --storage: only enqueue)")] = None,
         set_: SetOption = None, data: DataOption = None,
         preset: Annotated[str | None, typer.Option(help="Budget preset instead of the file's (e.g. paper).")] = None,
+        storage: StorageOption = None, checkpoint_dir: CheckpointDirOption = None,
+        checkpoint_every: CheckpointEveryOption = None, gpus_per_cell: GpusOption = 1,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, run nothing.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
         progress: ProgressOption = True) -> None:
-    """Run an ablation grid: every cell x seed not yet done, tracked in MLflow."""
+    """Plan an ablation grid, enqueue every cell x seed not yet done, and run them (tracked in MLflow)."""
     from ablate import grid
     from ablate.experiments import load_experiment
-    from ablate.runs import Outcome
 
     exp = load_experiment(experiment)
     if preset:
         exp = exp.with_preset(preset)
-    outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides_from(set_, data), jobs=jobs, force=force,
-                             dry_run=dry_run, console=console, show_progress=progress)
-    if outcomes:
-        console.print(f"{exp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
-                      + f"; browse with `ablate ui`, tabulate with `ablate report {exp.name}`")
-    if outcomes.get(Outcome.FAILED) or outcomes.get(grid.WORKER_CRASHED):
-        raise typer.Exit(4)
+    if jobs is not None and jobs < 0:
+        raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
+    options = worker_options(storage, checkpoint_dir, checkpoint_every)
+    outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides_from(set_, data), options=options, jobs=jobs,
+                             gpus_per_cell=gpus_per_cell, force=force, dry_run=dry_run, console=console,
+                             show_progress=progress)
+    report_outcomes(exp.name, outcomes)
+
+
+@app.command()
+@friendly_errors
+def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its experiment's name).")],
+           storage: StorageOption = None,
+           jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
+           checkpoint_dir: CheckpointDirOption = None, checkpoint_every: CheckpointEveryOption = None,
+           gpus_per_cell: GpusOption = 1, progress: ProgressOption = True) -> None:
+    """Pull runs of a planned grid from the queue and train them until the queue is empty (any number
+    of workers, on any machine sharing the queue, the tracking server and the checkpoint folder)."""
+    from ablate import grid
+
+    if jobs < 1:
+        raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
+    name = Path(experiment).stem if experiment.endswith(".toml") else experiment
+    options = worker_options(storage, checkpoint_dir, checkpoint_every)
+    outcomes = grid.run_worker(name, options, jobs=jobs, gpus_per_cell=gpus_per_cell, show_progress=progress)
+    report_outcomes(name, outcomes)
 
 
 @app.command()
@@ -240,8 +302,9 @@ def search(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
 
     exp = load_experiment(experiment)
     n = trials or (exp.search.trials if exp.search else 0)
-    best = grid.run_search(exp, n, overrides_from(set_, data), jobs=jobs, seed=seed, console=console,
-                           show_progress=progress)
+    options = worker_options(None, None, 0)
+    best = grid.run_search(exp, n, overrides_from(set_, data), options=options, jobs=jobs, seed=seed,
+                           console=console, show_progress=progress)
     if best:
         params, value = best
         console.print(f"best {exp.search.metric} {100 * value:.1f} with {params}")

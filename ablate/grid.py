@@ -1,24 +1,20 @@
-"""Run an experiment: its planned runs as enqueued Optuna trials, each tracked as an MLflow child run.
+"""Run an experiment: plan its runs, enqueue what is not done, and work the queue.
 
-`run_grid` plans (every cell x seed as a `PlannedRun`; which are done is asked of the tracking
-store, by config hash), enqueues what is left and runs it in this process or in `jobs` worker
-processes. A worker claims a run in the tracking store before training it, so a run that another
-process (another folder sharing the store) finished or is running is skipped, not repeated. A cell
-that crashes is recorded as failed and the grid goes on; a diverged cell is a result and is
-recorded as such. `run_search` is the same machinery with TPE proposing the configs.
+`run_grid` is the coordinator: it plans every cell x seed as a `PlannedRun`, asks the tracking
+store which are done (by config hash), and enqueues the rest, idempotently: a second
+coordinator, or the same command again, enqueues nothing that is already queued, running or done.
+Then it works the queue with `jobs` workers of its own (ablate.workers), or with none
+(`--jobs 0`, the default with a shared `--storage`) for `ablate worker` processes on any machine
+to drain. `run_search` is the same machinery with TPE proposing the configs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import multiprocessing as mp
-import os
-import queue as queue_lib
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rich.console import Console
@@ -26,19 +22,14 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from ablate import builders, scheduling, tracking
+from ablate import builders, scheduling, signals, tracking, workers
 from ablate.config import Config
 from ablate.data.coco import locate
 from ablate.engine import progress_bar
-from ablate.errors import AblateError, one_line
+from ablate.errors import AblateError, mask_url
 from ablate.experiments import Experiment
-from ablate.runner import run_training
-from ablate.runs import Outcome, PlannedRun, RunResult
-
-# Counted beside the outcomes: a run another process had finished or was running when this
-# worker came to it (the tracking store said so), and a worker process that died.
-SKIPPED = "skipped (done elsewhere)"
-WORKER_CRASHED = "worker crashed"
+from ablate.runs import PlannedRun, RunResult
+from ablate.workers import WorkerOptions
 
 
 @dataclass
@@ -55,15 +46,17 @@ class Plan:
 def make_plan(exp: Experiment, seeds: list[int], overrides: dict[str, Any], tracker: tracking.Tracker | None,
               force: bool = False) -> Plan:
     runs = exp.planned_runs(seeds, overrides)
-    done = {} if force or tracker is None else tracker.done_runs()
+    if force:
+        return Plan(exp, [replace(run, force=True) for run in runs])
+    done = {} if tracker is None else tracker.done_runs()
     return Plan(exp, runs, {r.config_hash: done[r.config_hash] for r in runs if r.config_hash in done})
 
 
 @contextlib.contextmanager
-def ablation_lock(name: str):
-    """One `ablate run`/`search` per ablation and working folder at a time: the folder's queue
-    (scheduling.reset_queue) relies on it. Processes in other folders coordinate through the
-    tracking store's claims instead."""
+def folder_lock(name: str):
+    """One coordinator per ablation and working folder at a time: the folder's private queue (the
+    journal, reset by each `ablate run`) relies on it. A shared queue needs none: its enqueueing
+    is idempotent under the queue's own lock."""
     path = scheduling.state_dir() / f"{name}.lock"
     with open(path, "w") as handle:
         try:
@@ -71,55 +64,6 @@ def ablation_lock(name: str):
         except BlockingIOError:
             raise AblateError(f"{path}: another `ablate run/search {name}` is running in this folder") from None
         yield
-
-
-def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, progress: Progress | None,
-                *, on_log=None, eval_every: int = 0, on_eval=None, claim: bool = True) -> RunResult | None:
-    """Train one planned run as an MLflow child run. Returns None when the tracking store says the
-    run is done or running elsewhere (`claim`); never raises for a failing run (it is recorded)."""
-    child = tracker.claim(planned, parent_id) if claim else tracker.start_child(planned, parent_id)
-    if child is None:
-        return None
-
-    def log(step: int, metrics: dict[str, float]) -> None:
-        child.log_step(step, metrics)
-        if on_log:
-            on_log(step, metrics)
-
-    def evaluate(step: int, metrics: dict[str, float]) -> bool:
-        child.log_metrics({f"val_{k}": v for k, v in metrics.items() if k in ("AP", "AP50")}, step)
-        return bool(on_eval and on_eval(step, metrics))
-
-    try:
-        summary = run_training(planned.build_config(), name=planned.name.replace(" ", "_"), console=None,
-                               show_progress=progress is not None, progress=progress, on_log=log,
-                               eval_every=eval_every, on_eval=evaluate if on_eval else None)
-    except KeyboardInterrupt:
-        child.end(Outcome.INTERRUPTED)
-        raise
-    except Exception as e:  # one failing cell must never lose the others: record it and go on
-        error = one_line(e)
-        child.set_tags({"error": error[:500]})
-        child.end(Outcome.FAILED)
-        return RunResult(Outcome.FAILED, run_id=child.run_id, error=error)
-    result = result_of(summary, child.run_id)
-    final = {"train_seconds": summary["train_seconds"], "bg_per_fg": summary["anchors"]["bg_per_fg"],
-             "fg_per_image": summary["anchors"]["fg_per_image"], **result.metrics}
-    if summary["diverged_at"] is not None:
-        final["diverged_at"] = summary["diverged_at"]
-    child.log_metrics(final, summary["iterations"])
-    child.set_tags({"run_dir": summary["run_dir"]})
-    child.log_artifacts(Path(summary["run_dir"]))
-    child.end(result.outcome)
-    return result
-
-
-def result_of(summary: dict[str, Any], run_id: str | None = None) -> RunResult:
-    """The RunResult of a run_training summary: its outcome, metrics and run folder's files."""
-    run_dir = Path(summary["run_dir"])
-    files = {p.name: str(p) for p in sorted(run_dir.iterdir()) if p.is_file()} if run_dir.is_dir() else {}
-    return RunResult(Outcome(summary["status"]), dict(summary.get("metrics", {})),
-                     {"run_dir": str(run_dir), **files}, run_id)
 
 
 def prepare_data(configs: list[Config], show_progress: bool) -> None:
@@ -146,12 +90,16 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(table)
 
 
-def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, jobs: int = 1, force: bool = False,
-             dry_run: bool = False, console: Console, show_progress: bool = True) -> Counter:
-    """Run what is left of the grid; returns the count of each outcome (and of skipped runs)."""
-    uri = tracking.init_store()
-    tracker = tracking.Tracker(exp.name, uri)
-    with ablation_lock(exp.name):
+def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, options: WorkerOptions,
+             jobs: int | None = None, gpus_per_cell: int = 1, force: bool = False, dry_run: bool = False,
+             console: Console, show_progress: bool = True) -> Counter:
+    """Plan, enqueue what is left, and work the queue with `jobs` workers (None: 1 on this
+    folder's journal, 0 on a shared queue). Returns the count of each outcome."""
+    tracker = tracking.Tracker(exp.name, options.tracking_uri)
+    store = scheduling.storage(options.storage)
+    shared = scheduling.is_shared(store)
+    jobs = (0 if shared else 1) if jobs is None else jobs
+    with contextlib.nullcontext() if shared else folder_lock(exp.name):
         if not dry_run:
             tracker.close_orphans()
         plan = make_plan(exp, seeds, overrides, tracker, force)
@@ -160,139 +108,79 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, jo
             return Counter()
         todo = plan.todo
         console.print(escape(f"{exp.name}: {len(plan.runs)} runs ({len(exp.cells())} cells x {len(seeds)} seeds), "
-                             f"{len(plan.runs) - len(todo)} already done, {len(todo)} to run; tracking {uri}"))
+                             f"{len(plan.runs) - len(todo)} already done, {len(todo)} to run; tracking "
+                             f"{mask_url(options.tracking_uri)}"), soft_wrap=True)
+        study = scheduling.grid_study(exp.name, store)
+        close_orphan_parent(study, tracker)
         if not todo:
             return Counter()
-        prepare_data([run.build_config() for run in todo], show_progress)
-        study = scheduling.grid_study(exp.name, scheduling.storage())
-        scheduling.reset_queue(study)
-        scheduling.enqueue(study, todo)
-        parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                         {f"{tracking.TAG}seeds": str(seeds), f"{tracking.TAG}jobs": str(jobs)})
-        try:
-            outcomes = (_run_inline(exp.name, study, len(todo), tracker, parent_id, show_progress, force)
-                        if jobs <= 1 else
-                        _run_workers(exp, len(todo), jobs, uri, parent_id, show_progress, mode="grid", force=force))
-        except KeyboardInterrupt:
-            tracker.end_run(parent_id, "KILLED")
-            raise
-        tracker.end_run(parent_id, "FINISHED")
-    return outcomes
+        if jobs:
+            prepare_data([run.build_config() for run in todo], show_progress)
+        if not shared:
+            scheduling.reset_queue(study)
+        fresh = scheduling.enqueue_missing(study, todo)
+        open_parent(study, tracker, seeds, jobs)
+        if shared:
+            console.print(escape(f"queue {mask_url(options.storage or '')}: enqueued {len(fresh)}, "
+                                 f"{len(todo) - len(fresh)} were queued already"), soft_wrap=True)
+        if jobs == 0:
+            console.print(escape(f"start workers with: ablate worker {exp.name} --storage URL"), soft_wrap=True)
+            return Counter()
+        if jobs == 1:
+            return workers.work_in_this_process(exp.name, options, show_progress)
+        return workers.run_processes("grid", exp.name, jobs, options, show_progress, total=len(todo),
+                                     gpus_per_cell=gpus_per_cell)
 
 
-def _run_inline(name: str, study, total: int, tracker: tracking.Tracker, parent_id: str, show_progress: bool,
-                force: bool) -> Counter:
-    outcomes: Counter = Counter()
-    with progress_bar(show_progress) as progress:
-        grid_task = progress.add_task(escape(name), total=total, info="")
-
-        def run(planned: PlannedRun) -> RunResult | None:
-            progress.update(grid_task, info=escape(f"{planned.cell} s{planned.seed}"))
-            result = run_tracked(planned, tracker, parent_id, progress if show_progress else None, claim=not force)
-            outcomes[_count_key(result)] += 1
-            progress.update(grid_task, advance=1, info=escape(_counts(outcomes)))
-            return result
-
-        scheduling.work_grid(study, total, run)
-    return outcomes
+def open_parent(study, tracker: tracking.Tracker, seeds: list[int], jobs: int) -> str:
+    """The grid's MLflow parent run, kept in the study for every worker: the running one when a
+    second coordinator joins a grid in progress, else a new one."""
+    parent_id = study.user_attrs.get(workers.PARENT_ATTR)
+    if parent_id and tracker.is_running(parent_id):
+        return parent_id
+    parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                     {f"{tracking.TAG}seeds": str(seeds), f"{tracking.TAG}jobs": str(jobs)})
+    study.set_user_attr(workers.PARENT_ATTR, parent_id)
+    return parent_id
 
 
-def _count_key(result: RunResult | None) -> str:
-    return SKIPPED if result is None else str(result.outcome)
+def close_orphan_parent(study, tracker: tracking.Tracker) -> None:
+    """A parent run left RUNNING by a grid whose queue has nothing waiting or running any more
+    (its coordinator or last worker was killed) is closed now, KILLED."""
+    parent_id = study.user_attrs.get(workers.PARENT_ATTR)
+    if parent_id and tracker.is_running(parent_id) and scheduling.pending(study) == 0:
+        tracker.end_parent(parent_id, "KILLED")
 
 
-def _counts(outcomes: Counter) -> str:
-    return ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+def run_worker(name: str, options: WorkerOptions, *, jobs: int = 1, gpus_per_cell: int = 1,
+               show_progress: bool = True) -> Counter:
+    """`ablate worker`: pull runs of grid `name` from the queue until it is empty."""
+    workers.open_queue(name, options.storage)  # fails now, in one line, if there is no such grid
+    if jobs <= 1:
+        gpus = workers.gpu_assignment(1, gpus_per_cell, workers.visible_gpus())[0]
+        if gpus is not None:
+            import os
 
-
-# ----------------------------------------------------------------------------- worker processes
-
-
-def _worker_main(mode: str, exp: Experiment, share: int, uri: str, parent_id: str, cwd: str, threads: int,
-                 messages, worker: int, options: dict) -> None:
-    """Entry of a worker process: pull `share` trials and report progress on `messages`. The
-    experiment comes pickled from the coordinator (the file is not read again); a grid worker
-    trains each trial's PlannedRun as planned."""
-    import torch
-
-    os.chdir(cwd)
-    torch.set_num_threads(threads)
-    tracker = tracking.Tracker(exp.name if mode == "grid" else f"{exp.name}-search", uri)
-
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        messages.put((worker, "step", step))
-
-    if mode == "grid":
-        study = scheduling.grid_study(exp.name, scheduling.storage())
-
-        def run(planned: PlannedRun) -> RunResult | None:
-            # A cell may set its own schedule: the worker's bar takes the cell's iterations.
-            messages.put((worker, "start", (f"{planned.cell} s{planned.seed}", planned.config["train.iterations"])))
-            result = run_tracked(planned, tracker, parent_id, None, on_log=on_log, claim=not options["force"])
-            messages.put((worker, "end", _count_key(result)))
-            return result
-
-        scheduling.work_grid(study, share, run)
-    else:
-        _search_work(exp, share, tracker, parent_id, options, None, messages, worker)
-
-
-def _run_workers(exp: Experiment, total: int, jobs: int, uri: str, parent_id: str, show_progress: bool,
-                 mode: str, **options) -> Counter:
-    """`jobs` processes pulling trials; this process only draws the progress. A worker reports
-    ("start", (label, iterations)), ("step", iteration) and ("end", outcome) messages."""
-    ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
-    messages = ctx.Queue()
-    shares = [total // jobs + (1 if w < total % jobs else 0) for w in range(jobs)]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    procs = [ctx.Process(target=_worker_main, args=(mode, exp, share, uri, parent_id, os.getcwd(), threads,
-                                                    messages, w, options), daemon=False)
-             for w, share in enumerate(shares) if share]
-    for p in procs:
-        p.start()
-    outcomes: Counter = Counter()
-    try:
-        with progress_bar(show_progress) as progress:
-            grid_task = progress.add_task(escape(exp.name), total=total, info="")
-            tasks = {w: progress.add_task(f"worker {w}", total=None, info="") for w in range(len(procs))}
-            while any(p.is_alive() for p in procs) or not messages.empty():
-                try:
-                    worker, kind, value = messages.get(timeout=0.5)
-                except queue_lib.Empty:
-                    continue
-                if kind == "start":
-                    label, iterations = value
-                    progress.reset(tasks[worker], total=iterations, info=escape(label))
-                elif kind == "step":
-                    progress.update(tasks[worker], completed=value)
-                elif kind == "end":
-                    outcomes[value] += 1
-                    progress.update(grid_task, advance=1, info=escape(_counts(outcomes)))
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        raise
-    for p in procs:
-        p.join()
-    crashed = sum(1 for p in procs if p.exitcode != 0)
-    if crashed:
-        outcomes[WORKER_CRASHED] += crashed
-    return outcomes
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        return workers.work_in_this_process(name, options, show_progress)
+    return workers.run_processes("grid", name, jobs, options, show_progress, total=None, gpus_per_cell=gpus_per_cell)
 
 
 # ----------------------------------------------------------------------------- search
 
 
-def _search_work(exp: Experiment, trials: int, tracker: tracking.Tracker, parent_id: str, options: dict,
-                 progress: Progress | None, messages=None, worker: int = 0) -> None:
+def search_work(name: str, options: WorkerOptions, *, exp: Experiment, trials: int, extra: dict[str, Any],
+                seed: int, parent_id: str, stop=None, progress: Progress | None = None, messages=None,
+                worker: int = 0) -> None:
+    """Run `trials` TPE trials of the experiment's [search] space (in this process)."""
     spec = exp.search
-    study = scheduling.search_study(f"{exp.name}-search", scheduling.storage(), spec.direction, options["seed"],
-                                    warmup_steps=0)
+    study = scheduling.search_study(name, scheduling.storage(options.storage), spec.direction, seed, warmup_steps=0)
+    tracker = tracking.Tracker(name, options.tracking_uri)
 
     def run_trial(number: int, values: dict[str, Any], report) -> RunResult:
-        overrides = {**options["extra"], **values}
-        planned = PlannedRun.from_config(f"{exp.name}-search", f"trial {number}", number,
-                                         exp.base_config(overrides), overrides, list(values))
+        overrides = {**extra, **values}
+        planned = PlannedRun.from_config(name, f"trial {number}", number, exp.base_config(overrides), overrides,
+                                         list(values))
         iterations = planned.config["train.iterations"]
         eval_every = spec.eval_every or max(1, iterations // 4)
         if messages:
@@ -303,8 +191,9 @@ def _search_work(exp: Experiment, trials: int, tracker: tracking.Tracker, parent
                 messages.put((worker, "step", step))
 
         # TPE may propose a config twice: each proposal is its own trial, so no claim by hash.
-        result = run_tracked(planned, tracker, parent_id, progress, on_log=on_log, eval_every=eval_every,
-                             on_eval=lambda step, m: report(step, m[spec.metric]), claim=False)
+        result = workers.run_tracked(planned, tracker, parent_id, progress, stop=stop, on_log=on_log,
+                                     eval_every=eval_every, on_eval=lambda step, m: report(step, m[spec.metric]),
+                                     claim=False)
         if messages:
             messages.put((worker, "end", str(result.outcome)))
         return result
@@ -312,29 +201,32 @@ def _search_work(exp: Experiment, trials: int, tracker: tracking.Tracker, parent
     scheduling.work_search(study, trials, spec.space, run_trial)
 
 
-def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, jobs: int = 1, seed: int = 0,
-               console: Console, show_progress: bool = True) -> tuple[dict[str, Any], float] | None:
+def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, options: WorkerOptions, jobs: int = 1,
+               seed: int = 0, console: Console, show_progress: bool = True) -> tuple[dict[str, Any], float] | None:
     """TPE over the experiment's [search] space; returns the best (params, value) so far."""
     if exp.search is None or not exp.search.space:
         raise AblateError(f"{exp.path}: no [search.space] table: nothing to search")
-    uri = tracking.init_store()
     name = f"{exp.name}-search"
-    tracker = tracking.Tracker(name, uri)
-    with ablation_lock(name):
+    tracker = tracking.Tracker(name, options.tracking_uri)
+    with folder_lock(name):
         prepare_data([exp.base_config(extra)], show_progress)
-        study = scheduling.search_study(name, scheduling.storage(), exp.search.direction, seed, warmup_steps=0)
+        store = scheduling.storage(options.storage)
+        study = scheduling.search_study(name, store, exp.search.direction, seed, warmup_steps=0)
         scheduling.reset_queue(study)
         parent_id = tracker.start_parent(f"search {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                          {f"{tracking.TAG}trials": str(trials)})
-        options = {"extra": extra, "seed": seed}
+        args = {"exp": exp, "extra": extra, "seed": seed, "parent_id": parent_id}
         try:
             if jobs <= 1:
-                with progress_bar(show_progress) as progress:
-                    _search_work(exp, trials, tracker, parent_id, options, progress if show_progress else None)
+                with signals.graceful_stop() as stop, progress_bar(show_progress) as progress:
+                    search_work(name, options, trials=trials, stop=stop,
+                                progress=progress if show_progress else None, **args)
             else:
-                _run_workers(exp, trials, jobs, uri, parent_id, show_progress, mode="search", **options)
+                shares = [trials // jobs + (1 if w < trials % jobs else 0) for w in range(jobs)]
+                workers.run_processes("search", name, jobs, options, show_progress, total=trials, shares=shares,
+                                      **args)
         except KeyboardInterrupt:
-            tracker.end_run(parent_id, "KILLED")
+            tracker.end_parent(parent_id, "KILLED")
             raise
-        tracker.end_run(parent_id, "FINISHED")
+        tracker.end_parent(parent_id, "FINISHED")
         return scheduling.best_trial(study)

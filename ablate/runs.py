@@ -47,7 +47,8 @@ class PlannedRun:
     `config` is the flattened config ({'loss.gamma': 2.0, ...}) with every default, preset, file
     key, cell value, override and the seed applied; `config_hash` is its key in every store.
     `overrides` are the command-line overrides (`--data`, `--set`) it was planned with, and
-    `values` the cell's own values (what the grid varies, plus the seed).
+    `values` the cell's own values (what the grid varies, plus the seed). `force`: planned with
+    `--force`, so it runs even where the tracking store says the cell is done.
     """
 
     experiment: str
@@ -58,6 +59,7 @@ class PlannedRun:
     config_hash: str
     overrides: dict[str, Any] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
 
     @classmethod
     def from_config(cls, experiment: str, cell: str, cell_index: int, cfg: Config,

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,16 +76,23 @@ def storage(url_or_path: str | Path | None = None) -> BaseStorage:
                           "(postgresql://USER:PASSWORD@HOST:PORT/DB) or leave --storage out for the local journal")
     beat = heartbeat_seconds()
     engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
-    try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=3 * beat,
-                          failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
-    except ImportError:
-        raise AblateError(f"--storage {shown}: no database driver for this URL is installed "
-                          "(PostgreSQL: pip install 'psycopg[binary]')") from None
-    except Exception as e:  # sqlalchemy's OperationalError & co: unreachable, refused, bad password
-        cause = e.__cause__ or e
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise AblateError(f"--storage {shown}: cannot open the queue: {mask_url(reason)}") from None
+    for attempt in range(3):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=3 * beat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+        except ImportError:
+            raise AblateError(f"--storage {shown}: no database driver for this URL is installed "
+                              "(PostgreSQL: pip install 'psycopg[binary]')") from None
+        except Exception as e:  # sqlalchemy's OperationalError & co: unreachable, refused, bad password
+            cause = e.__cause__ or e
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            # Two processes creating Optuna's tables in a fresh database at once: one of them
+            # loses the race on a unique key; the tables exist now, so it opens them on retry.
+            if attempt < 2 and ("duplicate key" in reason or "already exists" in reason):
+                time.sleep(1.0)
+                continue
+            raise AblateError(f"--storage {shown}: cannot open the queue: {mask_url(reason)}") from None
+    raise AssertionError("unreachable")
 
 
 def is_shared(store: BaseStorage) -> bool:
@@ -94,6 +102,14 @@ def is_shared(store: BaseStorage) -> bool:
 
 def grid_study(name: str, store: BaseStorage) -> optuna.Study:
     return optuna.create_study(study_name=name, storage=store, direction="maximize", load_if_exists=True)
+
+
+def load_grid_study(name: str, store: BaseStorage) -> optuna.Study:
+    """The study a coordinator made for grid `name`; one line when there is none."""
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        raise AblateError(f"no queue named '{name}' in this storage: plan it first with `ablate run {name}`") from None
 
 
 @contextlib.contextmanager
@@ -218,22 +234,31 @@ def enqueue(study: optuna.Study, runs: list[PlannedRun]) -> None:
         study.enqueue_trial(trial_params(run.values), user_attrs={PLANNED_ATTR: run.to_json()})
 
 
-def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlanned) -> int:
-    """Pull and run enqueued trials until the queue is empty (or `num_trials` were pulled);
-    returns how many were pulled.
+def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlanned,
+              stop: Callable[[], bool] = lambda: False) -> int:
+    """Pull and run enqueued trials until nothing waits or runs, `num_trials` were pulled or
+    `stop()`; returns how many were pulled.
 
+    While other workers' trials run, a worker with nothing to pull stays and looks again every
+    heartbeat interval: if one of them dies, its trial comes back to the queue and is picked up.
     A finished run completes its trial with its AP; any other outcome, or a run skipped because it
-    was done elsewhere, fails the trial, with the outcome kept as a user attribute.
+    was done elsewhere, fails the trial, with the outcome kept as a user attribute. An interrupted
+    run (SIGTERM, Ctrl-C) goes back into the queue, where the next worker resumes it.
     """
     pulled = 0
-    while num_trials is None or pulled < num_trials:
+    while (num_trials is None or pulled < num_trials) and not stop():
         fail_dead_trials(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                break
+            time.sleep(min(2.0, heartbeat_seconds()))
+            continue
         trial = study.ask()
         text = trial.user_attrs.get(PLANNED_ATTR)
-        if text is None:  # no enqueued trial left: the sampler made this one up, so discard it
+        if text is None:  # another worker took the last waiting one: the sampler made this one up
             trial.set_user_attr(OUTCOME_ATTR, "unused")
             study.tell(trial, state=TrialState.FAIL)
-            break
+            continue
         planned = PlannedRun.from_json(text)
         trial.set_user_attr(OWNER_ATTR, process_owner())
         for key, value in trial_params(planned.values).items():  # fixed by the queue: (value, value)
@@ -248,8 +273,11 @@ def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlann
             with contextlib.suppress(ValueError):  # already failed as stale
                 trial.set_user_attr(OUTCOME_ATTR, str(Outcome.INTERRUPTED))
                 study.tell(trial, state=TrialState.FAIL)
+                enqueue(study, [planned])
             raise
         _tell(study, trial, result)
+        if result is not None and result.outcome is Outcome.INTERRUPTED:
+            enqueue(study, [planned])
         pulled += 1
     return pulled
 

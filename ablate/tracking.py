@@ -31,6 +31,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from ablate.errors import AblateError, mask_url
 from ablate.runs import DONE, Outcome, PlannedRun, heartbeat_seconds, owner_alive, process_owner
 
 # MLflow announces its schema migrations at INFO level on every fresh store: keep the terminal for
@@ -57,11 +58,29 @@ def tracking_uri() -> str:
 
 
 def init_store(uri: str | None = None) -> str:
-    """Create (migrate) the store once, before any parallel worker opens it: several processes
-    creating a fresh sqlite store at once race on its schema migration."""
+    """Check the store and create (migrate) it once, before any parallel worker opens it: several
+    processes creating a fresh sqlite store at once race on its schema migration.
+
+    An MLflow server is asked once with a short budget (MLflow's own client retries for minutes):
+    unreachable, or a store that refuses us, is one line naming the URI with its password masked.
+    """
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
-    MlflowClient(uri).search_experiments(max_results=1)
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    if uri.startswith(("http://", "https://")):
+        os.environ.update(quick)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # connection refused, timeout, bad credentials, a broken database URL
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise AblateError(f"tracking store {mask_url(uri)}: unreachable or refused: {mask_url(reason)[:300]}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return uri
 
 
@@ -100,8 +119,16 @@ class Tracker:
             f"{TAG}git_commit": git_commit(), f"{TAG}command": command_line(), **(tags or {})})
         return run.info.run_id
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def is_running(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.status == "RUNNING"
+        except Exception:  # deleted, or of another store
+            return False
+
+    def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
+        """Close a grid's parent run (once: a parent already closed is left as it is)."""
+        if self.is_running(run_id):
+            self.client.set_terminated(run_id, status=status)
 
     def start_child(self, planned: PlannedRun, parent_id: str) -> ChildRun:
         """A RUNNING child run for `planned`: its config as params, its identity and owner as tags."""
@@ -136,9 +163,23 @@ class Tracker:
         rivals = self._rivals(planned.config_hash)
         first = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id))
         if first.info.run_id != child.run_id:
+            child.release()
             self.client.delete_run(child.run_id)
             return None
+        self._retire_stale(planned.config_hash, child)
         return child
+
+    def _retire_stale(self, config_hash: str, winner: ChildRun) -> None:
+        """Close the cell's RUNNING runs whose owner is gone or silent, and make them the winner's:
+        a stopped worker that wakes up finds its run taken and records nothing."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}config_hash` = '{config_hash}'",
+                                       max_results=1000)
+        for run in runs:
+            if run.info.run_id != winner.run_id and run.info.status == "RUNNING" and not run_owner_alive(run):
+                self.client.log_batch(run.info.run_id, tags=[RunTag(f"{TAG}owner", winner.owner),
+                                                             RunTag(f"{TAG}outcome", str(Outcome.INTERRUPTED)),
+                                                             RunTag(f"{TAG}superseded_by", winner.run_id)])
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def _take_over(self, run_id: str, config_hash: str) -> ChildRun | None | bool:
         """Make this process the owner of an interrupted run again; False when there is no such

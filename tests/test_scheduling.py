@@ -31,24 +31,49 @@ def test_enqueued_runs_come_back_in_order_and_trials_close_by_outcome(study):
         seen.append(planned)
         return next(results)
 
-    assert scheduling.work_grid(study, 10, run) == 3  # stops at the first trial nobody enqueued
+    assert scheduling.work_grid(study, 10, run) == 3  # stops when nothing waits or runs
     assert seen == runs
     trials = study.get_trials()
     assert [t.state for t in trials[:3]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
-    assert [t.user_attrs["outcome"] for t in trials] == ["finished", "diverged", "skipped", "unused"]
+    assert [t.user_attrs["outcome"] for t in trials] == ["finished", "diverged", "skipped"]
     assert trials[0].value == 0.25 and trials[0].params == {"seed": 0, "loss.gamma": 0.0, "loss.alpha": 0.75}
 
 
-def test_an_exception_fails_the_trial_as_interrupted_and_propagates(study):
-    scheduling.enqueue(study, load_experiment("smoke").planned_runs([0])[:1])
+def test_an_interrupted_run_fails_its_trial_and_goes_back_into_the_queue(study):
+    (planned,) = load_experiment("smoke").planned_runs([0])[:1]
+    scheduling.enqueue(study, [planned])
 
     def run(planned):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         scheduling.work_grid(study, 1, run)
-    (trial,) = study.get_trials()
+    trial, again = study.get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs["outcome"] == "interrupted"
+    assert again.state == TrialState.WAITING and PlannedRun.from_json(again.user_attrs["ablate_planned_run"]) == planned
+    # A run that ends interrupted (SIGTERM: checkpoint written) goes back the same way.
+    scheduling.work_grid(study, 1, lambda p: RunResult(Outcome.INTERRUPTED))
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+
+
+def test_a_stopped_worker_pulls_nothing_more(study):
+    scheduling.enqueue(study, load_experiment("smoke").planned_runs([0]))
+    assert scheduling.work_grid(study, None, lambda p: RunResult(Outcome.FINISHED, {"AP": 0.1}), stop=lambda: True) == 0
+
+
+def test_a_worker_waits_for_running_trials_and_takes_a_dead_worker_s_run(study, monkeypatch):
+    """A trial RUNNING under a process that is gone comes back to the queue (the journal checks
+    the owner's pid; PostgreSQL, heartbeats) and a waiting worker runs it."""
+    (planned,) = load_experiment("smoke").planned_runs([0])[:1]
+    scheduling.enqueue(study, [planned])
+    dead = study.ask()
+    dead.set_user_attr(scheduling.OWNER_ATTR, "this-host-is-gone:1:1.00")
+    monkeypatch.setattr(scheduling, "owner_alive", lambda owner: not owner.startswith("this-host-is-gone"))
+    ran = []
+    assert scheduling.work_grid(study, None, lambda p: ran.append(p) or RunResult(Outcome.FINISHED, {"AP": 0.2})) == 1
+    assert ran == [planned]
+    states = [(t.state, t.user_attrs.get("outcome")) for t in study.get_trials()]
+    assert states == [(TrialState.FAIL, "worker gone"), (TrialState.COMPLETE, "finished")]
 
 
 def test_reset_queue_fails_running_and_drops_waiting_trials(study):

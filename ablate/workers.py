@@ -1,0 +1,302 @@
+"""Workers: processes that pull planned runs from the queue and train them, tracked.
+
+A worker (`ablate worker NAME`, on any machine, or each process of `ablate run --jobs N`) loops
+until the queue is empty: pull a waiting trial, claim its run in the tracking store (skipped when
+the store says it is done or owned by a live process), train it, record the result. A run whose
+earlier attempt was interrupted (SIGTERM, a dead machine) resumes from that attempt's checkpoint
+and continues the same MLflow run. SIGTERM is handled like SIGINT: the current run writes a
+checkpoint, ends "interrupted" and goes back to the queue; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue as queue_lib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.markup import escape
+from rich.progress import Progress
+
+from ablate import scheduling, signals, tracking
+from ablate.checkpoint import ResumeSpec, discard_resume
+from ablate.engine import progress_bar
+from ablate.errors import AblateError, one_line
+from ablate.runner import run_training
+from ablate.runs import Outcome, PlannedRun, RunResult
+
+# Counted beside the outcomes: a run another process had finished or was running when this
+# worker came to it (the tracking store said so), and a worker process that died.
+SKIPPED = "skipped (done elsewhere)"
+WORKER_CRASHED = "worker crashed"
+PARENT_ATTR = "ablate_parent_run"  # study user attribute: the MLflow parent run of the grid
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What every worker of a grid needs besides the queue's name."""
+
+    tracking_uri: str
+    storage: str | None = None  # the queue's URL; None: this folder's journal
+    checkpoint_dir: Path = Path(".ablate/checkpoints")  # shared by every worker that may resume a run
+    checkpoint_every: int | None = None  # iterations between resume checkpoints; None: auto, 0: never
+    threads: int | None = None  # torch threads of this worker (None: torch's default)
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES of this worker (None: leave it)
+
+
+def auto_checkpoint_every(iterations: int) -> int:
+    """A tenth of the run, at least 50 and at most 1,000 iterations: ~10 checkpoints a run, and at
+    the paper's 0.2 s/iteration one every ~3.5 minutes (a preempted run loses less than that)."""
+    return min(1000, max(50, iterations // 10))
+
+
+def resume_path(options: WorkerOptions, planned: PlannedRun) -> Path:
+    return Path(options.checkpoint_dir) / planned.config_hash / "resume.pt"
+
+
+def resumable_run_id(path: Path) -> str | None:
+    """The tracking run id an interrupted attempt saved beside its checkpoint (the sidecar JSON)."""
+    sidecar = path.with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text()).get("meta", {}).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, progress: Progress | None,
+                *, options: WorkerOptions | None = None, stop: Callable[[], bool] | None = None, on_log=None,
+                eval_every: int = 0, on_eval=None, claim: bool = True) -> RunResult | None:
+    """Train one planned run as an MLflow child run. Returns None when the tracking store says the
+    run is done or running elsewhere (`claim`), or when another worker took it over meanwhile;
+    never raises for a failing run (it is recorded)."""
+    cfg = planned.build_config()
+    resume = None
+    if options is not None and options.checkpoint_every != 0:
+        path = resume_path(options, planned)
+        every = options.checkpoint_every or auto_checkpoint_every(cfg.train.iterations)
+        resume = ResumeSpec(path=path, every=every, meta={})
+    previous = resumable_run_id(resume.path) if resume else None
+    child = (tracker.claim(planned, parent_id, resume_run_id=previous) if claim
+             else tracker.start_child(planned, parent_id))
+    if child is None:
+        return None
+    if resume is not None:
+        if previous and previous != child.run_id:  # the checkpoint belongs to a run we did not take over
+            discard_resume(resume.path)
+        child.flush_on_checkpoint = True
+        resume = replace(resume, meta={"run_id": child.run_id}, on_saved=lambda iteration: child.flush())
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        child.log_step(step, metrics)
+        if on_log:
+            on_log(step, metrics)
+
+    def evaluate(step: int, metrics: dict[str, float]) -> bool:
+        child.log_metrics({f"val_{k}": v for k, v in metrics.items() if k in ("AP", "AP50")}, step)
+        return bool(on_eval and on_eval(step, metrics))
+
+    try:
+        summary = run_training(cfg, name=planned.name.replace(" ", "_"), console=None,
+                               show_progress=progress is not None, progress=progress, on_log=log,
+                               eval_every=eval_every, on_eval=evaluate if on_eval else None, resume=resume, stop=stop)
+        return record(child, summary, resume)
+    except tracking.LostClaim:  # taken for dead and taken over: the other worker records the run
+        child.release()
+        return None
+    except KeyboardInterrupt:
+        child.end(Outcome.INTERRUPTED)
+        raise
+    except Exception as e:  # one failing cell must never lose the others: record it and go on
+        error = one_line(e)
+        child.set_tags({"error": error[:500]})
+        child.end(Outcome.FAILED)
+        return RunResult(Outcome.FAILED, run_id=child.run_id, error=error)
+
+
+def record(child: tracking.ChildRun, summary: dict, resume: ResumeSpec | None) -> RunResult:
+    """Log a run's final metrics and files and close it; the resume checkpoint of a run that is
+    over goes (an interrupted run keeps it for the next attempt)."""
+    result = result_of(summary, child.run_id)
+    child.flush()
+    if summary.get("resumed_from") is not None:
+        child.set_tags({"resumed_from": summary["resumed_from"]})
+    if result.outcome is not Outcome.INTERRUPTED:
+        final = {"train_seconds": summary["train_seconds"], "bg_per_fg": summary["anchors"]["bg_per_fg"],
+                 "fg_per_image": summary["anchors"]["fg_per_image"], **result.metrics}
+        if summary.get("diverged_at") is not None:
+            final["diverged_at"] = summary["diverged_at"]
+        child.log_metrics(final, summary["iterations"])
+        child.set_tags({"run_dir": summary["run_dir"]})
+        child.log_artifacts(Path(summary["run_dir"]))
+    child.end(result.outcome)
+    if resume is not None and result.outcome is not Outcome.INTERRUPTED:
+        discard_resume(resume.path)
+    return result
+
+
+def result_of(summary: dict, run_id: str | None = None) -> RunResult:
+    """The RunResult of a run_training summary: its outcome, metrics and run folder's files."""
+    run_dir = Path(summary["run_dir"])
+    files = {p.name: str(p) for p in sorted(run_dir.iterdir()) if p.is_file()} if run_dir.is_dir() else {}
+    return RunResult(Outcome(summary["status"]), dict(summary.get("metrics", {})),
+                     {"run_dir": str(run_dir), **files}, run_id)
+
+
+def count_key(result: RunResult | None) -> str:
+    return SKIPPED if result is None else str(result.outcome)
+
+
+def counts_text(outcomes: Counter) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+
+
+# ----------------------------------------------------------------------------- the worker loop
+
+
+def open_queue(name: str, storage: str | None) -> tuple[scheduling.optuna.Study, str]:
+    """The grid's study and its parent run id, as the coordinator left them."""
+    study = scheduling.load_grid_study(name, scheduling.storage(storage))
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if not parent_id:
+        raise AblateError(f"queue '{name}': no grid was planned into it; run `ablate run {name}` first")
+    return study, parent_id
+
+
+def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progress: Progress | None = None,
+         on_start=None, on_step=None, on_end=None) -> Counter:
+    """Pull and train runs of grid `name` until its queue is empty or `stop()`; returns the count
+    of outcomes. `on_start(planned)`, `on_step(iteration)`, `on_end(key)` report progress."""
+    study, parent_id = open_queue(name, options.storage)
+    tracker = tracking.Tracker(name, options.tracking_uri)
+    outcomes: Counter = Counter()
+
+    def run(planned: PlannedRun) -> RunResult | None:
+        if on_start:
+            on_start(planned)
+        result = run_tracked(planned, tracker, parent_id, progress, options=options, stop=stop,
+                             on_log=(lambda step, _m: on_step(step)) if on_step else None,
+                             claim=not planned.force)
+        outcomes[count_key(result)] += 1
+        if on_end:
+            on_end(count_key(result))
+        return result
+
+    scheduling.work_grid(study, None, run, stop=stop)
+    close_parent_if_over(study, tracker, parent_id)
+    return outcomes
+
+
+def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str) -> None:
+    """The grid's parent run ends FINISHED when nothing waits or runs in its queue any more."""
+    if scheduling.pending(study) == 0:
+        tracker.end_parent(parent_id, "FINISHED")
+
+
+def work_in_this_process(name: str, options: WorkerOptions, show_progress: bool) -> Counter:
+    """One worker in this process, with a bar for the grid and one for the current run."""
+    with signals.graceful_stop() as stop, progress_bar(show_progress) as progress:
+        task = progress.add_task(escape(name), total=None, info="")
+        seen: Counter = Counter()
+
+        def on_start(planned: PlannedRun) -> None:
+            progress.update(task, info=escape(f"{planned.cell} s{planned.seed}"))
+
+        def on_end(key: str) -> None:
+            seen[key] += 1
+            progress.update(task, advance=1, info=escape(counts_text(seen)))
+
+        return work(name, options, stop=stop, progress=progress if show_progress else None,
+                    on_start=on_start, on_end=on_end)
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES's entries, else every device."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpu_assignment(jobs: int, gpus_per_cell: int, visible: list[str]) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of `jobs` workers: disjoint groups of `gpus_per_cell` GPUs.
+    No GPU at all: None for every worker (they train on the CPU)."""
+    if not visible:
+        return [None] * jobs
+    if gpus_per_cell < 1:
+        raise AblateError(f"--gpus-per-cell must be >= 1, got {gpus_per_cell}")
+    if jobs * gpus_per_cell > len(visible):
+        raise AblateError(f"--jobs {jobs} x --gpus-per-cell {gpus_per_cell} needs {jobs * gpus_per_cell} GPUs; "
+                          f"this machine has {len(visible)} ({','.join(visible)})")
+    return [",".join(visible[w * gpus_per_cell:(w + 1) * gpus_per_cell]) for w in range(jobs)]
+
+
+def _process_main(target: str, name: str, options: WorkerOptions, cwd: str, messages, worker: int,
+                  extra: dict) -> None:
+    """Entry of a worker process: its GPUs, threads and folder, then the loop (`target`), with
+    progress sent to the parent as ("start", (label, iterations)), ("step", i), ("end", key)."""
+    if options.gpus is not None:  # before anything touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = options.gpus
+    import torch
+
+    os.chdir(cwd)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    on_start = lambda p: messages.put((worker, "start", (f"{p.cell} s{p.seed}", p.config["train.iterations"])))  # noqa: E731
+    on_step = lambda step: messages.put((worker, "step", step))  # noqa: E731
+    on_end = lambda key: messages.put((worker, "end", key))  # noqa: E731
+    with signals.graceful_stop() as stop:
+        if target == "grid":
+            work(name, options, stop=stop, on_start=on_start, on_step=on_step, on_end=on_end)
+        else:
+            from ablate.grid import search_work
+
+            shares = extra.pop("shares")
+            search_work(name, options, stop=stop, messages=messages, worker=worker, trials=shares[worker], **extra)
+
+
+def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, show_progress: bool,
+                  total: int | None, gpus_per_cell: int = 1, **extra) -> Counter:
+    """`jobs` worker processes, each with its own GPUs (when there are any) and an equal share of
+    the CPU threads; this process only draws the progress and forwards a stop."""
+    gpus = gpu_assignment(jobs, gpus_per_cell, visible_gpus())
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
+    messages = ctx.Queue()
+    procs = [ctx.Process(target=_process_main, daemon=False,
+                         args=(target, name, replace(options, threads=threads, gpus=gpus[w]), os.getcwd(),
+                               messages, w, extra))
+             for w in range(jobs)]
+    for p in procs:
+        p.start()
+    outcomes: Counter = Counter()
+    with signals.forward_to(procs) as _stop, progress_bar(show_progress) as progress:
+        grid_task = progress.add_task(escape(name), total=total, info="")
+        tasks = {w: progress.add_task(f"worker {w}", total=None, info="") for w in range(jobs)}
+        while any(p.is_alive() for p in procs) or not messages.empty():
+            try:
+                worker, kind, value = messages.get(timeout=0.5)
+            except queue_lib.Empty:
+                continue
+            if kind == "start":
+                label, iterations = value
+                progress.reset(tasks[worker], total=iterations, info=escape(label))
+            elif kind == "step":
+                progress.update(tasks[worker], completed=value)
+            elif kind == "end":
+                outcomes[value] += 1
+                progress.update(grid_task, advance=1, info=escape(counts_text(outcomes)))
+    for p in procs:
+        p.join()
+    crashed = sum(1 for p in procs if p.exitcode not in (0, 130))
+    if crashed:
+        outcomes[WORKER_CRASHED] += crashed
+    return outcomes

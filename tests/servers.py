@@ -1,0 +1,120 @@
+"""Real servers for the tests and benchmarks: PostgreSQL from the machine's own binaries, and an
+MLflow tracking server over it, both on 127.0.0.1, both stopped on exit.
+
+PostgreSQL refuses to run as root: as root the server runs as the `postgres` user (Debian's
+package creates it); as anyone else, as that user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+USER, PASSWORD = "ablate", "s3cret-pw"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_bindir() -> Path:
+    """The folder of initdb / pg_ctl (Debian: /usr/lib/postgresql/15/bin, named by pg_config)."""
+    try:
+        return Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"PostgreSQL's binaries not found (pg_config --bindir): {e}") from e
+
+
+def _as_server_user(args: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@dataclass
+class Postgres:
+    port: int
+    folder: Path
+
+    def url(self, database: str, password: str = PASSWORD) -> str:
+        return f"postgresql://{USER}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[Postgres]:
+    """A fresh PostgreSQL cluster in a temporary folder (removed after) with user `ablate`
+    (password auth over TCP). Not under pytest's tmp_path: the server's user must be able to
+    reach its folder, and pytest's is private to root."""
+    bindir = postgres_bindir()
+    folder = Path(tempfile.mkdtemp(prefix="ablate-pg-"))
+    folder.chmod(0o755)
+    data = folder / "pgdata"
+    password_file = folder / "pw"
+    password_file.write_text(PASSWORD + "\n")
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        shutil.chown(password_file, "postgres")
+    subprocess.run(_as_server_user([str(bindir / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={password_file}",
+                                    "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8"]),
+                   check=True, capture_output=True)
+    port = free_port()
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    subprocess.run(_as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l",
+                                    str(data / "server.log"), "-w", "start"]), check=True, capture_output=True)
+    try:
+        yield Postgres(port, folder)
+    finally:
+        subprocess.run(_as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path, timeout: float = 120) -> Iterator[str]:
+    """`mlflow server` over `backend_uri` with proxied artifacts in `artifacts`; yields its URL."""
+    port = free_port()
+    log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+                             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(artifacts.parent / log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()

@@ -1,0 +1,188 @@
+"""One grid on many workers, for real: PostgreSQL as the queue, an MLflow server over PostgreSQL
+as the tracking store, `ablate worker` processes, one of them SIGKILLed mid-cell.
+
+The servers come from tests/servers.py (the machine's own PostgreSQL 15 binaries; the server runs
+as the `postgres` user when the tests run as root) and are stopped when the module ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+import servers
+from ablate.experiments import load_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, str(REPO / "cli.py")]
+pytestmark = pytest.mark.slow
+
+# Three cells long enough to be killed mid-way (each writes a resume checkpoint every 20 of its
+# 100 iterations), short enough for the suite.
+GRID = """
+description = "three cells for the many-workers test"
+preset = "tiny"
+seeds = [0]
+
+[config]
+synth.num_train = 64
+synth.num_val = 16
+train.batch_size = 8
+train.iterations = 100
+train.warmup_iters = 10
+train.log_every = 5
+data.num_workers = 0
+
+[grid]
+"loss.gamma" = [0.0, 1.0, 2.0]
+"""
+
+
+@pytest.fixture(scope="module")
+def pg():
+    with servers.postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def env(tmp_path):
+    cache = tmp_path / "cache"
+    return {**os.environ, "ABLATE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "ABLATE_HEARTBEAT": "1"}
+
+
+def ablate(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_storage_urls_fail_fast_in_one_masked_line(tmp_path, env, pg):
+    cases = {
+        f"postgresql://ablate:hunter2@127.0.0.1:{servers.free_port()}/queue": "cannot open the queue",
+        pg.url("postgres", password="hunter2"): "password authentication failed",
+        f"sqlite:///{tmp_path}/q.db": "SQLite cannot be shared",
+        "mysql://ablate:hunter2@127.0.0.1/queue": "no database driver",
+    }
+    for url, message in cases.items():
+        t0 = time.perf_counter()
+        result = ablate("run", "smoke", "--storage", url, cwd=tmp_path, env=env, timeout=60)
+        seconds = time.perf_counter() - t0
+        assert result.returncode == 1, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+        assert "hunter2" not in result.stdout + result.stderr and ("***" in lines[0] or "@" not in url)
+        assert seconds < 15, (url, seconds)
+
+
+def test_an_unreachable_tracking_server_fails_fast_in_one_masked_line(tmp_path, env):
+    env = {**env, "MLFLOW_TRACKING_URI": f"http://me:hunter2@127.0.0.1:{servers.free_port()}"}
+    t0 = time.perf_counter()
+    result = ablate("run", "smoke", cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 1 and time.perf_counter() - t0 < 15
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tracking store http://me:***@127.0.0.1" in lines[0], result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_two_coordinators_at_once_enqueue_each_run_once(tmp_path, env, pg):
+    queue = pg.create_database("two_coordinators")
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    subprocess.run([*CLI, "list"], cwd=tmp_path, env=env, capture_output=True)
+    from ablate.tracking import init_store
+
+    init_store(env["MLFLOW_TRACKING_URI"])  # create the sqlite store once; the coordinators race otherwise
+    procs = [subprocess.Popen([*CLI, "run", "smoke", "--seeds", "2", "--storage", queue], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = optuna.load_study(study_name="smoke", storage=queue)
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    hashes = sorted(json.loads(t.user_attrs["ablate_planned_run"])["config_hash"] for t in waiting)
+    assert hashes == sorted(r.config_hash for r in load_experiment("smoke").planned_runs([0, 1]))
+    again = ablate("run", "smoke", "--seeds", "2", "--storage", queue, cwd=tmp_path, env=env)
+    assert "enqueued 0, 4 were queued already" in " ".join((again.stdout + again.stderr).split())
+
+
+def _owner_pid(client: MlflowClient, run_id: str) -> int:
+    return int(client.get_run(run_id).data.tags["ablate.owner"].rsplit(":", 2)[1])
+
+
+def test_three_workers_one_killed_mid_cell_every_cell_finishes_once(tmp_path, env, pg):
+    queue = pg.create_database("queue")
+    backend = pg.create_database("mlflow")
+    (tmp_path / "artifacts").mkdir()
+    path = tmp_path / "threecells.toml"
+    path.write_text(GRID)
+    checkpoints = tmp_path / "shared-checkpoints"
+    with servers.mlflow_server(backend, tmp_path / "artifacts") as url:
+        env = {**env, "MLFLOW_TRACKING_URI": url}
+        planned = ablate("run", str(path), "--storage", queue, cwd=tmp_path, env=env)
+        assert planned.returncode == 0 and "enqueued 3" in " ".join((planned.stdout + planned.stderr).split()), planned.stderr
+        folders = [tmp_path / f"machine{i}" for i in range(3)]  # each worker in a folder of its own
+        procs = []
+        for folder in folders:
+            folder.mkdir()
+            log = open(folder / "worker.log", "w")
+            procs.append(subprocess.Popen([*CLI, "worker", "threecells", "--storage", queue, "--checkpoint-dir",
+                                           str(checkpoints), "--checkpoint-every", "20", "--no-progress"],
+                                          cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
+        client = MlflowClient(url)
+        killed_run = None
+        deadline = time.time() + 600
+        while killed_run is None and time.time() < deadline:  # wait for a cell past its first checkpoint
+            time.sleep(0.5)
+            for sidecar in checkpoints.glob("*/resume.json"):
+                with open(sidecar) as f:
+                    saved = json.load(f)
+                if saved.get("iteration", 0) >= 20 and saved.get("iteration", 0) < 100:
+                    killed_run = saved["meta"]["run_id"]
+                    victim = _owner_pid(client, killed_run)
+                    os.kill(victim, signal.SIGKILL)
+                    break
+        assert killed_run is not None, "no cell reached its first checkpoint"
+        for p in procs:
+            p.wait(timeout=600)
+        logs = "\n".join((f / "worker.log").read_text()[-1500:] for f in folders)
+        assert sorted(p.returncode for p in procs) == [-signal.SIGKILL, 0, 0], logs
+        exp = client.get_experiment_by_name("threecells")
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.`ablate.cell` != ''")
+        # Every cell FINISHED exactly once, and the killed one in the same MLflow run, resumed.
+        assert sorted((r.data.tags["ablate.cell"], r.info.status) for r in runs) == [
+            ("g=0", "FINISHED"), ("g=1", "FINISHED"), ("g=2", "FINISHED")], logs
+        resumed = client.get_run(killed_run)
+        assert resumed.info.status == "FINISHED"
+        assert int(resumed.data.tags["ablate.resumed_from"]) >= 20
+        steps = [m.step for m in client.get_metric_history(killed_run, "loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == 100  # continued, no step logged twice
+        # ... and exactly once in Optuna.
+        study = optuna.load_study(study_name="threecells", storage=queue)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert sorted(json.loads(t.user_attrs["ablate_planned_run"])["cell"] for t in complete) == ["g=0", "g=1", "g=2"]
+        # The resumed cell's AP equals an uninterrupted run's, bit for bit (same threads: one).
+        cell = resumed.data.tags["ablate.cell"]
+        reference = subprocess.run(
+            [sys.executable, "-c", REFERENCE, str(path), cell], cwd=tmp_path, env=env, capture_output=True,
+            text=True, timeout=600)
+        assert reference.returncode == 0, reference.stderr[-2000:]
+        assert json.loads(reference.stdout.splitlines()[-1])["AP"] == resumed.data.metrics["AP"]
+
+
+# An uninterrupted run of one cell, in a fresh process with one thread, printing its metrics.
+REFERENCE = """
+import json, sys, torch
+torch.set_num_threads(1)
+from ablate.experiments import load_experiment
+from ablate.runner import run_training
+exp = load_experiment(sys.argv[1])
+(planned,) = [p for p in exp.planned_runs([0]) if p.cell == sys.argv[2]]
+summary = run_training(planned.build_config(), name="reference", console=None, show_progress=False)
+print(json.dumps(summary["metrics"]))
+"""
