@@ -129,45 +129,50 @@ def test_a_diverging_cell_is_recorded_and_the_others_finish(workdir):
     assert "0 to run" in invoke("run", str(path), "--no-progress").output
 
 
-def test_a_killed_run_reruns_only_the_unfinished_cell(workdir):
-    # The kill must land while the first cell is finished and the second is running. The first
-    # cell is short (12 iterations) and the second long (400), so that window opens early and
-    # stays open for most of the test, even on a loaded machine; the deadline only bounds a hang.
+def test_a_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(workdir):
+    # kill -9 while the second cell (120 iterations) is past its second resume checkpoint (one every
+    # 10; the 12-iteration first cell writes one, at 10); the next `ablate run` finds the first
+    # cell done and resumes the second where it stopped.
     path = workdir / "killme.toml"
     text = (REPO / "experiments" / "smoke.toml").read_text()
     grid = '[grid]\n"loss.cls" = ["focal", "alpha_ce"]'
     assert "train.iterations = 12\n" in text and grid in text
     path.write_text(text.replace(
-        grid, '[[variants]]\nloss.cls = "focal"\n\n[[variants]]\nloss.cls = "alpha_ce"\ntrain.iterations = 400'))
+        grid, '[[variants]]\nloss.cls = "focal"\n\n[[variants]]\nloss.cls = "alpha_ce"\ntrain.iterations = 120'))
     # One thread: two would spin against each other and the polling on a busy 2-core machine.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(REPO / "cli.py"), "run", str(path), "--no-progress"]
+    args = [sys.executable, str(REPO / "cli.py"), "run", str(path), "--no-progress", "--checkpoint-every", "10"]
     log = workdir / "killme.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    states: list[str] = []
+    saved: dict = {}
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
-            time.sleep(1.0)
-            states = child_states(workdir / "mlflow.db", "killme")
-            if states.count("FINISHED") == 1 and states.count("RUNNING") == 1:
+            time.sleep(0.5)
+            for sidecar in (workdir / ".ablate" / "checkpoints").glob("*/resume.json"):
+                with contextlib.suppress(ValueError, OSError):
+                    saved = json.loads(sidecar.read_text())
+            if 20 <= saved.get("iteration", 0) < 120:
                 break
         else:
-            pytest.fail(f"the first cell never finished while the second ran (exit code {proc.poll()}, "
-                        f"run states {states}); its output:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"the long cell never reached a checkpoint (exit code {proc.poll()}, {saved}); its output:\n"
+                        f"{log.read_text()[-3000:]}")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     result = invoke("run", str(path), "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "1 already done, 1 to run" in result.output
+    assert "1 already done, 1 to run" in " ".join(result.output.split())
     runs = children(workdir, "killme")
-    assert len(runs) == 3
-    statuses = sorted((r.data.tags["ablate.cell"], r.info.status) for r in runs)
-    killed_cell = next(cell for cell, status in statuses if status == "KILLED")
-    assert [s for c, s in statuses if c == killed_cell] == ["FINISHED", "KILLED"]
+    assert sorted((r.data.tags["ablate.cell"], r.info.status) for r in runs) == [
+        ("alpha_ce iterations=120", "FINISHED"), ("focal", "FINISHED")]
+    resumed = next(r for r in runs if r.info.run_id == saved["meta"]["run_id"])
+    assert int(resumed.data.tags["ablate.resumed_from"]) >= saved["iteration"] >= 20
+    steps = [m.step for m in client(workdir).get_metric_history(resumed.info.run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 120
+    assert not list((workdir / ".ablate" / "checkpoints").glob("*/resume.*"))  # gone once the run is over
 
 
 def test_report_tables_equal_the_tracked_metrics(workdir):
