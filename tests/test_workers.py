@@ -1,0 +1,93 @@
+"""Workers: GPUs per worker, checkpoint cadence, resume bookkeeping (no GPU needed: faked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ablate import workers
+from ablate.errors import AblateError
+from ablate.experiments import load_experiment
+
+
+@pytest.mark.parametrize("jobs, per_cell, visible, expected", [
+    (2, 1, ["0", "1"], ["0", "1"]),
+    (2, 2, ["0", "1", "2", "3"], ["0,1", "2,3"]),
+    (3, 1, ["0", "1", "2", "3"], ["0", "1", "2"]),  # a spare GPU stays idle
+    (2, 1, ["4", "6"], ["4", "6"]),  # the ids CUDA_VISIBLE_DEVICES gave this process
+    (3, 1, [], [None, None, None]),  # no GPU: every worker on the CPU
+])
+def test_each_worker_gets_its_own_gpus(jobs, per_cell, visible, expected):
+    assert workers.gpu_assignment(jobs, per_cell, visible) == expected
+
+
+def test_too_few_gpus_is_one_clear_error():
+    with pytest.raises(AblateError, match=r"--jobs 3 x --gpus-per-cell 2 needs 6 GPUs; this machine has 4 \(0,1,2,3\)"):
+        workers.gpu_assignment(3, 2, ["0", "1", "2", "3"])
+    with pytest.raises(AblateError, match="--gpus-per-cell must be >= 1"):
+        workers.gpu_assignment(1, 0, ["0"])
+
+
+def test_visible_gpus_follow_cuda_visible_devices_or_the_device_count(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert workers.visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert workers.visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert workers.visible_gpus() == ["0", "1", "2", "3"]
+
+
+def test_worker_processes_get_disjoint_gpus_and_a_share_of_the_threads(monkeypatch):
+    """run_processes hands each process its CUDA_VISIBLE_DEVICES (set before CUDA starts)."""
+    started = []
+
+    class FakeProcess:
+        def __init__(self, target, args, daemon):
+            self.args, self.exitcode = args, 0
+            started.append(args)
+
+        def start(self):
+            pass
+
+        def is_alive(self):
+            return False
+
+        def join(self):
+            pass
+
+    class FakeContext:
+        Process = FakeProcess
+
+        def Queue(self):  # noqa: N802
+            import queue
+
+            return queue.Queue()
+
+    monkeypatch.setattr(workers.mp, "get_context", lambda kind: FakeContext())
+    monkeypatch.setattr(workers, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 8)
+    options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
+    workers.run_processes("grid", "g", 2, options, show_progress=False, total=4, gpus_per_cell=2)
+    assert [(a[2].gpus, a[2].threads) for a in started] == [("0,1", 4), ("2,3", 4)]
+
+
+def test_auto_checkpoint_cadence():
+    assert workers.auto_checkpoint_every(800) == 80  # the tiny preset: ten a run
+    assert workers.auto_checkpoint_every(90_000) == 1000  # the paper: ~3.5 min at 0.2 s/iteration
+    assert workers.auto_checkpoint_every(12) == 50  # shorter than that: only on a stop
+
+
+def test_resumable_run_id_reads_the_sidecar(tmp_path):
+    (planned, *_) = load_experiment("smoke").planned_runs([0])
+    path = workers.resume_path(workers.WorkerOptions("sqlite:///x.db", checkpoint_dir=tmp_path), planned)
+    assert path == tmp_path / planned.config_hash / "resume.pt"
+    assert workers.resumable_run_id(path) is None
+    path.parent.mkdir()
+    path.with_suffix(".json").write_text(json.dumps({"iteration": 20, "meta": {"run_id": "abc"}}))
+    assert workers.resumable_run_id(path) == "abc"
+    path.with_suffix(".json").write_text("{half")
+    assert workers.resumable_run_id(path) is None
