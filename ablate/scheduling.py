@@ -44,6 +44,8 @@ MAX_RETRIES = 3
 
 optuna.logging.set_verbosity(logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Our workers pull with ask/tell and beat the heartbeat themselves (`heartbeat` below).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 # Runs one planned run; None when the tracking store said it is done or running elsewhere.
 RunPlanned = Callable[[PlannedRun], RunResult | None]
@@ -95,9 +97,15 @@ def storage(url_or_path: str | Path | None = None) -> BaseStorage:
     raise AssertionError("unreachable")
 
 
+def _rdb(store: BaseStorage) -> RDBStorage | None:
+    """The RDB storage behind `store` (a study wraps it in Optuna's cache), or None."""
+    store = getattr(store, "_backend", store)
+    return store if isinstance(store, RDBStorage) else None
+
+
 def is_shared(store: BaseStorage) -> bool:
     """Whether workers on other machines can share this queue (an RDB storage, not the journal)."""
-    return isinstance(store, RDBStorage)
+    return _rdb(store) is not None
 
 
 def grid_study(name: str, store: BaseStorage) -> optuna.Study:
@@ -117,9 +125,9 @@ def queue_lock(study: optuna.Study) -> Iterator[None]:
     """Exclusive access to one study's queue while a coordinator reads and extends it, so that two
     coordinators started at once enqueue each planned run once: a PostgreSQL advisory lock keyed
     by the study name, or a file lock beside the journal."""
-    store = study._storage
+    store = _rdb(study._storage)
     key = int.from_bytes(hashlib.sha1(study.study_name.encode()).digest()[:8], "big", signed=True)
-    if isinstance(store, RDBStorage) and store.engine.dialect.name == "postgresql":
+    if store is not None and store.engine.dialect.name == "postgresql":
         from sqlalchemy import text
 
         with store.engine.connect() as conn:
@@ -162,14 +170,20 @@ def fail_dead_trials(study: optuna.Study) -> int:
         before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         optuna.storages.fail_stale_trials(study)
         return before - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    # A trial is RUNNING a moment before its worker writes its owner: no owner is no verdict.
     dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not owner_alive(t.user_attrs.get(OWNER_ATTR))]
+            if OWNER_ATTR in t.user_attrs and not owner_alive(t.user_attrs[OWNER_ATTR])]
+    failed = 0
     for trial in dead:
-        study._storage.set_trial_user_attr(trial._trial_id, OUTCOME_ATTR, "worker gone")
-        study.tell(trial.number, state=TrialState.FAIL)
+        try:  # another worker may fail it first
+            study._storage.set_trial_user_attr(trial._trial_id, OUTCOME_ATTR, "worker gone")
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            continue
+        failed += 1
         if PLANNED_ATTR in trial.user_attrs:
             enqueue(study, [PlannedRun.from_json(trial.user_attrs[PLANNED_ATTR])])
-    return len(dead)
+    return failed
 
 
 def pending(study: optuna.Study) -> int:
@@ -181,8 +195,8 @@ def pending(study: optuna.Study) -> int:
 def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat every interval while its run trains (RDB storages only:
     `study.optimize` would do this, but a grid worker pulls with ask/tell)."""
-    store = study._storage
-    if not isinstance(store, RDBStorage) or not store.is_heartbeat_enabled():
+    store = _rdb(study._storage)
+    if store is None or not store.get_heartbeat_interval():
         yield
         return
     stop = threading.Event()

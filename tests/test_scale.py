@@ -186,3 +186,45 @@ exp = load_experiment(sys.argv[1])
 summary = run_training(planned.build_config(), name="reference", console=None, show_progress=False)
 print(json.dumps(summary["metrics"]))
 """
+
+
+def test_a_worker_taken_for_dead_that_wakes_up_records_nothing(tmp_path, env, pg):
+    """SIGSTOP a worker mid-cell past its heartbeat grace (3 s here): its trial is failed as stale
+    and retried, a second worker takes the run over from its checkpoint and finishes it; SIGCONT
+    the first: it finds its run taken and records nothing (no second FINISHED run)."""
+    queue = pg.create_database("stale")
+    path = tmp_path / "onecell.toml"
+    path.write_text(GRID.replace('"loss.gamma" = [0.0, 1.0, 2.0]', '"loss.gamma" = [2.0]'))
+    checkpoints = tmp_path / "shared-checkpoints"
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    assert ablate("run", str(path), "--storage", queue, cwd=tmp_path, env=env).returncode == 0
+    worker = [*CLI, "worker", "onecell", "--storage", queue, "--checkpoint-dir", str(checkpoints),
+              "--checkpoint-every", "20", "--no-progress"]
+    sleeper = subprocess.Popen(worker, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    sidecar = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = list(checkpoints.glob("*/resume.json"))
+        if found and json.loads(found[0].read_text()).get("iteration", 0) >= 20:
+            sidecar = found[0]
+            break
+        time.sleep(0.3)
+    assert sidecar is not None, "the cell never reached its first checkpoint"
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    try:
+        time.sleep(5)  # > 3 missed heartbeats of 1 s
+        taker = ablate(*worker[2:], cwd=tmp_path, env=env)
+        assert taker.returncode == 0, taker.stderr[-2000:]
+    finally:
+        os.kill(sleeper.pid, signal.SIGCONT)
+    output = sleeper.communicate(timeout=300)[0]
+    assert sleeper.returncode == 0, output[-2000:]
+    assert "skipped (done elsewhere)" in " ".join(output.split())
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("onecell").experiment_id])
+    children = [r for r in runs if "ablate.cell" in r.data.tags]
+    assert [r.info.status for r in children] == ["FINISHED"]
+    assert int(children[0].data.tags["ablate.resumed_from"]) >= 20
+    study = optuna.load_study(study_name="onecell", storage=queue)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
