@@ -5,7 +5,7 @@ and to read it back into the parts.
     .venv/bin/python benchmarks/checkpoint_cost.py            # the tiny preset and ResNet-50-FPN
     .venv/bin/python benchmarks/checkpoint_cost.py --dir /mnt/shared/ckpt   # on the disk you will use
 
-Each case builds the model of a preset (tiny: 3 classes as the embedded set; paper: ResNet-50-FPN
+Each case builds the model of a preset (tiny: 20 classes as the embedded set; paper: ResNet-50-FPN
 with 80 classes), its SGD optimiser and schedule, takes one step on a tiny batch (so that the
 momentum buffers exist, as in any checkpoint after the first iteration), and saves the resume
 checkpoint exactly as `run_training` does, with a full run's logged history (the worst case: the
@@ -31,7 +31,7 @@ from ablate.config import build_config, config_hash  # noqa: E402
 from ablate.data.coco import collate  # noqa: E402
 from ablate.runner import restore, resume_parts  # noqa: E402
 
-CASES = {"tiny": ("tiny", 3), "paper": ("paper", 80)}
+CASES = {"tiny": ("tiny", 20), "paper": ("paper", 80)}
 COCO_BATCHES = 117_266 // 16  # batches per epoch of train2017 (only recorded, never read here)
 
 
