@@ -173,6 +173,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(workdir
     steps = [m.step for m in client(workdir).get_metric_history(resumed.info.run_id, "loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 120
     assert not list((workdir / ".ablate" / "checkpoints").glob("*/resume.*"))  # gone once the run is over
+    # The killed coordinator's parent run was carried on by the next `ablate run` and closed with it.
+    c = client(workdir)
+    parents = [r for r in c.search_runs([c.get_experiment_by_name("killme").experiment_id])
+               if "ablate.cell" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
 
 
 def test_report_tables_equal_the_tracked_metrics(workdir):

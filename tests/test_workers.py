@@ -91,3 +91,20 @@ def test_resumable_run_id_reads_the_sidecar(tmp_path):
     assert workers.resumable_run_id(path) == "abc"
     path.with_suffix(".json").write_text("{half")
     assert workers.resumable_run_id(path) is None
+
+
+def test_a_parent_run_left_open_with_an_empty_queue_is_closed_by_the_next_run(tmp_path, monkeypatch):
+    from ablate import grid, scheduling, tracking
+
+    monkeypatch.chdir(tmp_path)
+    tracker = tracking.Tracker("g", tracking.init_store(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    study = scheduling.grid_study("g", scheduling.storage(tmp_path / "q.journal"))
+    parent = grid.open_parent(study, tracker, [0], 1)
+    assert grid.open_parent(study, tracker, [0], 1) == parent  # a second coordinator joins it
+    scheduling.enqueue(study, load_experiment("smoke").planned_runs([0])[:1])
+    grid.close_orphan_parent(study, tracker)
+    assert tracker.is_running(parent)  # work is still queued: the grid is not over
+    study.tell(study.ask(), state=scheduling.TrialState.FAIL)
+    grid.close_orphan_parent(study, tracker)
+    assert tracker.client.get_run(parent).info.status == "KILLED"
+    assert grid.open_parent(study, tracker, [0], 1) != parent  # the next grid gets a parent of its own
