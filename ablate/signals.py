@@ -18,17 +18,14 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[Callable[[], bool]]:
-    """Yield `stop()`, True once a SIGINT or SIGTERM arrived; restore the old handlers on exit.
-
-    Outside the main thread (where Python cannot install handlers) `stop()` stays False and the
-    signals keep their default behaviour.
-    """
+def _handling(on_signal: Callable[[int, list[int]], None]) -> Iterator[Callable[[], bool]]:
+    """Install `on_signal(signum, received so far)` for SIGINT and SIGTERM, yield `stop()` (True
+    once one arrived), and restore the previous handlers on exit. Outside the main thread (where
+    Python cannot install handlers) `stop()` stays False and the signals keep their behaviour."""
     received: list[int] = []
 
     def handle(signum, _frame) -> None:
-        if received:
-            raise KeyboardInterrupt
+        on_signal(signum, received)
         received.append(signum)
 
     if threading.current_thread() is not threading.main_thread():
@@ -42,29 +39,29 @@ def graceful_stop() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
-def forward_to(processes) -> Iterator[Callable[[], bool]]:
+def graceful_stop():
+    """Yield `stop()`, True once a SIGINT or SIGTERM arrived; a second signal raises
+    KeyboardInterrupt. The old handlers come back on exit."""
+
+    def on_signal(signum: int, received: list[int]) -> None:
+        if received:
+            raise KeyboardInterrupt
+
+    return _handling(on_signal)
+
+
+def forward_to(processes):
     """While worker processes run: a SIGTERM to this process is passed on to them (a SIGINT from
     the terminal reaches the whole process group by itself), so each stops politely; a second
     signal terminates them. Yields `stop()` like graceful_stop."""
-    received: list[int] = []
 
-    def handle(signum, _frame) -> None:
-        received.append(signum)
+    def on_signal(signum: int, received: list[int]) -> None:
         for proc in processes:
             if proc.is_alive() and proc.pid:
                 with contextlib.suppress(ProcessLookupError):
-                    if len(received) > 1:
+                    if received:
                         proc.terminate()
                     elif signum == signal.SIGTERM:
                         os.kill(proc.pid, signal.SIGTERM)
 
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = {sig: signal.signal(sig, handle) for sig in HANDLED}
-    try:
-        yield lambda: bool(received)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return _handling(on_signal)
