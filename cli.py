@@ -374,7 +374,10 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
     from ablate.tracking import init_store
 
     uri = init_store()
-    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (takes ~20 s to answer; Ctrl-C stops it)")
+    from ablate.errors import mask_url
+
+    console.print(escape(f"MLflow UI for {mask_url(uri)} on http://127.0.0.1:{port} (takes ~20 s to answer; "
+                         "Ctrl-C stops it)"))
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port)]
     proc = subprocess.Popen(cmd, start_new_session=True)

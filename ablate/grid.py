@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ from ablate.data.coco import locate
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_url
 from ablate.experiments import Experiment
-from ablate.runs import PlannedRun, RunResult
+from ablate.runs import Outcome, PlannedRun, RunResult
 from ablate.workers import WorkerOptions
 
 
@@ -111,15 +112,16 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
                              f"{len(plan.runs) - len(todo)} already done, {len(todo)} to run; tracking "
                              f"{mask_url(options.tracking_uri)}"), soft_wrap=True)
         study = scheduling.grid_study(exp.name, store)
+        if not shared:
+            scheduling.reset_queue(study)
         close_orphan_parent(study, tracker)
         if not todo:
             return Counter()
         if jobs:
             prepare_data([run.build_config() for run in todo], show_progress)
-        if not shared:
-            scheduling.reset_queue(study)
-        fresh = scheduling.enqueue_missing(study, todo)
-        open_parent(study, tracker, seeds, jobs)
+        with scheduling.queue_lock(study):  # two coordinators at once: one parent, each run queued once
+            fresh = scheduling.enqueue_missing(study, todo)
+            open_parent(study, tracker, seeds, jobs)
         if shared:
             console.print(escape(f"queue {mask_url(options.storage or '')}: enqueued {len(fresh)}, "
                                  f"{len(todo) - len(fresh)} were queued already"), soft_wrap=True)
@@ -159,8 +161,6 @@ def run_worker(name: str, options: WorkerOptions, *, jobs: int = 1, gpus_per_cel
     if jobs <= 1:
         gpus = workers.gpu_assignment(1, gpus_per_cell, workers.visible_gpus())[0]
         if gpus is not None:
-            import os
-
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         return workers.work_in_this_process(name, options, show_progress)
     return workers.run_processes("grid", name, jobs, options, show_progress, total=None, gpus_per_cell=gpus_per_cell)
@@ -198,7 +198,7 @@ def search_work(name: str, options: WorkerOptions, *, exp: Experiment, trials: i
             messages.put((worker, "end", str(result.outcome)))
         return result
 
-    scheduling.work_search(study, trials, spec.space, run_trial)
+    scheduling.work_search(study, trials, spec.space, run_trial, stop=stop or (lambda: False))
 
 
 def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, options: WorkerOptions, jobs: int = 1,
@@ -212,7 +212,8 @@ def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, options: 
         prepare_data([exp.base_config(extra)], show_progress)
         store = scheduling.storage(options.storage)
         study = scheduling.search_study(name, store, exp.search.direction, seed, warmup_steps=0)
-        scheduling.reset_queue(study)
+        if not scheduling.is_shared(store):  # a shared study's running trials are other machines'
+            scheduling.reset_queue(study)
         parent_id = tracker.start_parent(f"search {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                          {f"{tracking.TAG}trials": str(trials)})
         args = {"exp": exp, "extra": extra, "seed": seed, "parent_id": parent_id}
@@ -221,12 +222,16 @@ def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, options: 
                 with signals.graceful_stop() as stop, progress_bar(show_progress) as progress:
                     search_work(name, options, trials=trials, stop=stop,
                                 progress=progress if show_progress else None, **args)
+                    stopped = stop()
             else:
                 shares = [trials // jobs + (1 if w < trials % jobs else 0) for w in range(jobs)]
-                workers.run_processes("search", name, jobs, options, show_progress, total=trials, shares=shares,
-                                      **args)
+                outcomes = workers.run_processes("search", name, jobs, options, show_progress, total=trials,
+                                                 shares=shares, **args)
+                stopped = bool(outcomes.get(str(Outcome.INTERRUPTED)))
         except KeyboardInterrupt:
             tracker.end_parent(parent_id, "KILLED")
             raise
-        tracker.end_parent(parent_id, "FINISHED")
+        tracker.end_parent(parent_id, "KILLED" if stopped else "FINISHED")
+        if stopped:
+            raise KeyboardInterrupt  # the CLI's one line and exit code 130
         return scheduling.best_trial(study)

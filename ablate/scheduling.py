@@ -151,11 +151,11 @@ def queued_hashes(study: optuna.Study) -> set[str]:
 
 def enqueue_missing(study: optuna.Study, runs: list[PlannedRun]) -> list[PlannedRun]:
     """Enqueue the planned runs that are neither waiting nor running in the queue; returns them.
-    (Runs already done are the caller's to leave out: that is the tracking store's answer.)"""
-    with queue_lock(study):
-        queued = queued_hashes(study)
-        fresh = [run for run in runs if run.config_hash not in queued]
-        enqueue(study, fresh)
+    The caller holds `queue_lock(study)`. (Runs already done are the caller's to leave out: that
+    is the tracking store's answer.)"""
+    queued = queued_hashes(study)
+    fresh = [run for run in runs if run.config_hash not in queued]
+    enqueue(study, fresh)
     return fresh
 
 
@@ -254,7 +254,7 @@ def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlann
     `stop()`; returns how many were pulled.
 
     While other workers' trials run, a worker with nothing to pull stays and looks again every
-    heartbeat interval: if one of them dies, its trial comes back to the queue and is picked up.
+    few seconds: if one of them dies, its trial comes back to the queue and is picked up.
     A finished run completes its trial with its AP; any other outcome, or a run skipped because it
     was done elsewhere, fails the trial, with the outcome kept as a user attribute. An interrupted
     run (SIGTERM, Ctrl-C) goes back into the queue, where the next worker resumes it.
@@ -284,34 +284,35 @@ def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlann
             with heartbeat(study, trial):
                 result = run_planned(planned)
         except BaseException:
-            with contextlib.suppress(ValueError):  # already failed as stale
-                trial.set_user_attr(OUTCOME_ATTR, str(Outcome.INTERRUPTED))
-                study.tell(trial, state=TrialState.FAIL)
+            if _tell(study, trial, RunResult(Outcome.INTERRUPTED)):
                 enqueue(study, [planned])
             raise
-        _tell(study, trial, result)
-        if result is not None and result.outcome is Outcome.INTERRUPTED:
+        # An interrupted run goes back into the queue, unless its trial was failed as stale
+        # meanwhile: the stale-trial retry has enqueued it already.
+        if _tell(study, trial, result) and result is not None and result.outcome is Outcome.INTERRUPTED:
             enqueue(study, [planned])
         pulled += 1
     return pulled
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult | None) -> None:
-    """Close a trial from its run's result: COMPLETE with the AP, PRUNED, or FAIL. A trial that was
-    failed as stale meanwhile (its worker was too slow to beat) stays failed: its retry carries
-    the run on, and the tracking store, not this trial, holds the result."""
-    if study._storage.get_trial(trial._trial_id).state.is_finished():
-        return
-    trial.set_user_attr(OUTCOME_ATTR, "skipped" if result is None else str(result.outcome))
-    if result is not None and result.value is not None:
-        study.tell(trial, result.value)
-    elif result is not None and result.outcome is Outcome.PRUNED:
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
+def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult | None) -> bool:
+    """Close a trial from its run's result: COMPLETE with the AP, PRUNED, or FAIL. Returns False,
+    changing nothing, when the trial was failed as stale meanwhile (its worker was too slow to
+    beat): its retry carries the run on, and the tracking store, not this trial, holds the result."""
+    try:
+        trial.set_user_attr(OUTCOME_ATTR, "skipped" if result is None else str(result.outcome))
+        if result is not None and result.value is not None:
+            study.tell(trial, result.value)
+        elif result is not None and result.outcome is Outcome.PRUNED:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial"
+        return False
+    return True
 
 
-def search_study(name: str, store: JournalStorage, direction: str, seed: int,
+def search_study(name: str, store: BaseStorage, direction: str, seed: int,
                  warmup_steps: int) -> optuna.Study:
     """TPE (settings pinned: Optuna's defaults change between releases) with a median pruner."""
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=4)
@@ -339,12 +340,15 @@ RunSearchTrial = Callable[[int, dict[str, Any], Reporter], RunResult]
 
 
 def work_search(study: optuna.Study, num_trials: int, space: dict[str, dict[str, Any]],
-                run_trial: RunSearchTrial) -> None:
-    """Run `num_trials` TPE trials; `run_trial(number, overrides, report)` trains, calling
-    `report(step, value)` with each intermediate metric; report returns True when the pruner
-    says stop. Returns nothing: results live in the study and in MLflow."""
+                run_trial: RunSearchTrial, stop: Callable[[], bool] = lambda: False) -> None:
+    """Run `num_trials` TPE trials, fewer once `stop()`; `run_trial(number, overrides, report)`
+    trains, calling `report(step, value)` with each intermediate metric; report returns True when
+    the pruner says stop. Returns nothing: results live in the study and in MLflow."""
     for _ in range(num_trials):
+        if stop():
+            break
         trial = study.ask()
+        trial.set_user_attr(OWNER_ATTR, process_owner())
         overrides = suggest(trial, space)
 
         def report(step: int, value: float, trial=trial) -> bool:
@@ -354,8 +358,7 @@ def work_search(study: optuna.Study, num_trials: int, space: dict[str, dict[str,
         try:
             result = run_trial(trial.number, overrides, report)
         except BaseException:
-            trial.set_user_attr(OUTCOME_ATTR, str(Outcome.INTERRUPTED))
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, RunResult(Outcome.INTERRUPTED))
             raise
         _tell(study, trial, result)
 

@@ -29,6 +29,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.entities import Metric, Param, RunTag
 
 from ablate.errors import AblateError, mask_url
@@ -109,9 +110,17 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            artifacts = (Path.cwd() / "mlartifacts" / experiment).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-        else:
+            # A local store keeps artifacts beside it; an MLflow server decides (and proxies) itself,
+            # so that workers on other machines upload through it instead of to their own disk.
+            local = not self.uri.startswith(("http://", "https://"))
+            artifacts = (Path.cwd() / "mlartifacts" / experiment).resolve().as_uri() if local else None
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+            except MlflowException:  # another process created it a moment ago
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+        if found is not None:
             self.experiment_id = found.experiment_id
 
     def start_parent(self, name: str, tags: dict[str, str] | None = None) -> str:
@@ -134,7 +143,7 @@ class Tracker:
         """A RUNNING child run for `planned`: its config as params, its identity and owner as tags."""
         tags = {"cell": planned.cell, "cell_index": planned.cell_index, "seed": planned.seed,
                 "config_hash": planned.config_hash, "overrides": json.dumps(planned.overrides, sort_keys=True),
-                "owner": process_owner()}
+                "owner": process_owner(), "heartbeat": f"{time.time():.0f}"}
         run = self.client.create_run(self.experiment_id, run_name=planned.name, tags={
             "mlflow.parentRunId": parent_id, f"{TAG}git_commit": git_commit(), f"{TAG}command": command_line(),
             **{f"{TAG}{k}": str(v) for k, v in tags.items()}})
@@ -172,14 +181,20 @@ class Tracker:
     def _retire_stale(self, config_hash: str, winner: ChildRun) -> None:
         """Close the cell's RUNNING runs whose owner is gone or silent, and make them the winner's:
         a stopped worker that wakes up finds its run taken and records nothing."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}config_hash` = '{config_hash}'",
-                                       max_results=1000)
-        for run in runs:
+        for run in self._runs_of(config_hash):
             if run.info.run_id != winner.run_id and run.info.status == "RUNNING" and not run_owner_alive(run):
-                self.client.log_batch(run.info.run_id, tags=[RunTag(f"{TAG}owner", winner.owner),
-                                                             RunTag(f"{TAG}outcome", str(Outcome.INTERRUPTED)),
-                                                             RunTag(f"{TAG}superseded_by", winner.run_id)])
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self._close_interrupted(run.info.run_id, {"owner": winner.owner, "superseded_by": winner.run_id})
+
+    def _close_interrupted(self, run_id: str, tags: dict[str, str] | None = None) -> None:
+        """Close a run whose process is gone: KILLED, outcome interrupted (plus `tags`)."""
+        tags = {"outcome": str(Outcome.INTERRUPTED), **(tags or {})}
+        self.client.log_batch(run_id, tags=[RunTag(f"{TAG}{k}", v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status="KILLED")
+
+    def _runs_of(self, config_hash: str) -> list:
+        """Every run of the cell with this config hash."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}config_hash` = '{config_hash}'",
+                                       max_results=1000)
 
     def _take_over(self, run_id: str, config_hash: str) -> ChildRun | None | bool:
         """Make this process the owner of an interrupted run again; False when there is no such
@@ -203,9 +218,7 @@ class Tracker:
 
     def _rivals(self, config_hash: str) -> list:
         """The child runs with this config hash that are done or still owned by a live process."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}config_hash` = '{config_hash}'",
-                                       max_results=1000)
-        return [r for r in runs if is_done(r) or r.info.status == "RUNNING" and run_owner_alive(r)]
+        return [r for r in self._runs_of(config_hash) if is_done(r) or r.info.status == "RUNNING" and run_owner_alive(r)]
 
     def close_orphans(self) -> int:
         """Mark the child runs left RUNNING by a process that is gone as KILLED (outcome
@@ -213,8 +226,7 @@ class Tracker:
         machine is left as it is. Returns how many were closed."""
         orphans = [r for r in self._child_runs() if r.info.status == "RUNNING" and not run_owner_alive(r)]
         for run in orphans:
-            self.client.set_tag(run.info.run_id, f"{TAG}outcome", str(Outcome.INTERRUPTED))
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+            self._close_interrupted(run.info.run_id)
         return len(orphans)
 
     def done_runs(self) -> dict[str, str]:
@@ -353,11 +365,13 @@ class ChildRun:
         """Close the run: FINISHED for a finished cell, FAILED for diverged or crashed, KILLED for
         an interruption or a search trial the pruner stopped; the `outcome` tag tells them apart.
         Raises LostClaim, recording nothing, when another process owns the run by now."""
-        self.check_claim()
-        self.flush()
-        self.set_tags({"outcome": str(outcome)})
-        self._stop.set()
-        self.client.set_terminated(self.run_id, status=RUN_STATUS[Outcome(outcome)])
+        try:
+            self.check_claim()
+            self.flush()
+            self.set_tags({"outcome": str(outcome)})
+            self.client.set_terminated(self.run_id, status=RUN_STATUS[Outcome(outcome)])
+        finally:
+            self._stop.set()
 
     def release(self) -> None:
         """Stop the heartbeat without closing the run (its claim was lost, or it is left for a resume)."""

@@ -10,10 +10,13 @@ checkpoint, ends "interrupted" and goes back to the queue; a second signal stops
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import queue as queue_lib
+import signal
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,7 +26,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ablate import scheduling, signals, tracking
-from ablate.checkpoint import ResumeSpec, discard_resume
+from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, one_line
 from ablate.runner import run_training
@@ -60,7 +63,7 @@ def resume_path(options: WorkerOptions, planned: PlannedRun) -> Path:
 
 def resumable_run_id(path: Path) -> str | None:
     """The tracking run id an interrupted attempt saved beside its checkpoint (the sidecar JSON)."""
-    sidecar = path.with_suffix(".json")
+    sidecar = sidecar_path(path)
     try:
         return json.loads(sidecar.read_text()).get("meta", {}).get("run_id")
     except (OSError, ValueError, AttributeError):
@@ -84,6 +87,17 @@ def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, 
              else tracker.start_child(planned, parent_id))
     if child is None:
         return None
+    try:
+        return _train_claimed(planned, cfg, child, progress, resume, previous, stop=stop, on_log=on_log,
+                              eval_every=eval_every, on_eval=on_eval)
+    finally:
+        child.release()  # the heartbeat stops however the run ended
+
+
+def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress: Progress | None,
+                   resume: ResumeSpec | None, previous: str | None, *, stop, on_log, eval_every: int,
+                   on_eval) -> RunResult | None:
+    """run_tracked's part once the run is this worker's: train, record, and record failures."""
     if resume is not None:
         if previous and previous != child.run_id:  # the checkpoint belongs to a run we did not take over
             discard_resume(resume.path)
@@ -105,15 +119,20 @@ def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, 
                                eval_every=eval_every, on_eval=evaluate if on_eval else None, resume=resume, stop=stop)
         return record(child, summary, resume)
     except tracking.LostClaim:  # taken for dead and taken over: the other worker records the run
-        child.release()
         return None
     except KeyboardInterrupt:
-        child.end(Outcome.INTERRUPTED)
+        with contextlib.suppress(tracking.LostClaim):
+            child.end(Outcome.INTERRUPTED)
         raise
     except Exception as e:  # one failing cell must never lose the others: record it and go on
         error = one_line(e)
-        child.set_tags({"error": error[:500]})
-        child.end(Outcome.FAILED)
+        if resume is not None:  # the rerun starts afresh: a checkpoint that cannot be read must not block it
+            discard_resume(resume.path)
+        try:
+            child.set_tags({"error": error[:500]})
+            child.end(Outcome.FAILED)
+        except tracking.LostClaim:
+            return None
         return RunResult(Outcome.FAILED, run_id=child.run_id, error=error)
 
 
@@ -121,7 +140,6 @@ def record(child: tracking.ChildRun, summary: dict, resume: ResumeSpec | None) -
     """Log a run's final metrics and files and close it; the resume checkpoint of a run that is
     over goes (an interrupted run keeps it for the next attempt)."""
     result = result_of(summary, child.run_id)
-    child.flush()
     if summary.get("resumed_from") is not None:
         child.set_tags({"resumed_from": summary["resumed_from"]})
     if result.outcome is not Outcome.INTERRUPTED:
@@ -253,14 +271,21 @@ def _process_main(target: str, name: str, options: WorkerOptions, cwd: str, mess
     on_start = lambda p: messages.put((worker, "start", (f"{p.cell} s{p.seed}", p.config["train.iterations"])))  # noqa: E731
     on_step = lambda step: messages.put((worker, "step", step))  # noqa: E731
     on_end = lambda key: messages.put((worker, "end", key))  # noqa: E731
-    with signals.graceful_stop() as stop:
-        if target == "grid":
-            work(name, options, stop=stop, on_start=on_start, on_step=on_step, on_end=on_end)
-        else:
-            from ablate.grid import search_work
+    try:
+        with signals.graceful_stop() as stop:
+            if target == "grid":
+                work(name, options, stop=stop, on_start=on_start, on_step=on_step, on_end=on_end)
+            else:
+                from ablate.grid import search_work
 
-            shares = extra.pop("shares")
-            search_work(name, options, stop=stop, messages=messages, worker=worker, trials=shares[worker], **extra)
+                shares = extra.pop("shares")
+                search_work(name, options, stop=stop, messages=messages, worker=worker, trials=shares[worker],
+                            **extra)
+    except AblateError as e:  # a user error: one line, as the CLI would print it, never a traceback
+        print(f"error: worker {worker}: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # a second signal: stopped at once, runs closed as interrupted
+        sys.exit(130)
 
 
 def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, show_progress: bool,
@@ -296,7 +321,7 @@ def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, sho
                 progress.update(grid_task, advance=1, info=escape(counts_text(outcomes)))
     for p in procs:
         p.join()
-    crashed = sum(1 for p in procs if p.exitcode not in (0, 130))
+    crashed = sum(1 for p in procs if p.exitcode not in (0, 130, -signal.SIGTERM))
     if crashed:
         outcomes[WORKER_CRASHED] += crashed
     return outcomes

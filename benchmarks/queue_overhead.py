@@ -45,7 +45,7 @@ def overhead_per_cell(storage: str | Path, tracking_uri: str, cells: int, name: 
     study = scheduling.grid_study(name, scheduling.storage(storage))
     tracker = tracking.Tracker(name, tracking.init_store(tracking_uri))
     parent = tracker.start_parent("bench")
-    scheduling.enqueue_missing(study, planned_runs(cells, name))
+    scheduling.enqueue(study, planned_runs(cells, name))
 
     def run(planned: PlannedRun) -> RunResult | None:
         child = tracker.claim(planned, parent)
@@ -70,7 +70,7 @@ scheduling.work_grid(study, 1, lambda planned: (print("took", flush=True), time.
 def pickup_seconds(storage: str, name: str, heartbeat: int) -> float:
     """From SIGKILL of the worker holding a cell to another worker starting that cell."""
     study = scheduling.grid_study(name, scheduling.storage(storage))
-    scheduling.enqueue_missing(study, planned_runs(1, name))
+    scheduling.enqueue(study, planned_runs(1, name))
     env = {**os.environ, "ABLATE_HEARTBEAT": str(heartbeat), "PYTHONPATH": str(ROOT)}
     victim = subprocess.Popen([sys.executable, "-c", VICTIM, storage, name], env=env, stdout=subprocess.PIPE, text=True)
     assert victim.stdout.readline().strip() == "took"
