@@ -114,7 +114,10 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
         study = scheduling.grid_study(exp.name, store)
         if not shared:
             scheduling.reset_queue(study)
-        close_orphan_parent(study, tracker)
+        # A parent left open by a killed grid: carried on when this folder's grid has work left
+        # (its runs resume under it), closed when there is none.
+        if shared or not todo:
+            close_orphan_parent(study, tracker)
         if not todo:
             return Counter()
         if jobs:
