@@ -260,16 +260,26 @@ def _parse_variants(path: Path, entries: Any) -> list[dict[str, Any]]:
     return variants
 
 
-def _parse_search(path: Path, table: Any) -> SearchSpec:
-    _expect(path, "search", table, dict, "a table")
-    unknown = set(table) - SEARCH_KEYS
+def _expect_table(path: Path, name: str, table: Any, allowed: set[str], what: str = "a table") -> None:
+    """`table` is a TOML table whose keys are all `allowed`; else one ConfigError naming the key."""
+    _expect(path, name, table, dict, what)
+    unknown = set(table) - allowed
     if unknown:
-        raise ConfigError(f"{path}: unknown key 'search.{sorted(unknown)[0]}' (allowed: {', '.join(sorted(SEARCH_KEYS))})")
-    spec = SearchSpec()
-    for key, kind, what in (("metric", str, "a string"), ("direction", str, "a string"),
-                            ("trials", int, "an integer"), ("eval_every", int, "an integer")):
+        raise ConfigError(f"{path}: unknown key '{name}.{sorted(unknown)[0]}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _set_fields(path: Path, prefix: str, table: dict, target: Any, fields: tuple[tuple[str, type, str], ...]) -> None:
+    """Copy each (key, type, description) of `fields` present in `table` onto `target`, type-checked."""
+    for key, kind, what in fields:
         if key in table:
-            setattr(spec, key, _expect(path, f"search.{key}", table[key], kind, what))
+            setattr(target, key, _expect(path, f"{prefix}{key}", table[key], kind, what))
+
+
+def _parse_search(path: Path, table: Any) -> SearchSpec:
+    _expect_table(path, "search", table, SEARCH_KEYS)
+    spec = SearchSpec()
+    _set_fields(path, "search.", table, spec, (("metric", str, "a string"), ("direction", str, "a string"),
+                                               ("trials", int, "an integer"), ("eval_every", int, "an integer")))
     if spec.direction not in ("maximize", "minimize"):
         raise ConfigError(f"{path}: 'search.direction' must be maximize or minimize")
     for key, dist in table.get("space", {}).items():
@@ -281,14 +291,9 @@ def _parse_search(path: Path, table: Any) -> SearchSpec:
 
 
 def _parse_report(path: Path, table: Any) -> ReportSettings:
-    _expect(path, "report", table, dict, "a table")
-    unknown = set(table) - REPORT_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown key 'report.{sorted(unknown)[0]}' (allowed: {', '.join(sorted(REPORT_KEYS))})")
+    _expect_table(path, "report", table, REPORT_KEYS)
     settings = ReportSettings()
-    for key in ("paper_table", "x", "hue"):
-        if key in table:
-            setattr(settings, key, _expect(path, f"report.{key}", table[key], str, "a string"))
+    _set_fields(path, "report.", table, settings, tuple((key, str, "a string") for key in ("paper_table", "x", "hue")))
     if settings.paper_table is not None and settings.paper_table not in ("a", "b", "c", "d", "e"):
         raise ConfigError(f"{path}: 'report.paper_table' must be one of a, b, c, d, e; got '{settings.paper_table}'")
     if "loss_cdf" in table:
@@ -297,10 +302,7 @@ def _parse_report(path: Path, table: Any) -> ReportSettings:
 
 
 def _parse_loss_cdf(path: Path, table: Any) -> LossCdfSpec:
-    _expect(path, "report.loss_cdf", table, dict, "a table {cell, gammas}")
-    unknown = set(table) - {"cell", "gammas"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key 'report.loss_cdf.{sorted(unknown)[0]}' (allowed: cell, gammas)")
+    _expect_table(path, "report.loss_cdf", table, {"cell", "gammas"}, "a table {cell, gammas}")
     if "cell" not in table:
         raise ConfigError(f"{path}: 'report.loss_cdf.cell' is missing: the cell whose trained model Figure 4 reads")
     spec = LossCdfSpec(_expect(path, "report.loss_cdf.cell", table["cell"], str, "a string"))
@@ -325,9 +327,7 @@ def load_experiment(name_or_path: str) -> Experiment:
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     exp = Experiment(name=path.stem, path=path)
-    for key in ("description", "preset", "data", "baseline"):
-        if key in data:
-            setattr(exp, key, _expect(path, key, data[key], str, "a string"))
+    _set_fields(path, "", data, exp, tuple((key, str, "a string") for key in ("description", "preset", "data", "baseline")))
     if "seeds" in data:
         seeds = _expect(path, "seeds", data["seeds"], list, "a non-empty list of integers")
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):

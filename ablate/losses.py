@@ -254,47 +254,39 @@ class ClsTargets:
         return targets
 
 
+class Registry(dict):
+    """name -> function, filled by the `register(name)` decorator; `find(name)` names the known ones
+    when `name` is not one of them."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def register(self, name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+        def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+            if name in self:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self[name] = fn
+            return fn
+        return add
+
+    def find(self, name: str) -> Callable[..., Tensor]:
+        if name not in self:
+            raise ValueError(f"unknown {self.kind} {name!r} (known: {', '.join(self)})")
+        return self[name]
+
+
 # name -> fn(logits [B, N, K], targets, **hyper-parameters) -> scalar: the loss summed over valid
 # anchors and classes, not yet normalised. Each takes the hyper-parameters it uses by keyword and
 # ignores the rest, so that a criterion can hand the same set to any of them.
 ClsLossFn = Callable[..., Tensor]
-CLS_LOSSES: dict[str, ClsLossFn] = {}
+CLS_LOSSES = Registry("classification loss")  # the `loss.cls` values
 # name -> fn(pred_deltas [F, 4], gt_boxes [F, 4], anchors [F, 4], box_coder, **hyper-parameters)
 # -> scalar: the loss summed over the F foreground anchors, not yet normalised.
 BoxLossFn = Callable[..., Tensor]
-BOX_LOSSES: dict[str, BoxLossFn] = {}
-
-
-def register_cls_loss(name: str) -> Callable[[ClsLossFn], ClsLossFn]:
-    """Decorator: make `fn` the classification loss called `name` (a `loss.cls` value)."""
-    def add(fn: ClsLossFn) -> ClsLossFn:
-        if name in CLS_LOSSES:
-            raise ValueError(f"classification loss {name!r} registered twice")
-        CLS_LOSSES[name] = fn
-        return fn
-    return add
-
-
-def register_box_loss(name: str) -> Callable[[BoxLossFn], BoxLossFn]:
-    """Decorator: make `fn` the box loss called `name` (a `loss.box` value)."""
-    def add(fn: BoxLossFn) -> BoxLossFn:
-        if name in BOX_LOSSES:
-            raise ValueError(f"box loss {name!r} registered twice")
-        BOX_LOSSES[name] = fn
-        return fn
-    return add
-
-
-def get_cls_loss(name: str) -> ClsLossFn:
-    if name not in CLS_LOSSES:
-        raise ValueError(f"unknown classification loss {name!r} (known: {', '.join(CLS_LOSSES)})")
-    return CLS_LOSSES[name]
-
-
-def get_box_loss(name: str) -> BoxLossFn:
-    if name not in BOX_LOSSES:
-        raise ValueError(f"unknown box loss {name!r} (known: {', '.join(BOX_LOSSES)})")
-    return BOX_LOSSES[name]
+BOX_LOSSES = Registry("box loss")  # the `loss.box` values
+register_cls_loss, get_cls_loss = CLS_LOSSES.register, CLS_LOSSES.find
+register_box_loss, get_box_loss = BOX_LOSSES.register, BOX_LOSSES.find
 
 
 # CE, alpha-CE and FL are one family (FL with gamma 0 is alpha-CE; alpha None drops the balance):

@@ -25,7 +25,8 @@ from rich.console import Console
 
 from ablate import builders, engine
 from ablate.analysis import anchor_balance, loss_curve_png
-from ablate.checkpoint import ResumeSpec, load_resume, rng_states, save_checkpoint, save_resume, set_rng_states
+from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states, save_checkpoint, save_resume,
+                               set_rng_states)
 from ablate.config import Config, config_hash, to_dict
 from ablate.errors import AblateError
 from ablate.evaluation import save_results
@@ -50,9 +51,8 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)  # atomic: an interrupted write never leaves half a file
+    """Atomic: an interrupted write never leaves half a file."""
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = None,
@@ -196,7 +196,5 @@ def check_data_position(saved: dict[str, Any] | None, loader, resume: ResumeSpec
 
 
 def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
-    """metrics.jsonl holding exactly `history` (empty for a new run)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
-    tmp.replace(path)
+    """metrics.jsonl holding exactly `history` (empty for a new run), written atomically."""
+    atomic_write(path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in history).encode()))
