@@ -34,12 +34,14 @@ def friendly_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from ablate.errors import AblateError, one_line
+        from ablate.errors import AblateError, mask_urls, one_line
 
         try:
             return command(*args, **kwargs)
         except AblateError as e:
-            console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
+            # Escaped: a name, path or value in the message may hold brackets that rich would take
+            # for markup (and fail on, or silently eat).
+            console.print(f"[red]error:[/red] {escape(mask_urls(one_line(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: files written so far are kept")
@@ -76,20 +78,25 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
 
     SIGTERM or Ctrl-C stops the run after the current iteration (writing the resume checkpoint if
     there is one) with exit code 130; a second signal stops it at once."""
-    from rich.markup import escape
-
-    from ablate.checkpoint import discard_resume
+    from ablate.config import check_seed
     from ablate.experiments import load_experiment
-    from ablate.runner import resume_spec, run_training
-    from ablate.runs import Outcome
-    from ablate.signals import graceful_stop
+    from ablate.paths import check_writable_folder
 
+    if seed is not None:
+        check_seed(seed, "--seed")
+    if out:
+        check_writable_folder(out, "--out")
     exp = load_experiment(experiment)
     overrides = overrides_from(set_, data)
     overrides.setdefault("train.seed", seed if seed is not None else exp.seeds[0])
     if out:
         overrides["train.out_dir"] = str(out)
     cfg = exp.base_config(overrides)
+    from ablate.checkpoint import discard_resume  # torch: only once the input is known good
+    from ablate.runner import resume_spec, run_training
+    from ablate.runs import Outcome
+    from ablate.signals import graceful_stop
+
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
         summary = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
@@ -109,11 +116,11 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
 def print_summary(summary: dict[str, Any]) -> None:
     if summary["status"] == "diverged":
         console.print(f"[red]diverged[/red] at iteration {summary['diverged_at']} (non-finite loss); "
-                      f"logged metrics kept in {summary['run_dir']}")
+                      f"logged metrics kept in {escape(summary['run_dir'])}")
         return
     console.print(f"[green]finished[/green] {summary['iterations']} iterations in {summary['train_seconds']:.0f} s: "
                   + format_metrics(summary["metrics"]))
-    console.print(f"run folder: {summary['run_dir']}")
+    console.print(escape(f"run folder: {summary['run_dir']}"))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -131,21 +138,23 @@ def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
           progress: ProgressOption = True) -> None:
     """Evaluate a checkpoint on the val split (COCO AP, AP50, AP75, APs/m/l, AR100)."""
     from ablate import builders, engine
-    from ablate.checkpoint import load_checkpoint
+    from ablate.checkpoint import check_classes, load_checkpoint
     from ablate.evaluation import save_results
+    from ablate.paths import check_writable_folder
     from ablate.runner import write_json
 
-    model, cfg, _ = load_checkpoint(checkpoint, overrides_from(set_, data))
+    out = check_writable_folder(out or checkpoint.parent, "--out")
+    model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, data))
     device = builders.resolve_device(cfg.train.device)
     val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress))
+    check_classes(checkpoint, ckpt["class_names"], val_set.category_names, cfg.data.val_split)
     metrics, records = engine.evaluate(model.to(device), loader, val_set, builders.build_postprocess(cfg), device,
                                        amp=cfg.train.amp, show_progress=progress)
-    out = out or checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
     save_results(records, out / "detections.json")
     write_json(out / "eval.json", metrics)
     console.print(format_metrics(metrics) + f"  ({metrics['infer_ms_per_img']:.1f} ms/img)")
-    console.print(f"wrote {out / 'detections.json'} and {out / 'eval.json'}")
+    console.print(escape(f"wrote {out / 'detections.json'} and {out / 'eval.json'}"))
 
 
 @app.command()
@@ -157,12 +166,15 @@ def infer(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
           set_: SetOption = None) -> None:
     """Detect objects in images and save each with its boxes, class names and scores drawn."""
     from ablate.checkpoint import load_checkpoint
-    from ablate.inference import detect_files
+    from ablate.inference import detect_files, output_paths
+    from ablate.paths import check_writable_folder
 
+    check_writable_folder(out, "--out")
+    output_paths(images, out)  # checked before the model loads: nothing overwritten, nothing missing
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, None))
     out.mkdir(parents=True, exist_ok=True)
     for path, num in detect_files(model, cfg, ckpt["class_names"], images, out, score_min):
-        console.print(f"{path}: {num} detections >= {score_min}")
+        console.print(escape(f"{path}: {num} detections >= {score_min}"))
 
 
 @app.command("list")
@@ -171,13 +183,25 @@ def list_() -> None:
     """The experiments in experiments/: cells, seeds and what each is about."""
     from rich.table import Table
 
+    from ablate.errors import ConfigError, one_line
     from ablate.experiments import list_experiments, load_experiment
 
     table = Table("name", "cells", "seeds", "preset", "description")
+    errors = []
     for path in list_experiments():
-        exp = load_experiment(str(path))
-        table.add_row(exp.name, str(len(exp.cells())), str(exp.seeds), exp.preset, exp.description)
+        try:
+            exp = load_experiment(str(path))
+        except ConfigError as e:  # one bad file must not hide the others: listed, its error below
+            errors.append(one_line(e))
+            table.add_row(escape(path.stem), "-", "-", "-", "[red]invalid[/red] (see below)")
+            continue
+        table.add_row(*(escape(text) for text in (exp.name, str(len(exp.cells())), str(exp.seeds), exp.preset,
+                                                  exp.description)))
     Console().print(table)
+    for error in errors:  # whole lines, never wrapped into the table's cells
+        console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
+    if errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -190,15 +214,23 @@ def show(experiment: Annotated[str, typer.Argument(help="Experiment name or path
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
+    seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
     tracker = tracking.Tracker(exp.name, tracking.init_store())
-    plan = grid.make_plan(exp, seed_list(exp, seeds), overrides_from(set_, data), tracker)
+    plan = grid.make_plan(exp, seed_values, overrides, tracker)
     grid.print_plan(plan, Console())
     for cell in exp.cells():
-        Console().print(f"  {cell.name}: {cell.overrides}", highlight=False)
+        Console().print(escape(f"  {cell.name}: {cell.overrides}"), highlight=False)
 
 
 def seed_list(exp, seeds: int | None) -> list[int]:
-    return list(range(seeds)) if seeds else exp.seeds
+    """Seeds 0..seeds-1 (--seeds N), else the experiment file's."""
+    from ablate.errors import ConfigError
+
+    if seeds is None:
+        return exp.seeds
+    if not 1 <= seeds <= 10_000:  # a grid of more seeds is a typo, and range() of it would fill the memory
+        raise ConfigError(f"--seeds: the number of seeds must be in [1, 10000], got {seeds}")
+    return list(range(seeds))
 
 
 StorageOption = Annotated[str | None, typer.Option(
@@ -255,7 +287,6 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
         progress: ProgressOption = True) -> None:
     """Plan an ablation grid, enqueue every cell x seed not yet done, and run them (tracked in MLflow)."""
-    from ablate import grid
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
@@ -263,8 +294,11 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         exp = exp.with_preset(preset)
     if jobs is not None and jobs < 0:
         raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
+    seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
+    from ablate import grid  # torch, MLflow, Optuna: only once the input is known good
+
     options = worker_options(storage, checkpoint_dir, checkpoint_every)
-    outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides_from(set_, data), options=options, jobs=jobs,
+    outcomes = grid.run_grid(exp, seed_values, overrides, options=options, jobs=jobs,
                              gpus_per_cell=gpus_per_cell, force=force, dry_run=dry_run, console=console,
                              show_progress=progress)
     report_outcomes(exp.name, outcomes)
@@ -307,7 +341,7 @@ def search(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
                            console=console, show_progress=progress)
     if best:
         params, value = best
-        console.print(f"best {exp.search.metric} {100 * value:.1f} with {params}")
+        console.print(escape(f"best {exp.search.metric} {100 * value:.1f} with {params}"))
     else:
         console.print("no trial completed yet")
 
@@ -324,7 +358,7 @@ def report(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
     exp = load_experiment(experiment)
     written = build_report(exp, overrides_from(set_, data), out or Path("reports") / exp.name)
     for path in written.values():
-        console.print(f"wrote {path}")
+        console.print(escape(f"wrote {path}"))
 
 
 @app.command()
@@ -347,7 +381,8 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
         for column in (*columns, "ours", "holds"):
             table.add_column(column)
         for v in rows:
-            table.add_row(v.finding, v.paper, v.ours, {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds])
+            table.add_row(escape(v.finding), escape(v.paper), escape(v.ours),
+                          {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds])
         console.print(table)
     block = (f"{markdown(verdicts)}\nFollow-ups, each an experiment of its own testing why a finding fails here "
              f"(its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER)}")
@@ -355,14 +390,14 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     (reports / "findings.md").write_text(
         "# The paper's Table 1 findings on this benchmark\n\nWritten by `ablate findings` from the reports' "
         f"results.csv.\n\n{block}\nEvery cell:\n\n{headline_markdown(reports)}")
-    console.print(f"wrote {reports / 'findings.md'}")
+    console.print(escape(f"wrote {reports / 'findings.md'}"))
     if readme is not None:
         if not readme.is_file():
             raise AblateError(f"{readme}: no such file")
         prefix = os.path.relpath(reports, readme.parent) + "/"
         text = replace_between_markers(readme.read_text(), f"{block}\n{headline_markdown(reports, prefix)}", str(readme))
         readme.write_text(text)
-        console.print(f"wrote the findings into {readme}")
+        console.print(escape(f"wrote the findings into {readme}"))
 
 
 @app.command()
@@ -415,8 +450,8 @@ def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained 
     if max_images:
         overrides["data.max_val_images"] = max_images
     written = write_loss_cdf(checkpoint, gamma_list, out or checkpoint.parent, overrides)
-    console.print(f"{written['positives']:,} positive and {written['negatives']:,} negative examples; "
-                  f"wrote {written['png']} and {written['csv']}")
+    console.print(escape(f"{written['positives']:,} positive and {written['negatives']:,} negative examples; "
+                         f"wrote {written['png']} and {written['csv']}"))
 
 
 @data_app.command("synth")
@@ -435,7 +470,7 @@ def data_synth(set_: SetOption = None,
     print(root)
     stats = synth_stats(root)
     for key, value in stats.items():
-        console.print(f"  {key}: {value}")
+        console.print(escape(f"  {key}: {value}"))
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=False)
     b = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     console.print(f"  anchors ({preset} preset): {b['anchors_per_image']:.0f} per image, foreground "

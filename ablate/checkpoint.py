@@ -71,16 +71,54 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise AblateError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = from_dict(ckpt["config"], f"{path} (config)")
-    except AblateError:
-        raise
     except Exception as e:
         raise AblateError(f"{path}: not an ablate checkpoint ({type(e).__name__})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise AblateError(f"{path}: not an ablate checkpoint (no '{missing[0]}' in it)")
+    _check_class_names(path, ckpt["class_names"])
+    cfg = from_dict(ckpt["config"], f"{path} (config)")
     cfg = apply_overrides(cfg, overrides or {}, "--set")
     cfg.model.weights = ""  # the checkpoint holds every weight already
     model = builders.build_model(cfg, len(ckpt["class_names"]))
-    model.load_state_dict(ckpt["model"])
+    _load_weights(path, model, ckpt["model"])
     return model.eval(), cfg, ckpt
+
+
+CHECKPOINT_KEYS = ("model", "config", "class_names")
+
+
+def _check_class_names(path: Path, names: Any) -> None:
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise AblateError(f"{path}: 'class_names' must be a non-empty list of names, got {str(names)[:80]}")
+
+
+def _load_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`state` into `model`, or one AblateError naming the first weight that does not fit: the
+    checkpoint was trained with another model config than the one asked for (--set model.*)."""
+    own = model.state_dict()
+    for key, tensor in own.items():
+        theirs = state.get(key)
+        if theirs is None:
+            raise AblateError(f"{path}: the checkpoint has no weight '{key}': it was trained with another "
+                              "model config (drop the --set model.* overrides)")
+        if theirs.shape != tensor.shape:
+            raise AblateError(f"{path}: weight '{key}' is {list(theirs.shape)} in the checkpoint, "
+                              f"{list(tensor.shape)} in the model asked for (drop the --set model.* overrides)")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise AblateError(f"{path}: the checkpoint has a weight the model asked for lacks: '{extra[0]}' "
+                          "(drop the --set model.* overrides)")
+    model.load_state_dict(state)
+
+
+def check_classes(path: Path, class_names: list[str], data_names: list[str], split: str) -> None:
+    """The model's classes are the data set's, in the same order: its outputs index them."""
+    if list(class_names) != list(data_names):
+        diff = sorted(set(data_names) ^ set(class_names))
+        what = f"'{diff[0]}' is in only one of them" if diff else "the order differs"
+        raise AblateError(f"{path}: trained on {len(class_names)} classes, the {split} split has "
+                          f"{len(data_names)} ({what}); evaluate on data with the checkpoint's categories")
 
 
 # ----------------------------------------------------------------------------- resume checkpoints

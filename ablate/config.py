@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -297,8 +298,37 @@ def _suggest(key: str, known: set[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# NumPy's legacy seeding (np.random.seed) takes 0 <= seed < 2**32; torch and Python take more.
+SEED_LIMIT = 2**32
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_seed(seed: int, source: str, key: str = "train.seed") -> None:
+    """A seed every RNG of a run accepts; else one ConfigError naming `key` and the value."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{source}: '{key}' must be in [0, 2**32), got {seed}")
+
+
+def _group_norm_fits(channels: int) -> bool:
+    """The heads' GroupNorm uses min(32, channels // 4) groups, which must divide `channels`."""
+    groups = min(32, channels // 4)
+    return groups >= 1 and channels % groups == 0
+
+
 def _check_ranges(cfg: Config, source: str) -> None:
+    check_seed(cfg.train.seed, source)
     checks = [
+        ("train.device", DEVICE_PATTERN.fullmatch(cfg.train.device) is not None,
+         f"auto, cpu, mps, cuda or cuda:N; got {cfg.train.device!r}"),
+        ("data.min_size", cfg.data.min_size >= 1, f">= 1, got {cfg.data.min_size}"),
+        ("data.max_size", cfg.data.max_size >= 1, f">= 1, got {cfg.data.max_size}"),
+        ("model.fpn_channels", cfg.model.fpn_channels >= 1, f">= 1, got {cfg.model.fpn_channels}"),
+        ("model.head_convs", cfg.model.head_convs >= 0, f">= 0, got {cfg.model.head_convs}"),
+        ("model.head_channels", cfg.model.head_channels >= 1, f">= 1, got {cfg.model.head_channels}"),
+        ("model.head_channels", cfg.model.head_norm != "gn" or cfg.model.head_convs == 0
+         or _group_norm_fits(cfg.model.head_channels),
+         f"at least 4 and divisible by its GroupNorm groups, min(32, channels // 4), with model.head_norm=gn; "
+         f"got {cfg.model.head_channels}"),
         ("loss.alpha", 0.0 <= cfg.loss.alpha <= 1.0, "in [0, 1]"),
         ("loss.gamma", cfg.loss.gamma >= 0.0, ">= 0"),
         ("model.prior", cfg.model.prior is None or 0.0 < cfg.model.prior < 1.0, "in (0, 1) or none"),

@@ -6,6 +6,8 @@ an unknown config key, a wrong type. Bugs stay ordinary exceptions and keep thei
 
 from __future__ import annotations
 
+import re
+
 
 class AblateError(Exception):
     """A user-facing error; its message names the file or field at fault."""
@@ -47,3 +49,13 @@ def mask_url(url: str) -> str:
     if not at or ":" not in userinfo:
         return url
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
+# scheme://user:password@ anywhere in a text: the password part is what must never be shown.
+_CREDENTIALS = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+):[^\s@/]+@")
+
+
+def mask_urls(text: str) -> str:
+    """`text` with the password of every URL in it replaced by *** (see `mask_url`): for messages
+    and log lines that quote URLs among other words."""
+    return _CREDENTIALS.sub(r"\1:***@", text)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablate.config import PRESETS, Config, apply_overrides, build_config, flatten
+from ablate.config import PRESETS, Config, apply_overrides, build_config, check_seed, flatten
 from ablate.errors import ConfigError
 from ablate.runs import PlannedRun
 
@@ -317,9 +317,14 @@ def _parse_loss_cdf(path: Path, table: Any) -> LossCdfSpec:
 def load_experiment(name_or_path: str) -> Experiment:
     path = find_experiment(name_or_path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML files are UTF-8 by definition
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     unknown = set(data) - TOP_LEVEL_KEYS
     moved = sorted(unknown & REPORT_KEYS)
     if moved:
@@ -332,6 +337,8 @@ def load_experiment(name_or_path: str) -> Experiment:
         seeds = _expect(path, "seeds", data["seeds"], list, "a non-empty list of integers")
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers")
+        for seed in seeds:
+            check_seed(seed, str(path), "seeds")
         exp.seeds = seeds
     if "report" in data:
         exp.report = _parse_report(path, data["report"])

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ablate import builders, engine
 from ablate.analysis import anchor_balance, loss_curve_png
@@ -30,6 +31,7 @@ from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states
 from ablate.config import Config, config_hash, to_dict
 from ablate.errors import AblateError
 from ablate.evaluation import save_results
+from ablate.paths import check_writable_folder
 from ablate.runs import Outcome
 
 
@@ -73,6 +75,8 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     losses, weights and metrics equal an uninterrupted run's bit for bit (with data.num_workers 0;
     with workers, its images and their order, but not its flips: see builders.build_loader).
     """
+    if run_dir is None:  # before any work: a run that cannot write its folder should not train first
+        check_writable_folder(cfg.train.out_dir, "train.out_dir")
     saved = load_resume(resume.path, config_hash(cfg)) if resume and Path(resume.path).exists() else None
     set_seed(cfg.train.seed)
     device = builders.resolve_device(cfg.train.device)
@@ -86,8 +90,8 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
     balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     if console:
-        console.print(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
-                      f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}")
+        console.print(escape(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
+                             f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}"))
         console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground "
                       f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
                       f"(1:{balance['bg_per_fg']:.0f}), ignored {balance['ignored_per_image']:.1f}")
@@ -123,7 +127,7 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     if saved:
         set_rng_states(saved["rng"])  # last: building the parts above drew from the RNGs
         if console:
-            console.print(f"resuming from {resume.path} at iteration {state.iteration}")
+            console.print(escape(f"resuming from {resume.path} at iteration {state.iteration}"))
     outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
                            iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
                            checkpoint_every=t.checkpoint_every, on_log=log,

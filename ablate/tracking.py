@@ -15,6 +15,7 @@ training it (`Tracker.claim`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -32,13 +33,39 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.entities import Metric, Param, RunTag
 
-from ablate.errors import AblateError, mask_url
+from ablate.errors import AblateError, mask_url, mask_urls
+from ablate.paths import check_writable_folder
 from ablate.runs import DONE, Outcome, PlannedRun, heartbeat_seconds, owner_alive, process_owner
 
 # MLflow announces its schema migrations at INFO level on every fresh store: keep the terminal for
 # the progress bars.
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+# With an http tracking URI MLflow writes "View run ... at: URL" to stdout whenever a run ends, the
+# URI's password included: our own lines name the runs, with the password masked.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def _mask_credentials_in_records() -> None:
+    """Mask the password of every URL in the log records of MLflow and the HTTP and database
+    stacks under it (retry warnings quote the request's URL). A record factory rather than logger
+    filters: a filter on "urllib3" would miss the records of "urllib3.connectionpool"."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "masks_credentials", False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if record.name.split(".")[0] in ("mlflow", "urllib3", "requests", "alembic", "sqlalchemy"):
+            record.msg, record.args = mask_urls(record.getMessage()), None
+        return record
+
+    factory.masks_credentials = True
+    logging.setLogRecordFactory(factory)
+
+
+_mask_credentials_in_records()
 
 TAG = "ablate."  # prefix of our tags
 STEP_METRICS = ("loss", "loss_cls", "loss_box_reg", "lr", "num_fg", "num_bg", "num_ignored", "img_per_s",
@@ -67,6 +94,39 @@ def init_store(uri: str | None = None) -> str:
     """
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
+    with _store_creation_lock(uri):
+        _check_store(uri)
+    return uri
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str):
+    """Serialise the first opening of a local sqlite store across processes (two `ablate run`
+    started at once in a fresh folder both ran MLflow's schema migration and one failed): the
+    second waits on a lock file beside the database until the first has created it."""
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    check_writable_folder(path.parent, f"tracking store {uri}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, None for any other store."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) and len(uri) > len(prefix) else None
+
+
+def _check_store(uri: str) -> None:
+    """Open (and on first use create) the store once, with a short budget for a server; a local
+    store's artifact folder must be writable too, or every run would fail only after training."""
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in quick}
     if uri.startswith(("http://", "https://")):
@@ -75,14 +135,15 @@ def init_store(uri: str | None = None) -> str:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # connection refused, timeout, bad credentials, a broken database URL
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise AblateError(f"tracking store {mask_url(uri)}: unreachable or refused: {mask_url(reason)[:300]}") from None
+        raise AblateError(f"tracking store {mask_url(uri)}: unreachable or refused: {mask_urls(reason)[:300]}") from None
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    return uri
+    if not uri.startswith(("http://", "https://")):
+        check_writable_folder(Path.cwd() / "mlartifacts", "artifact store")
 
 
 def git_commit() -> str:

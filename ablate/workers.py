@@ -198,6 +198,8 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
         result = run_tracked(planned, tracker, parent_id, progress, options=options, stop=stop,
                              on_log=(lambda step, _m: on_step(step)) if on_step else None,
                              claim=not planned.force)
+        if result is not None and result.outcome is Outcome.FAILED:
+            report_failure(planned, result)
         outcomes[count_key(result)] += 1
         if on_end:
             on_end(count_key(result))
@@ -206,6 +208,13 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
     scheduling.work_grid(study, None, run, stop=stop)
     close_parent_if_over(study, tracker, parent_id)
     return outcomes
+
+
+def report_failure(planned: PlannedRun, result: RunResult) -> None:
+    """A failed cell's reason on the console, not only in its run's error tag: the grid goes on, so
+    this line is all the user sees of it before the summary (stderr: a worker process's is the
+    terminal's, and a live progress display prints it above the bars)."""
+    print(f"error: {planned.name} ({planned.config_hash}) failed: {result.error}", file=sys.stderr, flush=True)
 
 
 def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str) -> None:
