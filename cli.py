@@ -137,13 +137,14 @@ def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
                                                    "(default: beside the checkpoint).")] = None,
           progress: ProgressOption = True) -> None:
     """Evaluate a checkpoint on the val split (COCO AP, AP50, AP75, APs/m/l, AR100)."""
+    from ablate.paths import check_writable_folder
+
+    out = check_writable_folder(out or checkpoint.parent, "--out")
     from ablate import builders, engine
     from ablate.checkpoint import check_classes, load_checkpoint
     from ablate.evaluation import save_results
-    from ablate.paths import check_writable_folder
     from ablate.runner import write_json
 
-    out = check_writable_folder(out or checkpoint.parent, "--out")
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, data))
     device = builders.resolve_device(cfg.train.device)
     val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress))
@@ -165,12 +166,13 @@ def infer(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
           score_min: Annotated[float, typer.Option(help="Draw detections scoring at least this.")] = 0.3,
           set_: SetOption = None) -> None:
     """Detect objects in images and save each with its boxes, class names and scores drawn."""
-    from ablate.checkpoint import load_checkpoint
-    from ablate.inference import detect_files, output_paths
-    from ablate.paths import check_writable_folder
+    from ablate.paths import check_writable_folder, output_paths
 
     check_writable_folder(out, "--out")
     output_paths(images, out)  # checked before the model loads: nothing overwritten, nothing missing
+    from ablate.checkpoint import load_checkpoint
+    from ablate.inference import detect_files
+
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, None))
     out.mkdir(parents=True, exist_ok=True)
     for path, num in detect_files(model, cfg, ckpt["class_names"], images, out, score_min):
@@ -210,11 +212,12 @@ def show(experiment: Annotated[str, typer.Argument(help="Experiment name or path
          seeds: Annotated[int | None, typer.Option(help="Seeds 0..N-1 (default: the file's).")] = None,
          set_: SetOption = None, data: DataOption = None) -> None:
     """The expanded cells of an experiment, their config hashes and which are already done."""
-    from ablate import grid, tracking
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
     seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
+    from ablate import grid, tracking  # torch, MLflow, Optuna: only once the input is known good
+
     tracker = tracking.Tracker(exp.name, tracking.init_store())
     plan = grid.make_plan(exp, seed_values, overrides, tracker)
     grid.print_plan(plan, Console())
@@ -246,18 +249,23 @@ GpusOption = Annotated[int, typer.Option("--gpus-per-cell", help="GPUs each work
 
 def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None):
     """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints."""
+    check_checkpoint_every(checkpoint_every)
     from ablate import scheduling, tracking
-    from ablate.errors import AblateError
     from ablate.workers import WorkerOptions
 
-    if checkpoint_every is not None and checkpoint_every < 0:
-        raise AblateError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     folder = checkpoint_dir or Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or Path.cwd() / ".ablate" / "checkpoints")
     url = scheduling.storage_url(storage)
     if url:
         scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
     return WorkerOptions(tracking_uri=tracking.init_store(), storage=url,
                          checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every)
+
+
+def check_checkpoint_every(checkpoint_every: int | None) -> None:
+    from ablate.errors import AblateError
+
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise AblateError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
 
 
 def report_outcomes(name: str, outcomes) -> None:
@@ -295,6 +303,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     if jobs is not None and jobs < 0:
         raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
     seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
+    check_checkpoint_every(checkpoint_every)
     from ablate import grid  # torch, MLflow, Optuna: only once the input is known good
 
     options = worker_options(storage, checkpoint_dir, checkpoint_every)
@@ -353,10 +362,13 @@ def report(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
            set_: SetOption = None, data: DataOption = None) -> None:
     """Tables (Markdown like the paper's, CSV, LaTeX) and seaborn plots from the tracked runs."""
     from ablate.experiments import load_experiment
-    from ablate.report.build import build_report
+    from ablate.paths import check_writable_folder
 
     exp = load_experiment(experiment)
-    written = build_report(exp, overrides_from(set_, data), out or Path("reports") / exp.name)
+    overrides, out = overrides_from(set_, data), check_writable_folder(out or Path("reports") / exp.name, "--out")
+    from ablate.report.build import build_report  # MLflow, seaborn: only once the input is known good
+
+    written = build_report(exp, overrides, out)
     for path in written.values():
         console.print(escape(f"wrote {path}"))
 

@@ -115,8 +115,10 @@ def _load_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Ten
 def check_classes(path: Path, class_names: list[str], data_names: list[str], split: str) -> None:
     """The model's classes are the data set's, in the same order: its outputs index them."""
     if list(class_names) != list(data_names):
-        diff = sorted(set(data_names) ^ set(class_names))
-        what = f"'{diff[0]}' is in only one of them" if diff else "the order differs"
+        unknown = [n for n in data_names if n not in class_names]
+        lost = [n for n in class_names if n not in data_names]
+        what = (f"its '{unknown[0]}' is no class of the checkpoint" if unknown else
+                f"it lacks the checkpoint's '{lost[0]}'" if lost else "in another order")
         raise AblateError(f"{path}: trained on {len(class_names)} classes, the {split} split has "
                           f"{len(data_names)} ({what}); evaluate on data with the checkpoint's categories")
 

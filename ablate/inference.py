@@ -14,35 +14,8 @@ from ablate import builders
 from ablate.config import Config
 from ablate.data.coco import collate, decode_image, make_transform
 from ablate.engine import predict
-from ablate.errors import DataError
+from ablate.paths import output_paths
 from ablate.visualize import draw_detections, save_png
-
-
-def output_paths(images: Sequence[Path], out_dir: Path) -> list[Path]:
-    """out_dir/<stem>.png for each input image, checked before anything is decoded: no output may
-    be one of the inputs (--out set to the images' own folder) or another input's output (two
-    inputs with one stem). A previous run's drawings in out_dir are replaced, as a rerun should."""
-    outputs = [out_dir / f"{Path(image).stem}.png" for image in images]
-    inputs = {_identity(Path(image)): Path(image) for image in images}
-    for image, output in zip(images, outputs):
-        if not Path(image).is_file():
-            raise DataError(f"{image}: no such image file")
-        overwritten = inputs.get(_identity(output))
-        if overwritten is not None:
-            raise DataError(f"--out: writing {output} would overwrite the input image {overwritten}; "
-                            "choose another --out folder")
-    seen: dict[Path, Path] = {}
-    for image, output in zip(images, outputs):
-        first = seen.setdefault(_identity(output), Path(image))
-        if first != Path(image):
-            raise DataError(f"{first} and {image} would both be drawn to {output} (same file name); "
-                            "infer them in two runs with different --out folders")
-    return outputs
-
-
-def _identity(path: Path) -> Path:
-    """One name per file whatever the spelling (relative, '..', symlinks)."""
-    return path.expanduser().resolve()
 
 
 def detect_files(model: torch.nn.Module, cfg: Config, class_names: Sequence[str], paths: Sequence[Path],

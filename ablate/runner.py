@@ -29,7 +29,7 @@ from ablate.analysis import anchor_balance, loss_curve_png
 from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states, save_checkpoint, save_resume,
                                set_rng_states)
 from ablate.config import Config, config_hash, to_dict
-from ablate.errors import AblateError
+from ablate.errors import AblateError, DataError
 from ablate.evaluation import save_results
 from ablate.paths import check_writable_folder
 from ablate.runs import Outcome
@@ -82,6 +82,7 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     device = builders.resolve_device(cfg.train.device)
     root = builders.data_root(cfg, progress=show_progress and progress is None)
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
+    check_trainable(train_set)
     val_set, val_loader = builders.build_val_loader(cfg, root)
     # The run folder only once the data is known good: bad input leaves no empty run behind.
     if run_dir is None and saved and Path(saved["run_dir"]).is_dir():
@@ -155,6 +156,16 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
         summary.update(metrics=metrics, eval_seconds=time.perf_counter() - t0)
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def check_trainable(train_set) -> None:
+    """A training split with images and classes: without either there is no model to fit (an empty
+    val split is fine: its AP is n/a)."""
+    if len(train_set) == 0:
+        raise DataError(f"{train_set.ann_file}: no images to train on ('images' is empty)")
+    if train_set.num_classes == 0:
+        raise DataError(f"{train_set.ann_file}: no classes to train ('categories' is empty, or "
+                        "data.categories keeps none)")
 
 
 def resume_spec(cfg: Config, path: Path | None, every: int) -> ResumeSpec | None:

@@ -33,6 +33,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from ablate.errors import AblateError, mask_url
+from ablate.paths import check_writable_folder
 from ablate.runs import Outcome, PlannedRun, RunResult, heartbeat_seconds, owner_alive, process_owner
 
 PLANNED_ATTR = "ablate_planned_run"  # user attribute: the PlannedRun (JSON) an enqueued trial stands for
@@ -52,7 +53,8 @@ RunPlanned = Callable[[PlannedRun], RunResult | None]
 
 
 def state_dir() -> Path:
-    path = Path.cwd() / ".ablate"
+    """./.ablate: the folder's queue journal and locks (made on first use)."""
+    path = check_writable_folder(Path.cwd() / ".ablate", "queue folder")
     path.mkdir(exist_ok=True)
     return path
 

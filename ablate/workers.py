@@ -214,7 +214,8 @@ def report_failure(planned: PlannedRun, result: RunResult) -> None:
     """A failed cell's reason on the console, not only in its run's error tag: the grid goes on, so
     this line is all the user sees of it before the summary (stderr: a worker process's is the
     terminal's, and a live progress display prints it above the bars)."""
-    print(f"error: {planned.name} ({planned.config_hash}) failed: {result.error}", file=sys.stderr, flush=True)
+    print(f"error: {planned.experiment}: run '{planned.name}' ({planned.config_hash}) failed: {result.error}",
+          file=sys.stderr, flush=True)
 
 
 def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str) -> None:
