@@ -194,7 +194,7 @@ def data_overrides(data: str, source: str) -> dict[str, Any]:
 
 def experiments_dirs() -> list[Path]:
     """Where names are looked up: ./experiments, then the checkout's experiments/."""
-    here = Path.cwd() / "experiments"
+    here = Path("experiments")  # relative: messages name ./experiments files as the user sees them
     shipped = Path(__file__).resolve().parent.parent / "experiments"
     return [here] if here.resolve() == shipped.resolve() else [here, shipped]
 

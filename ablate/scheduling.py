@@ -54,7 +54,8 @@ RunPlanned = Callable[[PlannedRun], RunResult | None]
 
 def state_dir() -> Path:
     """./.ablate: the folder's queue journal and locks (made on first use)."""
-    path = check_writable_folder(Path.cwd() / ".ablate", "queue folder")
+    check_writable_folder(".ablate", "queue folder")  # relative: the message names it as the user knows it
+    path = Path.cwd() / ".ablate"
     path.mkdir(exist_ok=True)
     return path
 

@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -134,8 +135,7 @@ def _check_store(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # connection refused, timeout, bad credentials, a broken database URL
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise AblateError(f"tracking store {mask_url(uri)}: unreachable or refused: {mask_urls(reason)[:300]}") from None
+        raise AblateError(f"tracking store {mask_url(uri)}: unreachable or refused: {_store_error(e)}") from None
     finally:
         for key, value in saved.items():
             if value is None:
@@ -143,7 +143,18 @@ def _check_store(uri: str) -> None:
             else:
                 os.environ[key] = value
     if not uri.startswith(("http://", "https://")):
-        check_writable_folder(Path.cwd() / "mlartifacts", "artifact store")
+        check_writable_folder("mlartifacts", "artifact store")  # where Tracker puts a new experiment's
+
+
+def _store_error(error: Exception) -> str:
+    """The part of a store's error that says what went wrong: the OS's reason when a connection
+    failed ('[Errno 111] Connection refused', buried in urllib3's retry message), else the first
+    line; passwords masked."""
+    text = str(error)
+    refused = re.search(r"\[Errno -?\d+\] [^'\")\n]+", text)
+    reason = refused.group(0) if refused else next((line.strip() for line in text.splitlines() if line.strip()),
+                                                   type(error).__name__)
+    return mask_urls(reason)[:300]
 
 
 def git_commit() -> str:

@@ -28,7 +28,7 @@ from rich.progress import Progress
 from ablate import scheduling, signals, tracking
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.engine import progress_bar
-from ablate.errors import AblateError, one_line
+from ablate.errors import AblateError, mask_urls, one_line
 from ablate.runner import run_training
 from ablate.runs import Outcome, PlannedRun, RunResult
 
@@ -125,7 +125,7 @@ def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress:
             child.end(Outcome.INTERRUPTED)
         raise
     except Exception as e:  # one failing cell must never lose the others: record it and go on
-        error = one_line(e)
+        error = mask_urls(one_line(e))
         if resume is not None:  # the rerun starts afresh: a checkpoint that cannot be read must not block it
             discard_resume(resume.path)
         try:
@@ -292,7 +292,7 @@ def _process_main(target: str, name: str, options: WorkerOptions, cwd: str, mess
                 search_work(name, options, stop=stop, messages=messages, worker=worker, trials=shares[worker],
                             **extra)
     except AblateError as e:  # a user error: one line, as the CLI would print it, never a traceback
-        print(f"error: worker {worker}: {one_line(e)}", file=sys.stderr)
+        print(f"error: worker {worker}: {mask_urls(one_line(e))}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # a second signal: stopped at once, runs closed as interrupted
         sys.exit(130)
