@@ -29,6 +29,7 @@ from ablate.data.coco import locate
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_url
 from ablate.experiments import Experiment
+from ablate.paths import check_writable_folder
 from ablate.runs import Outcome, PlannedRun, RunResult
 from ablate.workers import WorkerOptions
 
@@ -68,10 +69,12 @@ def folder_lock(name: str):
 
 
 def prepare_data(configs: list[Config], show_progress: bool) -> None:
-    """Generate every synth set the runs need, and check that every COCO folder has its splits,
-    now: before the grid's display and workers start, and before a missing folder fails each cell."""
+    """Generate every synth set the runs need, and check that every COCO folder has its splits and
+    every run folder can be written, now: before the grid's display and workers start, and before
+    a missing or unwritable folder fails each cell."""
     seen = set()
     for cfg in configs:
+        check_writable_folder(cfg.train.out_dir, "train.out_dir")
         key = (cfg.data.source, cfg.data.root, tuple(sorted(vars(cfg.synth).items())))
         if key not in seen:
             seen.add(key)

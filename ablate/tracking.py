@@ -167,7 +167,8 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
-    return " ".join(["ablate", *sys.argv[1:]])
+    """The command as typed, for the runs' tags; a --storage URL's password masked."""
+    return mask_urls(" ".join(["ablate", *sys.argv[1:]]))
 
 
 def param_value(value: Any) -> str:

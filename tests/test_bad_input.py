@@ -157,6 +157,9 @@ CASES = [
     Case("queue-unreachable", "unreachable queue server",
          ["run", "smoke", "--storage", f"postgresql://ablate:{SECRET}@127.0.0.1:9/queue"], ("--storage", "127.0.0.1:9"),
          max_seconds=20),
+    Case("grid-out-dir-file", "a grid's `train.out_dir` under a file (checked before any cell)",
+         ["run", "smoke", "--no-progress", "--set", "train.out_dir=../afile/runs"], ("train.out_dir", "afile"),
+         cwd="grid-out", only_line=False),
     Case("checkpoint-every", "negative `--checkpoint-every`", ["run", "smoke", "--checkpoint-every", "-1"],
          ("--checkpoint-every",)),
     # --- a grid whose cell fails: the grid goes on, and the reason is printed, not only stored
@@ -194,6 +197,7 @@ def make_workspace(root: Path) -> Path:
         (root / name).write_text(text)
     (root / "latin1.toml").write_bytes('description = "caf\u00e9"\npreset = "tiny"\n'.encode("latin-1"))
     (root / "grid").mkdir(exist_ok=True)
+    (root / "grid-out").mkdir(exist_ok=True)
     for name in ("tiny", "noimages", "nocats", "othercats", "truncated", "badbox", "corrupt"):
         write_tiny_coco(root / name)
     _edit_annotations(root / "noimages", "train", lambda d: d.update(images=[], annotations=[]))
