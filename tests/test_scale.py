@@ -92,6 +92,20 @@ def test_an_unreachable_tracking_server_fails_fast_in_one_masked_line(tmp_path, 
     assert "hunter2" not in result.stdout + result.stderr
 
 
+def test_a_grid_on_a_server_prints_its_url_masked_and_no_view_run_lines(tmp_path, env):
+    """MLflow prints 'View run ... at: URL' (password included) whenever a run on a server ends;
+    ablate switches that off, and its own lines mask the password."""
+    (tmp_path / "artifacts").mkdir()
+    with servers.mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts") as url:
+        env = {**env, "MLFLOW_TRACKING_URI": url.replace("http://", "http://me:hunter2@")}
+        result = ablate("run", "smoke", "--no-progress", "--set", "train.iterations=2", cwd=tmp_path, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "2 finished" in output, output
+    assert "hunter2" not in output and "View run" not in output, output
+    assert "http://me:***@127.0.0.1" in output, output
+
+
 def test_two_coordinators_at_once_enqueue_each_run_once(tmp_path, env, pg):
     queue = pg.create_database("two_coordinators")
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
