@@ -386,6 +386,9 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, evaluate, headline_markdown, markdown,
                                  replace_between_markers)
 
+    from ablate.paths import check_writable_folder
+
+    check_writable_folder(reports, "--reports")
     verdicts, follow_ups = evaluate(reports), evaluate(reports, FOLLOW_UPS)
     for title, columns, rows in (("The paper's findings on this benchmark", ("finding", "paper"), verdicts),
                                  ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups)):
@@ -453,6 +456,7 @@ def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained 
     for one trained model on the val split (loss_cdf.png and loss_cdf.csv)."""
     from ablate.analysis import write_loss_cdf
     from ablate.errors import ConfigError
+    from ablate.paths import check_writable_folder
 
     try:
         gamma_list = [float(g) for g in gammas.split(",")]
@@ -461,7 +465,8 @@ def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained 
     overrides = overrides_from(set_, None)
     if max_images:
         overrides["data.max_val_images"] = max_images
-    written = write_loss_cdf(checkpoint, gamma_list, out or checkpoint.parent, overrides)
+    out = check_writable_folder(out or checkpoint.parent, "--out")
+    written = write_loss_cdf(checkpoint, gamma_list, out, overrides)
     console.print(escape(f"{written['positives']:,} positive and {written['negatives']:,} negative examples; "
                          f"wrote {written['png']} and {written['csv']}"))
 
