@@ -27,6 +27,9 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Overri
 DataOption = Annotated[str | None, typer.Option("--data", help="'synth' (embedded, default) or 'coco:PATH' "
                                                 "(a folder in the COCO 2017 layout)")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+NprocOption = Annotated[int | None, typer.Option(
+    "--nproc", help="Processes training each run together (DDP: one per GPU, or per CPU core); they share "
+    "out the global batch (train.nproc, default 1). Or launch `ablate train` under torchrun")]
 
 
 def friendly_errors(command):
@@ -71,6 +74,10 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
           checkpoint_every: Annotated[int, typer.Option(
               "--checkpoint-every", min=0, help="Write a resume checkpoint every N iterations and when stopped "
               "(OUT/resume-HASH.pt, or the --resume file); running the same command again goes on from it.")] = 0,
+          nproc: NprocOption = None,
+          backend: Annotated[str | None, typer.Option(
+              help="torch.distributed backend with --nproc: auto (nccl on CUDA, gloo on CPU), gloo or nccl "
+              "(train.backend)")] = None,
           progress: ProgressOption = True) -> None:
     """Train one model from an experiment file, then evaluate it on the val split.
 
@@ -89,6 +96,10 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     overrides.setdefault("train.seed", seed if seed is not None else exp.seeds[0])
     if out:
         overrides["train.out_dir"] = str(out)
+    if nproc is not None:
+        overrides["train.nproc"] = nproc
+    if backend is not None:
+        overrides["train.backend"] = backend
     cfg = exp.base_config(overrides)
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
@@ -212,20 +223,27 @@ CheckpointEveryOption = Annotated[int | None, typer.Option(
 GpusOption = Annotated[int, typer.Option("--gpus-per-cell", help="GPUs each worker process gets (CUDA_VISIBLE_DEVICES)")]
 
 
-def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None):
-    """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints."""
+def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None,
+                   nproc: int | None = None):
+    """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints,
+    processes per run."""
     from ablate import scheduling, tracking
     from ablate.errors import AblateError
     from ablate.workers import WorkerOptions
 
     if checkpoint_every is not None and checkpoint_every < 0:
         raise AblateError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    if nproc is not None and nproc != 1:
+        from ablate import builders, distributed
+
+        distributed.check_nproc(nproc, builders.resolve_device("auto"))
     folder = checkpoint_dir or Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or Path.cwd() / ".ablate" / "checkpoints")
     url = scheduling.storage_url(storage)
     if url:
         scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
     return WorkerOptions(tracking_uri=tracking.init_store(), storage=url,
-                         checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every)
+                         checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every,
+                         nproc=nproc or 1)
 
 
 def report_outcomes(name: str, outcomes) -> None:
@@ -250,7 +268,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         set_: SetOption = None, data: DataOption = None,
         preset: Annotated[str | None, typer.Option(help="Budget preset instead of the file's (e.g. paper).")] = None,
         storage: StorageOption = None, checkpoint_dir: CheckpointDirOption = None,
-        checkpoint_every: CheckpointEveryOption = None, gpus_per_cell: GpusOption = 1,
+        checkpoint_every: CheckpointEveryOption = None, gpus_per_cell: GpusOption = 1, nproc: NprocOption = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, run nothing.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
         progress: ProgressOption = True) -> None:
@@ -263,7 +281,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         exp = exp.with_preset(preset)
     if jobs is not None and jobs < 0:
         raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
-    options = worker_options(storage, checkpoint_dir, checkpoint_every)
+    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
     outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides_from(set_, data), options=options, jobs=jobs,
                              gpus_per_cell=gpus_per_cell, force=force, dry_run=dry_run, console=console,
                              show_progress=progress)
@@ -276,7 +294,7 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
            storage: StorageOption = None,
            jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
            checkpoint_dir: CheckpointDirOption = None, checkpoint_every: CheckpointEveryOption = None,
-           gpus_per_cell: GpusOption = 1, progress: ProgressOption = True) -> None:
+           gpus_per_cell: GpusOption = 1, nproc: NprocOption = None, progress: ProgressOption = True) -> None:
     """Pull runs of a planned grid from the queue and train them until the queue is empty (any number
     of workers, on any machine sharing the queue, the tracking server and the checkpoint folder)."""
     from ablate import grid
@@ -284,7 +302,7 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
     if jobs < 1:
         raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     name = Path(experiment).stem if experiment.endswith(".toml") else experiment
-    options = worker_options(storage, checkpoint_dir, checkpoint_every)
+    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
     outcomes = grid.run_worker(name, options, jobs=jobs, gpus_per_cell=gpus_per_cell, show_progress=progress)
     report_outcomes(name, outcomes)
 

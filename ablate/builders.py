@@ -19,6 +19,7 @@ from ablate.config import Config, DataConfig, TrainConfig
 from ablate.criterion import DetectionLoss
 from ablate.data.coco import Batch, CocoDetection, collate
 from ablate.data.synth import SynthSpec, ensure_synth
+from ablate.distributed import SINGLE, Ranks, rank_seed
 from ablate.errors import ConfigError
 from ablate.matching import BoxCoder, Matcher
 from ablate.model.anchors import AnchorGenerator
@@ -59,11 +60,19 @@ class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
     a permutation (on every pass without workers, only on the first with persistent ones:
     `seed_draw_every_epoch`), and a second randperm after each (RandomSampler's remainder, sliced
     to nothing). It replays the epochs before `start` to get there.
+
+    On `world_size` processes (DDP) every rank draws the same order from the same seed and yields
+    its contiguous slice (rank `rank`) of each global batch: what DistributedSampler does, but in
+    the one-process order, so a run on N processes trains on exactly the batches of one process.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, *, start: int = 0,
-                 seed_draw_every_epoch: bool = True):
+                 seed_draw_every_epoch: bool = True, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ConfigError(f"train.batch_size: {batch_size} images do not split evenly over {world_size} "
+                              "processes (the global batch is shared out); make it a multiple")
         self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size = rank, world_size
         self.seed_draw_every_epoch = seed_draw_every_epoch
         self.batches_per_epoch = num_samples // batch_size  # drop_last: full batches only
         self.epoch, self.skip = divmod(start, self.batches_per_epoch) if self.batches_per_epoch else (0, 0)
@@ -87,12 +96,14 @@ class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
         order = self._permutation(self.epoch)
         skip, self.skip = self.skip, 0
         self.epoch += 1
+        share = self.batch_size // self.world_size
         for b in range(skip, self.batches_per_epoch):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            first = b * self.batch_size + self.rank * share
+            yield order[first:first + share]
 
 
 def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, shuffle: bool,
-                 seed: int = 0, pin_memory: bool = False, start: int = 0) -> DataLoader:
+                 seed: int = 0, pin_memory: bool = False, start: int = 0, ranks: Ranks = SINGLE) -> DataLoader:
     """A DataLoader yielding padded `Batch`es; seeded so that a run's image order is reproducible.
 
     With `shuffle`, the batches come from `ShuffledBatches` beginning at batch `start` (the
@@ -100,14 +111,18 @@ def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, s
     in this process) resume exactly once the caller restores that RNG; with workers, each keeps an
     RNG of its own, seeded when the loader starts, so a resumed run sees the same images in the
     same order but not the same flips.
+
+    `ranks`: this process's share of each global batch of `batch_size` (DDP); its workers' seeds
+    are its own (distributed.rank_seed), the order's seed is every rank's.
     """
     workers = max(0, min(num_workers, (os.cpu_count() or 1)))
     # Its own generator: the workers' base seed (the first draw, as before), never the order's.
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(rank_seed(seed, ranks.rank))
     if not shuffle:
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                           pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
-    batches = ShuffledBatches(len(dataset), batch_size, seed, start=start, seed_draw_every_epoch=workers == 0)
+    batches = ShuffledBatches(len(dataset), batch_size, seed, start=start, seed_draw_every_epoch=workers == 0,
+                              rank=ranks.rank, world_size=ranks.world_size)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
 
@@ -149,13 +164,14 @@ def build_box_coder(cfg: Config) -> BoxCoder:
     return BoxCoder(cfg.model.box_weights)
 
 
-def build_criterion(cfg: Config) -> DetectionLoss:
+def build_criterion(cfg: Config, ranks: Ranks = SINGLE) -> DetectionLoss:
     c = cfg.loss
     return DetectionLoss(cls_loss=c.cls, alpha=c.alpha, gamma=c.gamma, beta=c.beta, ohem_batch=c.ohem_batch,
                          ohem_nms=c.ohem_nms, ohem_fg_fraction=c.ohem_fg_fraction, normalizer=c.normalizer,
                          normalizer_momentum=c.normalizer_momentum, box_loss=c.box,
                          smooth_l1_beta=c.smooth_l1_beta, box_loss_weight=c.box_loss_weight,
-                         matcher=build_matcher(cfg), box_coder=build_box_coder(cfg))
+                         matcher=build_matcher(cfg), box_coder=build_box_coder(cfg),
+                         world_size=ranks.world_size, all_sum=ranks.all_sum)
 
 
 def build_postprocess(cfg: Config) -> Postprocess:

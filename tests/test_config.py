@@ -205,6 +205,8 @@ def _config_from_row(row: dict[str, str]) -> Config:
     for section in dataclasses.fields(Config):
         for name, tp in typing.get_type_hints(type(getattr(Config(), section.name))).items():
             key = f"{section.name}.{name}"
+            if key not in row and key not in HASH_ALIASES:
+                continue  # a key added since the run was recorded: its default (the hash check says if it matters)
             column = key if key in row else HASH_ALIASES[key]  # tracked before the rename: its old name
             column_section, _, column_name = column.partition(".")
             nested.setdefault(column_section, {})[column_name] = _parse_cell(row[column], tp)
