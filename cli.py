@@ -104,6 +104,8 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
         summary = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
+    if summary.get("rank"):  # another process of a torchrun launch: rank 0 reports the run
+        raise typer.Exit({Outcome.FINISHED: 0, Outcome.INTERRUPTED: 130}.get(summary["status"], 3))
     if summary["status"] is Outcome.INTERRUPTED:
         kept = (f"resume checkpoint {summary['resume_checkpoint']} (go on with --resume or the same command)"
                 if spec else "no resume checkpoint (--checkpoint-every N writes one)")
@@ -227,15 +229,16 @@ def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_
                    nproc: int | None = None):
     """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints,
     processes per run."""
-    from ablate import scheduling, tracking
+    from ablate import builders, distributed, scheduling, tracking
     from ablate.errors import AblateError
     from ablate.workers import WorkerOptions
 
     if checkpoint_every is not None and checkpoint_every < 0:
         raise AblateError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    if distributed.from_env() is not None:
+        raise AblateError("a grid's workers start each run's processes themselves: run `ablate run/worker "
+                          "--nproc N` without torchrun (torchrun is for `ablate train`)")
     if nproc is not None and nproc != 1:
-        from ablate import builders, distributed
-
         distributed.check_nproc(nproc, builders.resolve_device("auto"))
     folder = checkpoint_dir or Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or Path.cwd() / ".ablate" / "checkpoints")
     url = scheduling.storage_url(storage)

@@ -209,7 +209,7 @@ def wrap(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
     # Buffers need no broadcast: BatchNorm's running statistics are the same on every rank (global
     # batch statistics) and frozen BatchNorm's never change.
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+                                               forward_sync_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

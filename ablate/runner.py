@@ -206,14 +206,15 @@ def resume_spec(cfg: Config, path: Path | None, every: int) -> ResumeSpec | None
 
 def resume_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, criterion, state: engine.TrainState,
-                 batches_per_epoch: int, run_dir: Path, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+                 batches_per_epoch: int, run_dir: Path, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What a resume checkpoint holds besides its head (iteration, config, hash, meta): every part
     whose state the next iteration depends on. The data position is the iteration itself (the
     loader starts at that batch); the batches per epoch are kept to check that the data is the same.
-    `rngs`: each rank's RNG states (one process: one); `rng` is rank 0's, as before DDP."""
+    `rngs`: each rank's RNG states (default: this process's); `rng` is rank 0's, as before DDP."""
     # No AMP GradScaler to save: autocast runs in bf16 (engine.autocast), which needs no loss scaling.
     # The model's state is the same on every rank (DDP), and so are the optimiser's and schedule's;
     # the EMA normaliser is rank 0's (each rank keeps its own; see criterion).
+    rngs = rngs or [rng_states()]
     parts = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "criterion": criterion.state_dict(), "rng": rngs[0], "train": state.as_dict(),
              "data": {"batches_per_epoch": batches_per_epoch}, "run_dir": str(run_dir)}

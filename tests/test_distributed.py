@@ -241,3 +241,23 @@ def test_bad_distributed_input_is_one_line(tmp_path, args, message):
     assert done.returncode == 1
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_train_under_torchrun(tmp_path):
+    """torchrun's two processes: rank 0 reports and writes the one run folder; both exit 0. A grid
+    under torchrun is refused in one line (its workers start each run's processes)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = tmp_path / "out"
+    done = subprocess.run([*torchrun, str(REPO / "cli.py"), "train", "smoke", "--no-progress", "--out", str(out),
+                           "--set", "train.iterations=4"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "training on 2 processes (gloo)" in done.stderr
+    assert done.stderr.count("finished 4 iterations") == 1
+    [run_dir] = out.iterdir()
+    assert (run_dir / "eval.json").is_file()
+    grid = subprocess.run([*torchrun, str(REPO / "cli.py"), "run", "smoke", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert grid.returncode != 0
+    assert grid.stderr.count("without torchrun (torchrun is for `ablate train`)") == 2  # a line per rank
+    assert 'cli.py", line' not in grid.stderr  # (torchrun prints its own traceback of the failed ranks)
