@@ -236,11 +236,12 @@ def spawned(nproc: int, backend: str, target: Callable[..., Any], args: tuple) -
     `target(rank, nproc, backend, init_method, *args)`. They meet through a file (one machine).
     On leaving, the other ranks are waited for (they end with their training loop); any left
     over after a failure is killed."""
-    context = mp.get_context("spawn")  # fresh interpreters: no forked torch or MLflow threads
+    # Fresh interpreters (no forked torch or MLflow threads), not daemons: they may start loader workers.
+    context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="ablate-ddp-") as folder:
         init_method = Path(folder, "rendezvous").as_uri()
         helpers = [context.Process(target=_rank_entry, args=(target, rank, nproc, backend, init_method, *args),
-                                   daemon=True, name=f"ablate-rank-{rank}") for rank in range(1, nproc)]
+                                   name=f"ablate-rank-{rank}") for rank in range(1, nproc)]
         threads = torch.get_num_threads()
         torch.set_num_threads(threads_per_rank(nproc))
         try:
