@@ -406,3 +406,20 @@ def fixed_equivalent(rule: SequentialRule, oc: OperatingCharacteristics) -> int:
     """Seeds per cell a fixed-n design at the rule's alpha needs for the power the rule reached in
     `oc` (a difference != 0), to set beside oc.expected_seeds."""
     return fixed_seeds_for_power(oc.power, oc.difference, oc.sd * math.sqrt(2.0), rule.alpha)
+
+
+def planning_table(rule: SequentialRule, differences: Sequence[float], sd: float, num_sims: int = 20_000,
+                   seed: int = 0) -> list[dict[str, float]]:
+    """One row per true difference: the rule's settle rates, expected seeds per cell, and the
+    seeds per cell of the fixed-n paired t-test of the same power (NaN at difference 0). What a
+    report sets beside the seeds a comparison actually spent; sd is one cell's seed std, e.g. the
+    median of the reports' (1.6 AP), and the differences are the ones worth finding (2 AP is the
+    findings' bar)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for difference in differences:
+        oc = simulate(rule, difference, sd, num_sims, rng)
+        rows.append({"difference": difference, "settled_for": oc.settled_for, "settled_against": oc.settled_against,
+                     "open_at_max": oc.open_at_max, "expected_seeds": oc.expected_seeds,
+                     "fixed_seeds": float(fixed_equivalent(rule, oc)) if difference else math.nan})
+    return rows

@@ -15,7 +15,7 @@ from scipy import stats
 from ablate.errors import AblateError
 from ablate.sequential import (SequentialRule, State, Verdict, critical_values, default_comparisons,
                                first_settled, fixed_equivalent, fixed_n_power, fixed_seeds_for_power, judge,
-                               paired_t_paths, seeds_to_run, simulate, spending_increments)
+                               paired_t_paths, planning_table, seeds_to_run, simulate, spending_increments)
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 RULE = SequentialRule()  # alpha 0.05, looks at 3..8 seeds, O'Brien-Fleming-type spending
@@ -269,3 +269,12 @@ def test_looks_spend_alpha_as_planned_and_naive_retesting_does_not():
     # A t-test at 0.05 after every seed settles ~15% of null comparisons.
     naive, _ = first_settled(t, stats.t.isf(0.025, RULE.looks - 1))
     assert naive.mean() > 0.12
+
+
+def test_planning_table_rows():
+    rows = planning_table(RULE, [0.0, 2.0], sd=1.6, num_sims=5_000, seed=1)
+    assert [r["difference"] for r in rows] == [0.0, 2.0] and math.isnan(rows[0]["fixed_seeds"])
+    assert RULE.min_seeds <= rows[1]["expected_seeds"] < rows[0]["expected_seeds"] <= RULE.max_seeds
+    oc = simulate(RULE, 2.0, 1.6, 5_000, np.random.default_rng(2))  # another stream: the same rates within noise
+    assert abs(rows[1]["settled_for"] - oc.settled_for) < 0.05
+    assert rows[1]["fixed_seeds"] == fixed_seeds_for_power(rows[1]["settled_for"], 2.0, 1.6 * math.sqrt(2), 0.05)
