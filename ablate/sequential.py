@@ -178,7 +178,8 @@ def _critical_values(rule: SequentialRule) -> tuple[float, ...]:
         # Settle first here in increments[look] of all paths: the (k+1)-th largest |t| among the open.
         k = int(round(increments[look] * rule.mc_paths))
         survivors = paths[open_, look]
-        c = float(np.partition(survivors, len(survivors) - 1 - k)[len(survivors) - 1 - k]) if k < len(survivors) else 0.0
+        rank = len(survivors) - 1 - k
+        c = float(np.partition(survivors, rank)[rank]) if rank >= 0 else 0.0
         critical.append(c)
         open_ &= paths[:, look] <= c
     return tuple(critical)
@@ -361,8 +362,11 @@ class OperatingCharacteristics:
         return self.settled_against if self.difference > 0 else self.settled_for
 
 
+Noise = Callable[[np.random.Generator, tuple[int, int]], np.ndarray]  # (rng, shape) -> unit-scale draws
+
+
 def simulate(rule: SequentialRule, difference: float, sd: float, num_sims: int, rng: np.random.Generator,
-             draw: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] | None = None) -> OperatingCharacteristics:
+             draw: Noise | None = None) -> OperatingCharacteristics:
     """Operating characteristics from num_sims paired comparisons, vectorised.
 
     Each cell's per-seed metric is its mean plus independent noise: sd * N(0, 1) by default, or
