@@ -274,9 +274,19 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         checkpoint_every: CheckpointEveryOption = None, gpus_per_cell: GpusOption = 1, nproc: NprocOption = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, run nothing.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
+        until_settled: Annotated[bool, typer.Option(
+            "--until-settled", help="Add seeds only to the cells of comparisons the sequential rule has not "
+            "settled yet (the file's `comparisons`, else each cell vs the baseline), until none is open")] = False,
+        max_seeds: Annotated[int | None, typer.Option(
+            "--max-seeds", help="With --until-settled: the rule's last look (default: the file's sequential table, else 8)")] = None,
+        budgets: Annotated[str | None, typer.Option(
+            "--budgets", help="Run every cell x seed at these multiples of its schedule, e.g. 1,2,4 "
+            "(the LR steps scale with it; 1 is the cell as declared)")] = None,
         progress: ProgressOption = True) -> None:
     """Plan an ablation grid, enqueue every cell x seed not yet done, and run them (tracked in MLflow)."""
-    from ablate import grid
+    from ablate import adaptive, grid
+    from ablate.budgets import parse_budgets
+    from ablate.errors import AblateError
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
@@ -284,10 +294,21 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         exp = exp.with_preset(preset)
     if jobs is not None and jobs < 0:
         raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
+    if max_seeds is not None and not until_settled:
+        raise AblateError("--max-seeds goes with --until-settled")
+    if until_settled and (budgets or force):
+        raise AblateError(f"--until-settled does not combine with {'--budgets' if budgets else '--force'}")
+    multiples = parse_budgets(budgets) if budgets is not None else None
     options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
-    outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides_from(set_, data), options=options, jobs=jobs,
-                             gpus_per_cell=gpus_per_cell, force=force, dry_run=dry_run, console=console,
-                             show_progress=progress)
+    common = {"options": options, "jobs": jobs, "gpus_per_cell": gpus_per_cell, "dry_run": dry_run,
+              "console": console, "show_progress": progress}
+    overrides = overrides_from(set_, data)
+    if until_settled:
+        outcomes = adaptive.run_until_settled(exp, seed_list(exp, seeds), overrides, max_seeds, **common)
+    elif multiples:
+        outcomes = adaptive.run_budget_grid(exp, seed_list(exp, seeds), overrides, multiples, force=force, **common)
+    else:
+        outcomes = grid.run_grid(exp, seed_list(exp, seeds), overrides, force=force, **common)
     report_outcomes(exp.name, outcomes)
 
 

@@ -25,6 +25,13 @@
     name = "alpha-ce"          # optional; otherwise the name is made from the values
     loss.cls = "alpha_ce"
 
+    comparisons = [["focal g=2", "alpha-ce"]]   # `ablate run --until-settled`: the pairs it settles
+                               # (cell, comparator); default: every cell against the baseline
+    [sequential]               # the stopping rule of --until-settled (ablate.sequential.SequentialRule)
+    alpha = 0.05               # two-sided rate of settling a comparison with no true difference
+    min_seeds = 3              # the first look
+    max_seeds = 8              # the last look (--max-seeds overrides it)
+
     [search]                   # `ablate search`: an Optuna space over config keys
     metric = "AP"
     [search.space]
@@ -51,9 +58,10 @@ from ablate.errors import ConfigError
 from ablate.runs import PlannedRun
 
 TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "baseline", "report", "config", "grid", "variants",
-                  "search"}
+                  "search", "comparisons", "sequential"}
 REPORT_KEYS = {"paper_table", "x", "hue", "loss_cdf"}
 SEARCH_KEYS = {"metric", "direction", "space", "trials", "eval_every"}
+SEQUENTIAL_KEYS = {"alpha", "min_seeds", "max_seeds"}
 
 # Short labels for cell names and report headers: "focal g=2 a=0.25" rather than the dotted keys.
 ALIASES = {"loss.cls": "", "loss.gamma": "g", "loss.alpha": "a", "loss.beta": "b", "model.prior": "pi",
@@ -112,6 +120,8 @@ class Experiment:
     variants: list[dict[str, Any]] = field(default_factory=list)
     search: SearchSpec | None = None
     report: ReportSettings = field(default_factory=ReportSettings)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (cell, comparator); empty: vs the baseline
+    sequential: dict[str, Any] = field(default_factory=dict)  # [sequential]: SequentialRule fields the file sets
 
     def with_preset(self, preset: str) -> Experiment:
         """The same experiment at another budget (`--preset`), validated again; self is unchanged."""
@@ -314,6 +324,28 @@ def _parse_loss_cdf(path: Path, table: Any) -> LossCdfSpec:
     return spec
 
 
+def _parse_comparisons(path: Path, entries: Any) -> list[tuple[str, str]]:
+    what = 'a list of [cell, comparator] pairs of cell names'
+    _expect(path, "comparisons", entries, list, what)
+    pairs = []
+    for i, pair in enumerate(entries):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
+            raise ConfigError(f"{path}: 'comparisons[{i}]' must be a [cell, comparator] pair of cell names, "
+                              f"got {json.dumps(pair, default=str)}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _parse_sequential(path: Path, table: Any) -> dict[str, Any]:
+    _expect_table(path, "sequential", table, SEQUENTIAL_KEYS)
+    fields = {}
+    for key, kind, what in (("alpha", (int, float), "a number"), ("min_seeds", int, "an integer"),
+                            ("max_seeds", int, "an integer")):
+        if key in table:
+            fields[key] = _expect(path, f"sequential.{key}", table[key], kind, what)
+    return fields
+
+
 def load_experiment(name_or_path: str) -> Experiment:
     path = find_experiment(name_or_path)
     try:
@@ -343,6 +375,10 @@ def load_experiment(name_or_path: str) -> Experiment:
         exp.variants = _parse_variants(path, data["variants"])
     if "search" in data:
         exp.search = _parse_search(path, data["search"])
+    if "comparisons" in data:
+        exp.comparisons = _parse_comparisons(path, data["comparisons"])
+    if "sequential" in data:
+        exp.sequential = _parse_sequential(path, data["sequential"])
     if exp.preset not in PRESETS:
         raise ConfigError(f"{path}: unknown preset '{exp.preset}' (known: {', '.join(PRESETS)})")
     validate(exp)
@@ -360,6 +396,20 @@ def validate(exp: Experiment) -> None:
     for key, cell in (("baseline", exp.baseline), ("report.loss_cdf.cell", loss_cdf and loss_cdf.cell)):
         if cell is not None and cell not in names:
             raise ConfigError(f"{exp.path}: '{key}' names no cell: '{cell}' (cells: {', '.join(names)})")
+    for i, (cell, comparator) in enumerate(exp.comparisons):
+        for name in (cell, comparator):
+            if name not in names:
+                raise ConfigError(f"{exp.path}: 'comparisons[{i}]' names no cell: '{name}' (cells: {', '.join(names)})")
+        if cell == comparator:
+            raise ConfigError(f"{exp.path}: 'comparisons[{i}]' compares '{cell}' with itself")
+    if exp.sequential:
+        from ablate.errors import AblateError
+        from ablate.sequential import SequentialRule  # scipy: imported only by files that declare a rule
+
+        try:
+            SequentialRule(**exp.sequential)
+        except AblateError as e:
+            raise ConfigError(f"{exp.path}: [sequential]: {str(e).removeprefix('sequential rule: ')}") from None
     if exp.search:
         known = flatten(exp.base_config())
         for key in exp.search.space:
