@@ -379,20 +379,24 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from rich.table import Table
 
     from ablate.errors import AblateError
-    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, evaluate, headline_markdown, markdown,
-                                 replace_between_markers)
+    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, evaluate, headline_markdown, markdown,
+                                 measured_budgets, replace_between_markers)
 
     verdicts, follow_ups = evaluate(reports), evaluate(reports, FOLLOW_UPS)
-    for title, columns, rows in (("The paper's findings on this benchmark", ("finding", "paper"), verdicts),
-                                 ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups)):
+    # Reports measured at several budgets (`ablate run --budgets`): each finding judged at every one.
+    budgets = bool(measured_budgets(reports))
+    across = (across_budgets(reports), across_budgets(reports, FOLLOW_UPS)) if budgets else (None, None)
+    for title, columns, rows, over in (("The paper's findings on this benchmark", ("finding", "paper"), verdicts, across[0]),
+                                       ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups, across[1])):
         table = Table(title=title)
-        for column in (*columns, "ours", "holds"):
+        for column in (*columns, "ours", "holds", *(("at every budget",) if over else ())):
             table.add_column(column)
-        for v in rows:
-            table.add_row(v.finding, v.paper, v.ours, {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds])
+        for i, v in enumerate(rows):
+            table.add_row(v.finding, v.paper, v.ours, {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds],
+                          *((over[i].text() or "not measured",) if over else ()))
         console.print(table)
-    block = (f"{markdown(verdicts)}\nFollow-ups, each an experiment of its own testing why a finding fails here "
-             f"(its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER)}")
+    block = (f"{markdown(verdicts, across=across[0])}\nFollow-ups, each an experiment of its own testing why a finding "
+             f"fails here (its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER, across[1])}")
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "findings.md").write_text(
         "# The paper's Table 1 findings on this benchmark\n\nWritten by `ablate findings` from the reports' "

@@ -32,7 +32,7 @@ from ablate.report.spec import ReportSpec
 from ablate.report.stats import t_interval
 from ablate.report.tables import markdown_table, results_table
 from ablate.runs import Outcome
-from ablate.sequential import SequentialRule, State, Verdict, fixed_equivalent, judge, simulate
+from ablate.sequential import SequentialRule, State, Verdict, fixed_seeds_for_power, judge, simulate
 
 SEQUENTIAL_COLUMNS = ["cell", "comparator", "verdict", "n", "difference", "t", "critical", "seeds_run",
                       "expected_seeds", "fixed_seeds"]
@@ -64,7 +64,10 @@ def _design(rule: SequentialRule, verdict: Verdict, sd: float, seed: int) -> tup
     if not (math.isfinite(verdict.difference) and verdict.difference != 0 and math.isfinite(sd) and sd > 0):
         return math.nan, math.nan
     oc = simulate(rule, verdict.difference, sd, NUM_SIMS, np.random.default_rng(seed))
-    return oc.expected_seeds, float(fixed_equivalent(rule, oc))
+    # A simulated power of 1 (every simulation settled) has no fixed-n equal: a fixed design only
+    # approaches it. Cap it at the simulations' resolution.
+    power = min(oc.power, 1.0 - 10.0 / NUM_SIMS)
+    return oc.expected_seeds, float(fixed_seeds_for_power(power, oc.difference, oc.sd * math.sqrt(2.0), rule.alpha))
 
 
 def sequential_table(rule: SequentialRule, comparisons: Sequence[tuple[str, str]], runs: pd.DataFrame) -> pd.DataFrame:
@@ -147,6 +150,7 @@ def plot_ap_vs_budget(per_budget: dict[float, pd.DataFrame], spec: ReportSpec, p
             sns.lineplot(data=frame, x="budget", y="AP%", hue="cell", errorbar=t_interval, marker="o",
                          markersize=7, ax=ax)
         ax.set_xscale("log", base=2)  # multiples double: equal steps on the axis
+        ax.set_xlim(budgets[0] / 1.25, budgets[-1] * 1.25)
         ax.set_xticks(budgets, [budget_label(b) for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("budget (multiple of the schedule)")
@@ -163,14 +167,17 @@ def budget_order_changes(table: pd.DataFrame) -> pd.DataFrame:
 
 def budgets_markdown(table: pd.DataFrame, changes: pd.DataFrame) -> str:
     """The README section: AP per cell and budget, and every pair whose order changes."""
-    pivot = table.pivot_table(index="cell", columns="budget", values="AP_mean", aggfunc="first", sort=False)
-    halves = table.pivot_table(index="cell", columns="budget", values="AP_ci95", aggfunc="first", sort=False)
-    n = table.pivot_table(index="cell", columns="budget", values="n", aggfunc="first", sort=False)
-    shown = pd.DataFrame({"cell": pivot.index})
-    for b in pivot.columns:
-        shown[budget_label(b)] = [f"{100 * m:.1f}" + (f" ± {100 * h:.1f}" if math.isfinite(h) else "")
-                                  + f" (n={int(k)})" if math.isfinite(m) else "—"
-                                  for m, h, k in zip(pivot[b], halves[b], n[b].fillna(0))]
+    def text(row: pd.Series) -> str:
+        mean, half = 100 * float(row["AP_mean"]), 100 * float(row["AP_ci95"])
+        if not math.isfinite(mean):
+            return f"— (n={int(row['n'])})"
+        return f"{mean:.1f}" + (f" ± {half:.1f}" if math.isfinite(half) else "") + f" (n={int(row['n'])})"
+
+    cells = list(dict.fromkeys(table["cell"]))
+    shown = pd.DataFrame({"cell": cells})
+    for multiple, rows in table.groupby("budget", sort=True):
+        by_cell = {row["cell"]: text(row) for _, row in rows.iterrows()}
+        shown[budget_label(multiple)] = [by_cell.get(cell, "not run") for cell in cells]
     if changes.empty:
         swaps = "No pair of cells changes order between the budgets measured."
     else:
