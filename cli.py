@@ -278,7 +278,8 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
             "--until-settled", help="Add seeds only to the cells of comparisons the sequential rule has not "
             "settled yet (the file's `comparisons`, else each cell vs the baseline), until none is open")] = False,
         max_seeds: Annotated[int | None, typer.Option(
-            "--max-seeds", help="With --until-settled: the rule's last look (default: the file's sequential table, else 8)")] = None,
+            "--max-seeds", help="With --until-settled: the rule's last look "
+            "(default: the file's sequential table, else 8)")] = None,
         budgets: Annotated[str | None, typer.Option(
             "--budgets", help="Run every cell x seed at these multiples of its schedule, e.g. 1,2,4 "
             "(the LR steps scale with it; 1 is the cell as declared)")] = None,
@@ -386,14 +387,15 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     # Reports measured at several budgets (`ablate run --budgets`): each finding judged at every one.
     budgets = bool(measured_budgets(reports))
     across = (across_budgets(reports), across_budgets(reports, FOLLOW_UPS)) if budgets else (None, None)
-    for title, columns, rows, over in (("The paper's findings on this benchmark", ("finding", "paper"), verdicts, across[0]),
-                                       ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups, across[1])):
+    for title, columns, rows, over in (
+            ("The paper's findings on this benchmark", ("finding", "paper"), verdicts, across[0]),
+            ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups, across[1])):
         table = Table(title=title)
         for column in (*columns, "ours", "holds", *(("at every budget",) if over else ())):
             table.add_column(column)
         for i, v in enumerate(rows):
-            table.add_row(v.finding, v.paper, v.ours, {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds],
-                          *((over[i].text() or "not measured",) if over else ()))
+            holds = {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds]
+            table.add_row(v.finding, v.paper, v.ours, holds, *((over[i].text(),) if over else ()))
         console.print(table)
     block = (f"{markdown(verdicts, across=across[0])}\nFollow-ups, each an experiment of its own testing why a finding "
              f"fails here (its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER, across[1])}")

@@ -184,8 +184,8 @@ def test_rule_and_comparisons_round_trip_through_the_parent_tags(smoke):
 
 def test_budget_groups_scale_each_schedule_and_leave_budget_one_alone(tmp_path: Path):
     path = write_experiment(tmp_path, "", name="budgets")
-    path.write_text(path.read_text().replace('baseline = "focal"', 'baseline = "short focal"') + '\n[[variants]]\nname = "long"\ntrain.iterations = 1600\n'
-                    '\n[[variants]]\nname = "short"\n')
+    text = path.read_text().replace('baseline = "focal"', 'baseline = "short focal"')
+    path.write_text(text + '\n[[variants]]\nname = "long"\ntrain.iterations = 1600\n\n[[variants]]\nname = "short"\n')
     exp = load_experiment(str(path))
     assert adaptive.budget_groups(exp, {}, 1) == [({}, [c.name for c in exp.cells()])]
     groups = adaptive.budget_groups(exp, {}, 2)
@@ -291,7 +291,8 @@ def invoke(*args: str):
 def test_until_settled_and_budgets_end_to_end(workdir: Path):
     """One store for both (one report, the slow part, for both sections): the adaptive loop stops
     and is recorded; the budget runs reuse its x1 runs; the report has both sections."""
-    settle_args = ("run", "smoke", "--until-settled", "--max-seeds", "4", "--set", "train.iterations=4", "--no-progress")
+    settle_args = ("run", "smoke", "--until-settled", "--max-seeds", "4", "--set", "train.iterations=4",
+                   "--no-progress")
     result = invoke(*settle_args)
     assert result.exit_code == 0, result.output
     assert "stopped after" in result.output

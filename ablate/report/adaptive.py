@@ -196,7 +196,8 @@ def budgets_markdown(table: pd.DataFrame, changes: pd.DataFrame) -> str:
         "`order_changes.csv`)."])
 
 
-def write_budgets(per_budget: dict[float, pd.DataFrame], spec: ReportSpec, out_dir: Path) -> tuple[dict[str, Path], str]:
+def write_budgets(per_budget: dict[float, pd.DataFrame], spec: ReportSpec,
+                  out_dir: Path) -> tuple[dict[str, Path], str]:
     """The budget files under out_dir (see the module docstring); returns ({key: path}, the README section)."""
     folder = out_dir / "budgets"
     folder.mkdir(parents=True, exist_ok=True)
