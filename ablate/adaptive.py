@@ -43,7 +43,8 @@ BUDGET_TAG = f"{TAG}budget"
 Pair = tuple[str, str]
 # Outcomes after which a round stops the loop: a rerun of the command retries them, and adding
 # seeds past a crash or a Ctrl-C would be guessing.
-STOPPING = frozenset({str(Outcome.FAILED), str(Outcome.INTERRUPTED), "worker crashed"})
+STOPPING = frozenset({str(Outcome.FAILED), str(Outcome.INTERRUPTED),
+                      "worker crashed"})  # workers.WORKER_CRASHED; workers imports torch, this module does not
 
 
 # ----------------------------------------------------------------------------- what is compared, by which rule
