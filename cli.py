@@ -24,8 +24,13 @@ console = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value "
                                                      "(repeatable), e.g. --set loss.gamma=1 --set train.iterations=50")]
-DataOption = Annotated[str | None, typer.Option("--data", help="'synth' (embedded, default) or 'coco:PATH' "
-                                                "(a folder in the COCO 2017 layout)")]
+DataOption = Annotated[str | None, typer.Option("--data", help=(
+    "'synth' (embedded, default); 'coco:PATH' (a folder in the COCO 2017 layout); "
+    "'coco:train=FILE.json[@IMAGES],val=FILE.json[@IMAGES]' (a COCO-format file per split, as Roboflow, CVAT or "
+    "Label Studio export it; IMAGES defaults to the file's folder), e.g. "
+    "coco:train=ds/train/_annotations.coco.json,val=ds/valid/_annotations.coco.json; "
+    "'voc:PATH' (Pascal VOC: the VOCdevkit/VOC2007 folder; splits from ImageSets/Main/, data.train_split / "
+    "data.val_split pick them)"))]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 
 
@@ -135,9 +140,10 @@ def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
     from ablate.evaluation import save_results
     from ablate.runner import write_json
 
-    model, cfg, _ = load_checkpoint(checkpoint, overrides_from(set_, data))
+    model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, data))
     device = builders.resolve_device(cfg.train.device)
     val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress))
+    builders.check_same_classes(ckpt["class_names"], val_set, f"the checkpoint {checkpoint}")
     metrics, records = engine.evaluate(model.to(device), loader, val_set, builders.build_postprocess(cfg), device,
                                        amp=cfg.train.amp, show_progress=progress)
     out = out or checkpoint.parent
