@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -102,12 +102,12 @@ def check_same_classes(class_names: list[str], val_set: CocoDetection, trained_o
                         f"those of {trained_on} {list(class_names)[:6]} (same names, same order needed)")
 
 
-def fetch_weights(cfg: Config, announce: Callable[[str], None] | None = None) -> None:
+def fetch_weights(cfg: Config) -> None:
     """The trunk's torchvision weights (`model.weights=IMAGENET1K_V1`) into torch.hub's cache now if
     they are not there: before a run folder or a grid's workers exist, so that offline is one line."""
     m = cfg.model
     if m.weights and pretrained.is_weights_name(m.weights):
-        pretrained.fetch(m.trunk, m.weights, announce)
+        pretrained.fetch(m.trunk, m.weights)
 
 
 class ShuffledBatches(torch.utils.data.Sampler[list[int]]):

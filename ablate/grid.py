@@ -79,7 +79,7 @@ def prepare_data(configs: list[Config], show_progress: bool) -> None:
             root = builders.data_root(cfg, progress=show_progress)
             for split in (cfg.data.train_split, cfg.data.val_split):
                 builders.check_split(cfg.data, root, split)
-            builders.fetch_weights(cfg, announce=print if show_progress else None)
+            builders.fetch_weights(cfg)
 
 
 def print_plan(plan: Plan, console: Console) -> None:

@@ -82,7 +82,7 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
     val_set, val_loader = builders.build_val_loader(cfg, root)
     builders.check_same_classes(train_set.category_names, val_set, f"the train split ({train_set.ann_file})")
-    builders.fetch_weights(cfg, announce=console.print if console else None)
+    builders.fetch_weights(cfg)
     # The run folder only once the data and weights are known good: bad input leaves no empty run behind.
     if run_dir is None and saved and Path(saved["run_dir"]).is_dir():
         run_dir = Path(saved["run_dir"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import re
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -54,24 +53,22 @@ def cached_file(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
 
 
-def fetch(trunk: str, name: str, announce: Callable[[str], None] | None = None) -> Path:
-    """The cached file of the weights `name` of `trunk`, downloaded first if it is not there yet."""
+def fetch(trunk: str, name: str) -> Path:
+    """The cached file of the weights `name` of `trunk`, downloaded first if it is not there yet
+    (torch.hub says so on stderr)."""
     weights = resolve(trunk, name)
     path = cached_file(weights)
     if path.is_file():
         return path
-    if announce:
-        announce(f"downloading {weights!r} from {weights.url} into {path.parent}")
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
     except (OSError, http.client.HTTPException) as e:
         reason = str(getattr(e, "reason", "") or e or type(e).__name__).splitlines()[0][:100]
-        raise ConfigError(f"model.weights: cannot download {weights!r} from {weights.url} ({reason}); "
-                          f"offline, copy that file into {path.parent}/ (from a connected machine: torch.hub's "
-                          "cache, $TORCH_HOME/hub/checkpoints/) or set model.weights=PATH to a local state dict"
-                          ) from None
+        raise ConfigError(f"model.weights: cannot download {weights!r} from {weights.url} ({reason}); without "
+                          f"network, download it on a connected machine and copy it into {path.parent}/, or set "
+                          "model.weights=PATH to a local state dict") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
     return path

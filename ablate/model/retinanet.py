@@ -93,9 +93,11 @@ def load_trunk_weights(trunk: nn.Module, path: Path) -> None:
 
 def put_trunk_weights(trunk: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load an ImageNet classifier's state dict into the trunk; `what` names it in errors."""
-    # The ImageNet classifier (fc) has no place in a detector.
+    # The ImageNet classifier (fc) has no place in a detector: the FPN stops at layer4, so the
+    # trunk's own fc stays unused whether the file has one or not.
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = trunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
     if unexpected or missing:
         raise ConfigError(f"model.weights: '{what}' does not fit model.trunk "
                           f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
