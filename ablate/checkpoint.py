@@ -77,9 +77,9 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     except Exception as e:
         raise AblateError(f"{path}: not an ablate checkpoint ({type(e).__name__})") from None
     cfg = apply_overrides(cfg, overrides or {}, "--set")
-    # The checkpoint holds every weight already; the norm the weights were trained with stays.
-    cfg.model.trunk_norm = trunk_norm(cfg.model)
-    cfg.model.weights = ""
+    if cfg.model.weights:  # the checkpoint holds every weight already; the norm it trained with stays
+        cfg.model.trunk_norm = trunk_norm(cfg.model)
+        cfg.model.weights = ""
     model = builders.build_model(cfg, len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, ckpt
