@@ -25,12 +25,10 @@ console = Console(stderr=True)
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value "
                                                      "(repeatable), e.g. --set loss.gamma=1 --set train.iterations=50")]
 DataOption = Annotated[str | None, typer.Option("--data", help=(
-    "'synth' (embedded, default); 'coco:PATH' (a folder in the COCO 2017 layout); "
-    "'coco:train=FILE.json[@IMAGES],val=FILE.json[@IMAGES]' (a COCO-format file per split, as Roboflow, CVAT or "
-    "Label Studio export it; IMAGES defaults to the file's folder), e.g. "
-    "coco:train=ds/train/_annotations.coco.json,val=ds/valid/_annotations.coco.json; "
-    "'voc:PATH' (Pascal VOC: the VOCdevkit/VOC2007 folder; splits from ImageSets/Main/, data.train_split / "
-    "data.val_split pick them)"))]
+    "'synth' (embedded, default) | 'coco:PATH' (a folder in the COCO 2017 layout) | 'coco:train=FILE,val=FILE' "
+    "(a COCO-format file per split, as Roboflow, CVAT or Label Studio export it; FILE@IMAGES names its image "
+    "folder, by default the file's own) | 'voc:PATH' (Pascal VOC, the VOCdevkit/VOC2007 folder; splits from "
+    "ImageSets/Main, picked by data.train_split and data.val_split)"))]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 
 
@@ -44,7 +42,8 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except AblateError as e:
-            console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
+            # Escaped: messages quote user input and forms like FILE[@IMAGES], which are no markup.
+            console.print(f"[red]error:[/red] {escape(one_line(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: files written so far are kept")

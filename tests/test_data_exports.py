@@ -74,6 +74,18 @@ def test_bad_data_forms_are_one_line(data, message):
         data_overrides(data, "--data")
 
 
+def test_cli_says_a_bad_form_in_one_line_with_its_brackets(tmp_path):
+    line = _one_error_line(_train("coco:train=a.json,test=b.json", tmp_path / "runs"))
+    assert "expected train=FILE.json[@IMAGES],val=FILE.json[@IMAGES] after 'coco:'" in line
+
+
+def test_help_shows_every_form():
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.split())
+    for form in ("'coco:PATH'", "'coco:train=FILE,val=FILE'", "FILE@IMAGES", "'voc:PATH'"):
+        assert form in text, form
+
+
 # ----------------------------------------------------------------------------- the exports
 
 
