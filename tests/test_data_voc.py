@@ -146,3 +146,9 @@ def test_cli_trains_on_a_voc_folder(tiny_voc, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert (config["data"]["source"], config["data"]["root"]) == ("voc", str(tiny_voc))
     assert 0.0 <= summary["metrics"]["AP"] <= 1.0  # val has boxes: a score, not n/a
+
+
+def test_an_id_without_its_xml_names_the_list(tiny_voc):
+    (tiny_voc / "Annotations" / "000009.xml").unlink()
+    with pytest.raises(DataError, match=r"000009.xml: annotation file missing \(image '000009' of .*train.txt\)"):
+        read_voc(tiny_voc, "train")

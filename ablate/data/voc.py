@@ -106,12 +106,14 @@ def split_ids(list_file: Path) -> list[str]:
     return ids
 
 
-def class_names(ann_dir: Path) -> list[str]:
-    """Every object name in ann_dir/*.xml, sorted: the labels of every split of the folder."""
-    names = set()
-    for path in sorted(ann_dir.glob("*.xml")):
-        names.update(name for name, _, _ in parse_xml(path, path.stem).objects)
-    return sorted(names)
+def parse_folder(ann_dir: Path) -> dict[str, VocImage]:
+    """Every ann_dir/ID.xml by ID: all of them, since the classes are every split's (each file read once)."""
+    return {path.stem: parse_xml(path, path.stem) for path in sorted(ann_dir.glob("*.xml"))}
+
+
+def class_names(images: dict[str, VocImage]) -> list[str]:
+    """Every object name of `images`, sorted: the labels of every split of the folder."""
+    return sorted({name for image in images.values() for name, _, _ in image.objects})
 
 
 def to_coco(images: list[VocImage], names: list[str]) -> dict:
@@ -134,13 +136,14 @@ def read_voc(root: str | Path, split: str) -> Annotations:
     """The split `split` of the VOC folder `root` as a COCO document; a missing image is a
     `DataError` naming its XML."""
     ann_dir, img_dir, list_file = locate(root, split)
-    images = []
-    for image_id in split_ids(list_file):
-        xml = ann_dir / f"{image_id}.xml"
-        if not xml.is_file():
-            raise DataError(f"{xml}: annotation file missing (image '{image_id}' of {list_file})")
-        image = parse_xml(xml, image_id)
-        if not (img_dir / image.file_name).is_file():
-            raise DataError(f"{img_dir / image.file_name}: image file missing (named by {xml})")
-        images.append(image)
-    return Annotations(to_coco(images, class_names(ann_dir)), list_file, img_dir)
+    ids = split_ids(list_file)
+    for image_id in ids:
+        if not (ann_dir / f"{image_id}.xml").is_file():
+            raise DataError(f"{ann_dir / f'{image_id}.xml'}: annotation file missing (image '{image_id}' of "
+                            f"{list_file})")
+    parsed = parse_folder(ann_dir)
+    for image_id in ids:
+        if not (img_dir / parsed[image_id].file_name).is_file():
+            raise DataError(f"{img_dir / parsed[image_id].file_name}: image file missing (named by "
+                            f"{ann_dir / f'{image_id}.xml'})")
+    return Annotations(to_coco([parsed[i] for i in ids], class_names(parsed)), list_file, img_dir)
