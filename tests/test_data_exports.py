@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from ablate import builders
 from ablate.config import build_config
 from ablate.errors import ConfigError, DataError
+from ablate.evaluation import coco_evaluate
 from ablate.experiments import data_overrides
 from cli import app
 
@@ -130,6 +131,21 @@ def test_one_split_file_without_a_root_names_the_other_key(tiny_coco):
     cfg = build_config("tiny", {"data.source": "coco", "data.train_annotations": str(tiny_coco / "x.json")})
     with pytest.raises(ConfigError, match="data.val_annotations: not set, and no data.root"):
         builders.build_dataset(cfg.data, builders.data_root(cfg), "val", train=False)
+
+
+def test_annotation_ids_from_zero_still_score_perfect_detections(tiny_coco, tmp_path):
+    # Roboflow numbers annotations from 0, which COCOeval reads as "unmatched"; renumbered for evaluation.
+    ds = roboflow_export(tiny_coco, tmp_path / "rf")
+    ann = ds / "valid" / "_annotations.coco.json"
+    doc = json.loads(ann.read_text())
+    for k, a in enumerate(doc["annotations"]):
+        a["id"] = k
+    ann.write_text(json.dumps(doc))
+    val = _split(f"coco:train={ds}/train/_annotations.coco.json,val={ann}", "val")
+    assert sorted(a["id"] for a in val.coco.dataset["annotations"]) == [1, 2]
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in doc["annotations"]]
+    assert coco_evaluate(val.coco, perfect, backend="pycocotools")["AP"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow

@@ -283,7 +283,8 @@ def ground_truth(doc: dict[str, Any], keep_images: set[int], keep_cats: set[int]
     Boxes are the file's (unclipped, as the official evaluation uses them), crowd regions
     included. Degenerate boxes (bool [num annotations]), which training drops, are marked
     iscrowd=1 here so that COCOeval ignores them instead of counting a miss no model can avoid.
-    Missing 'area' / 'iscrowd' fields are filled in as COCOeval expects them.
+    Missing 'area' / 'iscrowd' fields are filled in as COCOeval expects them, and annotation ids
+    renumbered 1..N unless they already are distinct positive integers.
     """
     anns = []
     for a, bad in zip(doc["annotations"], degenerate):
@@ -291,6 +292,12 @@ def ground_truth(doc: dict[str, Any], keep_images: set[int], keep_cats: set[int]
             a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
             a.setdefault("iscrowd", 0)
             anns.append({**a, "iscrowd": 1} if bad else a)
+    ids = [a.get("id") for a in anns]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids) or len(set(ids)) < len(ids):
+        # COCOeval marks a match by the annotation's id, 0 meaning unmatched: exports that number from
+        # 0 (Roboflow, Label Studio) would lose the first box's matches, and a missing or repeated id
+        # would confuse two boxes. Evaluation needs ids only to tell boxes apart: number them 1..N.
+        anns = [{**a, "id": k + 1} for k, a in enumerate(anns)]
     coco = COCO()
     coco.dataset = {
         "info": doc.get("info", {}),
