@@ -178,8 +178,8 @@ _RENAMED = {old: new for new, old in HASH_ALIASES.items()}
 
 # Keys added since runs were recorded, with the default they were added with: a config leaving one at
 # that default hashes as it did before the key existed, so every recorded run keeps its hash.
-HASH_IF_SET: dict[str, Any] = {"data.train_annotations": "", "data.train_images": "",
-                               "data.val_annotations": "", "data.val_images": ""}
+SPLIT_FILE_KEYS = ("data.train_annotations", "data.train_images", "data.val_annotations", "data.val_images")
+HASH_IF_SET: dict[str, Any] = {key: "" for key in SPLIT_FILE_KEYS}
 
 # Keys that change where or how fast a run goes, never what it computes: left out of the hash.
 UNHASHED_KEYS = frozenset({"train.out_dir", "train.log_every", "data.num_workers", "data.cache_dir",
@@ -350,9 +350,8 @@ def _check_ranges(cfg: Config, source: str) -> None:
     for key, ok, what in checks:
         if not ok:
             raise ConfigError(f"{source}: '{key}' must be {what}")
-    for key in HASH_IF_SET:  # a split's own files mean nothing to the other sources: say so, not ignore them
-        section, _, name = key.partition(".")
-        if key.startswith("data.") and getattr(cfg.data, name) and cfg.data.source != "coco":
+    for key in SPLIT_FILE_KEYS:  # a split's own files mean nothing to the other sources: say so, not ignore them
+        if getattr(cfg.data, key.partition(".")[2]) and cfg.data.source != "coco":
             raise ConfigError(f"{source}: '{key}' is for data.source=coco, but data.source is {cfg.data.source}")
 
 

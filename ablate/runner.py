@@ -92,11 +92,11 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     if console:
         console.print(f"data {root or train_set.ann_file}: {len(train_set)} train / {len(val_set)} val images, "
                       f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}")
-    if train_set.stats.num_boxes == 0:
-        warn_no_boxes(train_set, console)
         console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground "
                       f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
                       f"(1:{balance['bg_per_fg']:.0f}), ignored {balance['ignored_per_image']:.1f}")
+    if train_set.stats.num_boxes == 0:
+        warn_no_boxes(train_set, console)
     model = builders.build_model(cfg, len(train_set.category_names)).to(device)
     if cfg.train.channels_last:  # faster convolutions on CUDA and on CPU (oneDNN) alike, measured
         model = model.to(memory_format=torch.channels_last)

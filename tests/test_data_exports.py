@@ -214,3 +214,11 @@ def test_a_train_split_without_boxes_warns(tiny_coco, tmp_path):
     assert result.exit_code == 0, result.output
     (warning,) = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert str(ann) in warning and "no boxes" in warning and "1 crowd" in warning
+    assert "anchors per image" in result.output  # the usual lines are still there
+    # Quiet (a grid worker has no console): the warning goes through `warnings`.
+    from ablate.runner import run_training
+
+    cfg = build_config("tiny", {**data_overrides(f"coco:{tiny_coco}", "t"), "train.iterations": 1,
+                                "train.batch_size": 2, "train.out_dir": str(tmp_path / "quiet")})
+    with pytest.warns(UserWarning, match="the train split has no boxes to learn from"):
+        assert run_training(cfg, console=None, show_progress=False)["status"] == "finished"
