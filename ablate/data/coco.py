@@ -384,10 +384,11 @@ class CocoDetection(torch.utils.data.Dataset):
                  hflip_prob: float = 0.0, max_images: int = 0, categories: Sequence[str] = (),
                  cache_images: bool = False):
         """`source`: a folder in the COCO 2017 layout (then `split` picks the split), or `Annotations`."""
+        where = source.ann_file if isinstance(source, Annotations) else source
         if min_size < 1 or max_size < 1:
-            raise DataError(f"{source}: min_size and max_size must be >= 1 (got {min_size}, {max_size})")
+            raise DataError(f"{where}: min_size and max_size must be >= 1 (got {min_size}, {max_size})")
         if not 0.0 <= hflip_prob <= 1.0:
-            raise DataError(f"{source}: hflip_prob must be in [0, 1] (got {hflip_prob})")
+            raise DataError(f"{where}: hflip_prob must be in [0, 1] (got {hflip_prob})")
         if not isinstance(source, Annotations):
             ann_file, img_dir = locate(source, split)
             source = Annotations(read_json(ann_file), ann_file, img_dir)
