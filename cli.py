@@ -24,8 +24,11 @@ console = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value "
                                                      "(repeatable), e.g. --set loss.gamma=1 --set train.iterations=50")]
-DataOption = Annotated[str | None, typer.Option("--data", help="'synth' (embedded, default) or 'coco:PATH' "
-                                                "(a folder in the COCO 2017 layout)")]
+DataOption = Annotated[str | None, typer.Option("--data", help=(
+    "'synth' (embedded, default) | 'coco:PATH' (a folder in the COCO 2017 layout) | 'coco:train=FILE,val=FILE' "
+    "(a COCO-format file per split, as Roboflow, CVAT or Label Studio export it; FILE@IMAGES names its image "
+    "folder, by default the file's own) | 'voc:PATH' (Pascal VOC, the VOCdevkit/VOC2007 folder; splits from "
+    "ImageSets/Main, picked by data.train_split and data.val_split)"))]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 NprocOption = Annotated[int | None, typer.Option(
     "--nproc", help="Processes training each run together (DDP: one per GPU, or per CPU core); they share "
@@ -42,7 +45,8 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except AblateError as e:
-            console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
+            # Escaped: messages quote user input and forms like FILE[@IMAGES], which are no markup.
+            console.print(f"[red]error:[/red] {escape(one_line(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: files written so far are kept")
@@ -148,9 +152,10 @@ def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
     from ablate.evaluation import save_results
     from ablate.runner import write_json
 
-    model, cfg, _ = load_checkpoint(checkpoint, overrides_from(set_, data))
+    model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, data))
     device = builders.resolve_device(cfg.train.device)
     val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress))
+    builders.check_same_classes(ckpt["class_names"], val_set, f"the checkpoint {checkpoint}")
     metrics, records = engine.evaluate(model.to(device), loader, val_set, builders.build_postprocess(cfg), device,
                                        amp=cfg.train.amp, show_progress=progress)
     out = out or checkpoint.parent

@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ablate.config import Config, DataConfig, TrainConfig
+from ablate.config import Config, DataConfig, TrainConfig, trunk_norm
 from ablate.criterion import DetectionLoss
+from ablate.data import coco, voc
 from ablate.data.coco import Batch, CocoDetection, collate
 from ablate.data.synth import SynthSpec, ensure_synth
 from ablate.distributed import SINGLE, Ranks, rank_seed
-from ablate.errors import ConfigError
+from ablate.errors import ConfigError, DataError
 from ablate.matching import BoxCoder, Matcher
+from ablate.model import pretrained
 from ablate.model.anchors import AnchorGenerator
 from ablate.model.retinanet import RetinaNet
 from ablate.postprocess import Postprocess
@@ -31,21 +33,82 @@ def synth_spec(cfg: Config) -> SynthSpec:
     return SynthSpec(**dataclasses.asdict(cfg.synth))
 
 
-def data_root(cfg: Config, progress: bool = True) -> Path:
-    """The COCO-layout folder to read: the synth set (generated on first use) or `data.root`."""
-    if cfg.data.source == "synth":
-        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
+def data_root(cfg: Config, progress: bool = True) -> Path | None:
+    """The folder to read: the synth set (generated on first use), or `data.root` (COCO 2017 layout,
+    or a VOC folder); None when COCO-format files name the splits (data.{train,val}_annotations)."""
+    d = cfg.data
+    if d.source == "synth":
+        cache = Path(d.cache_dir) if d.cache_dir else None
         return ensure_synth(synth_spec(cfg), cache, progress=progress)
-    if not cfg.data.root:
-        raise ConfigError("data.root: set it to the COCO folder for data.source=coco (or use --data coco:PATH)")
-    return Path(cfg.data.root).expanduser()
+    if d.root:
+        return Path(d.root).expanduser()
+    if d.source == "coco" and (d.train_annotations or d.val_annotations):
+        return None
+    if d.source == "voc":
+        raise ConfigError("data.root: set it to the VOC folder (VOCdevkit/VOC2007) for data.source=voc "
+                          "(or use --data voc:PATH)")
+    raise ConfigError("data.root: set it to the COCO folder for data.source=coco (or use --data coco:PATH, "
+                      "or coco:train=FILE.json,val=FILE.json)")
 
 
-def build_dataset(cfg: DataConfig, root: Path, split: str, train: bool) -> CocoDetection:
-    return CocoDetection(root, split, min_size=cfg.min_size, max_size=cfg.max_size,
+def split_files(cfg: DataConfig, split: str) -> tuple[str, str]:
+    """(annotation file, image folder) naming `split` by its own COCO-format files; ("", "") if none."""
+    roles = {cfg.train_split: (cfg.train_annotations, cfg.train_images),
+             cfg.val_split: (cfg.val_annotations, cfg.val_images)}
+    return roles.get(split, ("", ""))
+
+
+def _need_root(cfg: DataConfig, root: Path | None, split: str) -> Path:
+    if root is None:
+        role = "train" if split == cfg.train_split else "val"
+        raise ConfigError(f"data.{role}_annotations: not set, and no data.root to find split '{split}' in "
+                          "(name both splits: --data coco:train=FILE.json,val=FILE.json)")
+    return root
+
+
+def check_split(cfg: DataConfig, root: Path | None, split: str) -> None:
+    """Whether the files of `split` are there (no reading): one line now, before any work starts."""
+    ann_file, img_dir = split_files(cfg, split)
+    if cfg.source == "voc":
+        voc.locate(_need_root(cfg, root, split), split)
+    elif cfg.source == "coco" and ann_file:
+        coco.check_files(ann_file, img_dir)
+    else:
+        coco.locate(_need_root(cfg, root, split), split)
+
+
+def dataset_source(cfg: DataConfig, root: Path | None, split: str) -> Path | coco.Annotations:
+    """What `CocoDetection` reads for `split`: a COCO 2017-layout folder, or annotations already read
+    (a split's own COCO-format file, or a VOC split converted)."""
+    ann_file, img_dir = split_files(cfg, split)
+    if cfg.source == "voc":
+        return voc.read_voc(_need_root(cfg, root, split), split)
+    if cfg.source == "coco" and ann_file:
+        return coco.read_files(ann_file, img_dir)
+    return _need_root(cfg, root, split)
+
+
+def build_dataset(cfg: DataConfig, root: Path | None, split: str, train: bool) -> CocoDetection:
+    return CocoDetection(dataset_source(cfg, root, split), split, min_size=cfg.min_size, max_size=cfg.max_size,
                          hflip_prob=cfg.hflip_prob if train else 0.0,
                          max_images=cfg.max_train_images if train else cfg.max_val_images,
                          categories=cfg.categories, cache_images=cfg.cache_images)
+
+
+def check_same_classes(class_names: list[str], val_set: CocoDetection, trained_on: str) -> None:
+    """The model's labels index `class_names`; a val split listing other categories (or another
+    order) would score every detection against the wrong class."""
+    if list(class_names) != list(val_set.category_names):
+        raise DataError(f"{val_set.ann_file}: its categories {list(val_set.category_names)[:6]} differ from "
+                        f"those of {trained_on} {list(class_names)[:6]} (same names, same order needed)")
+
+
+def fetch_weights(cfg: Config) -> None:
+    """The trunk's torchvision weights (`model.weights=IMAGENET1K_V1`) into torch.hub's cache now if
+    they are not there: before a run folder or a grid's workers exist, so that offline is one line."""
+    m = cfg.model
+    if m.weights and pretrained.is_weights_name(m.weights):
+        pretrained.fetch(m.trunk, m.weights)
 
 
 class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
@@ -127,7 +190,7 @@ def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, s
                       pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
 
 
-def build_val_loader(cfg: Config, root: Path) -> tuple[CocoDetection, DataLoader]:
+def build_val_loader(cfg: Config, root: Path | None) -> tuple[CocoDetection, DataLoader]:
     """The val split (`data.val_split`) and its loader in file order: what training's evaluation,
     `ablate eval` and Figure 4 all read."""
     val_set = build_dataset(cfg.data, root, cfg.data.val_split, train=False)
@@ -149,7 +212,7 @@ def build_anchor_generator(cfg: Config) -> AnchorGenerator:
 
 def build_model(cfg: Config, num_classes: int) -> RetinaNet:
     m = cfg.model
-    return RetinaNet(num_classes, trunk=m.trunk, trunk_norm=m.trunk_norm, tiny_widths=m.tiny_widths,
+    return RetinaNet(num_classes, trunk=m.trunk, trunk_norm=trunk_norm(m), tiny_widths=m.tiny_widths,
                      weights=m.weights, fpn_channels=m.fpn_channels, head_convs=m.head_convs,
                      head_channels=m.head_channels, head_norm=m.head_norm, prior=m.prior,
                      anchor_generator=build_anchor_generator(cfg))

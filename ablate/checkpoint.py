@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ablate import builders
-from ablate.config import Config, apply_overrides, from_dict, to_dict
+from ablate.config import Config, apply_overrides, from_dict, to_dict, trunk_norm
 from ablate.errors import AblateError
 from ablate.model.retinanet import RetinaNet
 
@@ -77,7 +77,9 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     except Exception as e:
         raise AblateError(f"{path}: not an ablate checkpoint ({type(e).__name__})") from None
     cfg = apply_overrides(cfg, overrides or {}, "--set")
-    cfg.model.weights = ""  # the checkpoint holds every weight already
+    if cfg.model.weights:  # the checkpoint holds every weight already; the norm it trained with stays
+        cfg.model.trunk_norm = trunk_norm(cfg.model)
+        cfg.model.weights = ""
     model = builders.build_model(cfg, len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, ckpt

@@ -2,7 +2,7 @@
 
     description = "..."
     preset = "tiny"            # the budget: a preset of ablate.config.PRESETS
-    data = "synth"             # or "coco:PATH"
+    data = "synth"             # or "coco:PATH", "coco:train=A.json@imgs/,val=B.json", "voc:PATH"
     seeds = [0, 1, 2]          # the seeds `ablate run NAME` runs and its report shows
     baseline = "focal g=2 a=0.25"   # the cell deltas are measured against (default: the first)
 
@@ -193,13 +193,52 @@ def cell_label(overrides: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+DATA_FORMS = "'synth', 'coco:PATH', 'coco:train=FILE.json[@IMAGES],val=FILE.json[@IMAGES]' or 'voc:PATH'"
+
+
 def data_overrides(data: str, source: str) -> dict[str, Any]:
-    """'synth' or 'coco:PATH' as config overrides."""
+    """The data set named by `--data` (or an experiment's `data`) as config overrides; every data key
+    is set, so that it replaces whatever data an experiment file chose.
+
+    synth                            the embedded procedural set
+    coco:PATH                        a folder in the COCO 2017 layout
+    coco:train=FILE[@IMAGES],val=FILE[@IMAGES]
+                                     a COCO-format file per split, as exported; IMAGES defaults to
+                                     the file's folder (Roboflow), e.g. CVAT: FILE@images/
+    voc:PATH                         a Pascal VOC folder (VOCdevkit/VOC2007)
+    """
+    keys = {"data.root": "", "data.train_annotations": "", "data.train_images": "",
+            "data.val_annotations": "", "data.val_images": ""}
+    kind, _, rest = data.partition(":")
     if data == "synth":
-        return {"data.source": "synth"}
-    if data.startswith("coco:") and len(data) > 5:
-        return {"data.source": "coco", "data.root": data[5:]}
-    raise ConfigError(f"{source}: data must be 'synth' or 'coco:PATH', got '{data}'")
+        return {"data.source": "synth", **keys}
+    if kind == "voc" and rest:
+        return {"data.source": "voc", **keys, "data.root": rest}
+    if kind == "coco" and rest.startswith(("train=", "val=")):
+        return {"data.source": "coco", **keys, **_split_files(rest, data, source)}
+    if kind == "coco" and rest:
+        return {"data.source": "coco", **keys, "data.root": rest}
+    raise ConfigError(f"{source}: data must be {DATA_FORMS}, got '{data}'")
+
+
+def _split_files(spec: str, data: str, source: str) -> dict[str, str]:
+    """'train=A.json@imgs,val=B.json' -> data.train_annotations, data.train_images, data.val_..."""
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        split, eq, files = part.partition("=")
+        split = split.strip()
+        if split not in ("train", "val") or not eq or not files.strip():
+            raise ConfigError(f"{source}: expected train=FILE.json[@IMAGES],val=FILE.json[@IMAGES] after 'coco:', "
+                              f"got '{part}' in '{data}'")
+        if f"data.{split}_annotations" in out:
+            raise ConfigError(f"{source}: split '{split}' given twice in '{data}'")
+        # The last '@': annotation file names seldom hold one, and image folders come after it.
+        ann, at, images = files.strip().rpartition("@") if "@" in files else (files.strip(), "", "")
+        out[f"data.{split}_annotations"], out[f"data.{split}_images"] = ann, images
+    missing = [s for s in ("train", "val") if f"data.{s}_annotations" not in out]
+    if missing:
+        raise ConfigError(f"{source}: '{data}' names no {missing[0]} file (both train= and val= are needed)")
+    return out
 
 
 def experiments_dirs() -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
 from collections import Counter
@@ -26,7 +27,6 @@ from rich.table import Table
 
 from ablate import builders, scheduling, signals, tracking, workers
 from ablate.config import Config
-from ablate.data.coco import locate
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_url
 from ablate.experiments import Experiment
@@ -70,16 +70,18 @@ def folder_lock(name: str):
 
 
 def prepare_data(configs: list[Config], show_progress: bool) -> None:
-    """Generate every synth set the runs need, and check that every COCO folder has its splits,
-    now: before the grid's display and workers start, and before a missing folder fails each cell."""
+    """Generate every synth set the runs need, check that every COCO or VOC source has its splits, and
+    fetch the trunks' named weights, now: before the grid's display and workers start, and before a
+    missing folder (or an offline download) fails each cell."""
     seen = set()
     for cfg in configs:
-        key = (cfg.data.source, cfg.data.root, tuple(sorted(vars(cfg.synth).items())))
+        key = json.dumps([vars(cfg.data), vars(cfg.synth), cfg.model.trunk, cfg.model.weights], sort_keys=True)
         if key not in seen:
             seen.add(key)
             root = builders.data_root(cfg, progress=show_progress)
             for split in (cfg.data.train_split, cfg.data.val_split):
-                locate(root, split)
+                builders.check_split(cfg.data, root, split)
+            builders.fetch_weights(cfg)
 
 
 def print_plan(plan: Plan, console: Console) -> None:

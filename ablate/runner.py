@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ablate import builders, distributed, engine
 from ablate.analysis import anchor_balance, loss_curve_png
@@ -120,14 +122,16 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     if not ranks.is_main:  # ranks other than 0 only train: no files, no evaluation
         return train_other_share(cfg, train_set, device, ranks, saved, resume, stop)
     val_set, val_loader = builders.build_val_loader(cfg, root)
-    # The run folder only once the data is known good: bad input leaves no empty run behind.
+    builders.check_same_classes(train_set.category_names, val_set, f"the train split ({train_set.ann_file})")
+    builders.fetch_weights(cfg)
+    # The run folder only once the data and weights are known good: bad input leaves no empty run behind.
     if run_dir is None and saved and Path(saved["run_dir"]).is_dir():
         run_dir = Path(saved["run_dir"])
     run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
     balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     if console:
-        console.print(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
+        console.print(f"data {root or train_set.ann_file}: {len(train_set)} train / {len(val_set)} val images, "
                       f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}")
         console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground "
                       f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
@@ -137,6 +141,8 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
                       f"{cfg.train.batch_size // ranks.world_size} images each per batch of {cfg.train.batch_size}")
     parts = build_training_parts(cfg, train_set, device, ranks, saved)
     model, optimizer, scheduler, criterion, state, loader = parts
+    if train_set.stats.num_boxes == 0:
+        warn_no_boxes(train_set, console)
     check_data_position(saved, loader, resume)
     t = cfg.train
     net = distributed.unwrap(model)  # what is saved and evaluated
@@ -175,7 +181,8 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
                                "diverged_at": outcome.diverged_at, "train_seconds": outcome.seconds,
                                "resumed_from": saved["iteration"] if saved else None, "processes": ranks.world_size,
                                "config_hash": config_hash(cfg), "run_dir": str(run_dir),
-                               "data": {"root": str(root), **train_set.stats.as_dict()}, "anchors": balance}
+                               "data": {"root": str(root or train_set.ann_file), **train_set.stats.as_dict()},
+                               "anchors": balance}
     if outcome.status is Outcome.INTERRUPTED:
         summary["resume_checkpoint"] = str(resume.path) if resume else None
     if outcome.history:
@@ -189,6 +196,18 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
         summary.update(metrics=metrics, eval_seconds=time.perf_counter() - t0)
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def warn_no_boxes(train_set, console: Console | None) -> None:
+    """A train split without a single box trains a model that only ever says background: legal (the
+    run still goes), but almost always a wrong file or category filter, so it is said loudly."""
+    message = (f"warning: {train_set.ann_file}: the train split has no boxes to learn from "
+               f"({train_set.stats.num_crowd} crowd/difficult, {train_set.stats.num_degenerate} degenerate, "
+               "category filter data.categories applied); the model will learn background only")
+    if console:
+        console.print(escape(message), style="yellow", soft_wrap=True)
+    else:
+        warnings.warn(message, stacklevel=2)
 
 
 def resume_spec(cfg: Config, path: Path | None, every: int) -> ResumeSpec | None:
