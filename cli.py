@@ -24,9 +24,15 @@ console = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value "
                                                      "(repeatable), e.g. --set loss.gamma=1 --set train.iterations=50")]
-DataOption = Annotated[str | None, typer.Option("--data", help="'synth' (embedded, default) or 'coco:PATH' "
-                                                "(a folder in the COCO 2017 layout)")]
+DataOption = Annotated[str | None, typer.Option("--data", help=(
+    "'synth' (embedded, default) | 'coco:PATH' (a folder in the COCO 2017 layout) | 'coco:train=FILE,val=FILE' "
+    "(a COCO-format file per split, as Roboflow, CVAT or Label Studio export it; FILE@IMAGES names its image "
+    "folder, by default the file's own) | 'voc:PATH' (Pascal VOC, the VOCdevkit/VOC2007 folder; splits from "
+    "ImageSets/Main, picked by data.train_split and data.val_split)"))]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+NprocOption = Annotated[int | None, typer.Option(
+    "--nproc", help="Processes training each run together (DDP: one per GPU, or per CPU core); they share "
+    "out the global batch (train.nproc, default 1). Or launch `ablate train` under torchrun")]
 
 
 def friendly_errors(command):
@@ -39,8 +45,8 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except AblateError as e:
-            # Escaped: a name, path or value in the message may hold brackets that rich would take
-            # for markup (and fail on, or silently eat).
+            # Escaped: messages quote user input (names, paths, values) and forms like FILE[@IMAGES],
+            # which are no markup; a password in a quoted URL is masked.
             console.print(f"[red]error:[/red] {escape(mask_urls(one_line(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -73,6 +79,10 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
           checkpoint_every: Annotated[int, typer.Option(
               "--checkpoint-every", min=0, help="Write a resume checkpoint every N iterations and when stopped "
               "(OUT/resume-HASH.pt, or the --resume file); running the same command again goes on from it.")] = 0,
+          nproc: NprocOption = None,
+          backend: Annotated[str | None, typer.Option(
+              help="torch.distributed backend with --nproc: auto (nccl on CUDA, gloo on CPU), gloo or nccl "
+              "(train.backend)")] = None,
           progress: ProgressOption = True) -> None:
     """Train one model from an experiment file, then evaluate it on the val split.
 
@@ -91,6 +101,10 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     overrides.setdefault("train.seed", seed if seed is not None else exp.seeds[0])
     if out:
         overrides["train.out_dir"] = str(out)
+    if nproc is not None:
+        overrides["train.nproc"] = nproc
+    if backend is not None:
+        overrides["train.backend"] = backend
     cfg = exp.base_config(overrides)
     from ablate.checkpoint import discard_resume  # torch: only once the input is known good
     from ablate.runner import resume_spec, run_training
@@ -100,6 +114,8 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
         summary = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
+    if summary.get("rank"):  # another process of a torchrun launch: rank 0 reports the run
+        raise typer.Exit({Outcome.FINISHED: 0, Outcome.INTERRUPTED: 130}.get(summary["status"], 3))
     if summary["status"] is Outcome.INTERRUPTED:
         kept = (f"resume checkpoint {summary['resume_checkpoint']} (go on with --resume or the same command)"
                 if spec else "no resume checkpoint (--checkpoint-every N writes one)")
@@ -141,14 +157,14 @@ def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
 
     out = check_writable_folder(out or checkpoint.parent, "--out")
     from ablate import builders, engine
-    from ablate.checkpoint import check_classes, load_checkpoint
+    from ablate.checkpoint import load_checkpoint
     from ablate.evaluation import save_results
     from ablate.runner import write_json
 
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, data))
     device = builders.resolve_device(cfg.train.device)
     val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress))
-    check_classes(checkpoint, ckpt["class_names"], val_set.category_names, cfg.data.val_split)
+    builders.check_same_classes(ckpt["class_names"], val_set, f"the checkpoint {checkpoint}")
     metrics, records = engine.evaluate(model.to(device), loader, val_set, builders.build_postprocess(cfg), device,
                                        amp=cfg.train.amp, show_progress=progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,18 +263,27 @@ CheckpointEveryOption = Annotated[int | None, typer.Option(
 GpusOption = Annotated[int, typer.Option("--gpus-per-cell", help="GPUs each worker process gets (CUDA_VISIBLE_DEVICES)")]
 
 
-def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None):
-    """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints."""
+def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None,
+                   nproc: int | None = None):
+    """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints,
+    processes per run."""
     check_checkpoint_every(checkpoint_every)
-    from ablate import scheduling, tracking
+    from ablate import builders, distributed, scheduling, tracking
+    from ablate.errors import AblateError
     from ablate.workers import WorkerOptions
 
+    if distributed.from_env() is not None:
+        raise AblateError("a grid's workers start each run's processes themselves: run `ablate run/worker "
+                          "--nproc N` without torchrun (torchrun is for `ablate train`)")
+    if nproc is not None and nproc != 1:
+        distributed.check_nproc(nproc, builders.resolve_device("auto"))
     folder = checkpoint_dir or Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or Path.cwd() / ".ablate" / "checkpoints")
     url = scheduling.storage_url(storage)
     if url:
         scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
     return WorkerOptions(tracking_uri=tracking.init_store(), storage=url,
-                         checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every)
+                         checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every,
+                         nproc=nproc or 1)
 
 
 def check_checkpoint_every(checkpoint_every: int | None) -> None:
@@ -290,11 +315,21 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         set_: SetOption = None, data: DataOption = None,
         preset: Annotated[str | None, typer.Option(help="Budget preset instead of the file's (e.g. paper).")] = None,
         storage: StorageOption = None, checkpoint_dir: CheckpointDirOption = None,
-        checkpoint_every: CheckpointEveryOption = None, gpus_per_cell: GpusOption = 1,
+        checkpoint_every: CheckpointEveryOption = None, gpus_per_cell: GpusOption = 1, nproc: NprocOption = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, run nothing.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
+        until_settled: Annotated[bool, typer.Option(
+            "--until-settled", help="Add seeds only to the cells of comparisons the sequential rule has not "
+            "settled yet (the file's `comparisons`, else each cell vs the baseline), until none is open")] = False,
+        max_seeds: Annotated[int | None, typer.Option(
+            "--max-seeds", help="With --until-settled: the rule's last look "
+            "(default: the file's sequential table, else 8)")] = None,
+        budgets: Annotated[str | None, typer.Option(
+            "--budgets", help="Run every cell x seed at these multiples of its schedule, e.g. 1,2,4 "
+            "(the LR steps scale with it; 1 is the cell as declared)")] = None,
         progress: ProgressOption = True) -> None:
     """Plan an ablation grid, enqueue every cell x seed not yet done, and run them (tracked in MLflow)."""
+    from ablate.errors import AblateError
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
@@ -304,12 +339,23 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
     seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
     check_checkpoint_every(checkpoint_every)
-    from ablate import grid  # torch, MLflow, Optuna: only once the input is known good
+    if max_seeds is not None and not until_settled:
+        raise AblateError("--max-seeds goes with --until-settled")
+    if until_settled and (budgets or force):
+        raise AblateError(f"--until-settled does not combine with {'--budgets' if budgets else '--force'}")
+    from ablate import adaptive, grid  # torch, MLflow, Optuna: only once the input is known good
+    from ablate.budgets import parse_budgets
 
-    options = worker_options(storage, checkpoint_dir, checkpoint_every)
-    outcomes = grid.run_grid(exp, seed_values, overrides, options=options, jobs=jobs,
-                             gpus_per_cell=gpus_per_cell, force=force, dry_run=dry_run, console=console,
-                             show_progress=progress)
+    multiples = parse_budgets(budgets) if budgets is not None else None
+    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
+    common = {"options": options, "jobs": jobs, "gpus_per_cell": gpus_per_cell, "dry_run": dry_run,
+              "console": console, "show_progress": progress}
+    if until_settled:
+        outcomes = adaptive.run_until_settled(exp, seed_values, overrides, max_seeds, **common)
+    elif multiples:
+        outcomes = adaptive.run_budget_grid(exp, seed_values, overrides, multiples, force=force, **common)
+    else:
+        outcomes = grid.run_grid(exp, seed_values, overrides, force=force, **common)
     report_outcomes(exp.name, outcomes)
 
 
@@ -319,7 +365,7 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
            storage: StorageOption = None,
            jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
            checkpoint_dir: CheckpointDirOption = None, checkpoint_every: CheckpointEveryOption = None,
-           gpus_per_cell: GpusOption = 1, progress: ProgressOption = True) -> None:
+           gpus_per_cell: GpusOption = 1, nproc: NprocOption = None, progress: ProgressOption = True) -> None:
     """Pull runs of a planned grid from the queue and train them until the queue is empty (any number
     of workers, on any machine sharing the queue, the tracking server and the checkpoint folder)."""
     from ablate import grid
@@ -327,7 +373,7 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
     if jobs < 1:
         raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     name = Path(experiment).stem if experiment.endswith(".toml") else experiment
-    options = worker_options(storage, checkpoint_dir, checkpoint_every)
+    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
     outcomes = grid.run_worker(name, options, jobs=jobs, gpus_per_cell=gpus_per_cell, show_progress=progress)
     report_outcomes(name, outcomes)
 
@@ -383,24 +429,28 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from rich.table import Table
 
     from ablate.errors import AblateError
-    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, evaluate, headline_markdown, markdown,
-                                 replace_between_markers)
-
+    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, evaluate, headline_markdown, markdown,
+                                 measured_budgets, replace_between_markers)
     from ablate.paths import check_writable_folder
 
     check_writable_folder(reports, "--reports")
     verdicts, follow_ups = evaluate(reports), evaluate(reports, FOLLOW_UPS)
-    for title, columns, rows in (("The paper's findings on this benchmark", ("finding", "paper"), verdicts),
-                                 ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups)):
+    # Reports measured at several budgets (`ablate run --budgets`): each finding judged at every one.
+    budgets = bool(measured_budgets(reports))
+    across = (across_budgets(reports), across_budgets(reports, FOLLOW_UPS)) if budgets else (None, None)
+    for title, columns, rows, over in (
+            ("The paper's findings on this benchmark", ("finding", "paper"), verdicts, across[0]),
+            ("Follow-ups: why a finding fails", ("hypothesis", "for"), follow_ups, across[1])):
         table = Table(title=title)
-        for column in (*columns, "ours", "holds"):
+        for column in (*columns, "ours", "holds", *(("at every budget",) if over else ())):
             table.add_column(column)
-        for v in rows:
-            table.add_row(escape(v.finding), escape(v.paper), escape(v.ours),
-                          {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds])
+        for i, v in enumerate(rows):
+            holds = {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds]
+            table.add_row(escape(v.finding), escape(v.paper), escape(v.ours), holds,
+                          *((escape(over[i].text()),) if over else ()))
         console.print(table)
-    block = (f"{markdown(verdicts)}\nFollow-ups, each an experiment of its own testing why a finding fails here "
-             f"(its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER)}")
+    block = (f"{markdown(verdicts, across=across[0])}\nFollow-ups, each an experiment of its own testing why a finding "
+             f"fails here (its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER, across[1])}")
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "findings.md").write_text(
         "# The paper's Table 1 findings on this benchmark\n\nWritten by `ablate findings` from the reports' "

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ablate import builders
-from ablate.checkpoint import check_classes, load_checkpoint
+from ablate.checkpoint import load_checkpoint
 from ablate.data.coco import CocoDetection, collate
 from ablate.matching import BACKGROUND, IGNORED, Matcher
 from ablate.model.anchors import AnchorGenerator, feature_sizes_for
@@ -137,7 +137,7 @@ def write_loss_cdf(checkpoint: Path, gammas: list[float], out_dir: Path, overrid
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides or {})
     device = builders.resolve_device(cfg.train.device)
     val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg))
-    check_classes(Path(checkpoint), ckpt["class_names"], val_set.category_names, cfg.data.val_split)
+    builders.check_same_classes(ckpt["class_names"], val_set, f"the checkpoint {checkpoint}")
     positives, negatives = collect_examples(model.to(device), loader, builders.build_matcher(cfg), device)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, table = out_dir / "loss_cdf.png", out_dir / "loss_cdf.csv"

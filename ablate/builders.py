@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ablate.config import Config, DataConfig, TrainConfig
+from ablate.config import Config, DataConfig, TrainConfig, trunk_norm
 from ablate.criterion import DetectionLoss
+from ablate.data import coco, voc
 from ablate.data.coco import Batch, CocoDetection, collate
 from ablate.data.synth import SynthSpec, ensure_synth
-from ablate.errors import ConfigError
+from ablate.distributed import SINGLE, Ranks, rank_seed
+from ablate.errors import ConfigError, DataError
 from ablate.matching import BoxCoder, Matcher
+from ablate.model import pretrained
 from ablate.model.anchors import AnchorGenerator
 from ablate.model.retinanet import RetinaNet
 from ablate.postprocess import Postprocess
@@ -30,21 +33,82 @@ def synth_spec(cfg: Config) -> SynthSpec:
     return SynthSpec(**dataclasses.asdict(cfg.synth))
 
 
-def data_root(cfg: Config, progress: bool = True) -> Path:
-    """The COCO-layout folder to read: the synth set (generated on first use) or `data.root`."""
-    if cfg.data.source == "synth":
-        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
+def data_root(cfg: Config, progress: bool = True) -> Path | None:
+    """The folder to read: the synth set (generated on first use), or `data.root` (COCO 2017 layout,
+    or a VOC folder); None when COCO-format files name the splits (data.{train,val}_annotations)."""
+    d = cfg.data
+    if d.source == "synth":
+        cache = Path(d.cache_dir) if d.cache_dir else None
         return ensure_synth(synth_spec(cfg), cache, progress=progress)
-    if not cfg.data.root:
-        raise ConfigError("data.root: set it to the COCO folder for data.source=coco (or use --data coco:PATH)")
-    return Path(cfg.data.root).expanduser()
+    if d.root:
+        return Path(d.root).expanduser()
+    if d.source == "coco" and (d.train_annotations or d.val_annotations):
+        return None
+    if d.source == "voc":
+        raise ConfigError("data.root: set it to the VOC folder (VOCdevkit/VOC2007) for data.source=voc "
+                          "(or use --data voc:PATH)")
+    raise ConfigError("data.root: set it to the COCO folder for data.source=coco (or use --data coco:PATH, "
+                      "or coco:train=FILE.json,val=FILE.json)")
 
 
-def build_dataset(cfg: DataConfig, root: Path, split: str, train: bool) -> CocoDetection:
-    return CocoDetection(root, split, min_size=cfg.min_size, max_size=cfg.max_size,
+def split_files(cfg: DataConfig, split: str) -> tuple[str, str]:
+    """(annotation file, image folder) naming `split` by its own COCO-format files; ("", "") if none."""
+    roles = {cfg.train_split: (cfg.train_annotations, cfg.train_images),
+             cfg.val_split: (cfg.val_annotations, cfg.val_images)}
+    return roles.get(split, ("", ""))
+
+
+def _need_root(cfg: DataConfig, root: Path | None, split: str) -> Path:
+    if root is None:
+        role = "train" if split == cfg.train_split else "val"
+        raise ConfigError(f"data.{role}_annotations: not set, and no data.root to find split '{split}' in "
+                          "(name both splits: --data coco:train=FILE.json,val=FILE.json)")
+    return root
+
+
+def check_split(cfg: DataConfig, root: Path | None, split: str) -> None:
+    """Whether the files of `split` are there (no reading): one line now, before any work starts."""
+    ann_file, img_dir = split_files(cfg, split)
+    if cfg.source == "voc":
+        voc.locate(_need_root(cfg, root, split), split)
+    elif cfg.source == "coco" and ann_file:
+        coco.check_files(ann_file, img_dir)
+    else:
+        coco.locate(_need_root(cfg, root, split), split)
+
+
+def dataset_source(cfg: DataConfig, root: Path | None, split: str) -> Path | coco.Annotations:
+    """What `CocoDetection` reads for `split`: a COCO 2017-layout folder, or annotations already read
+    (a split's own COCO-format file, or a VOC split converted)."""
+    ann_file, img_dir = split_files(cfg, split)
+    if cfg.source == "voc":
+        return voc.read_voc(_need_root(cfg, root, split), split)
+    if cfg.source == "coco" and ann_file:
+        return coco.read_files(ann_file, img_dir)
+    return _need_root(cfg, root, split)
+
+
+def build_dataset(cfg: DataConfig, root: Path | None, split: str, train: bool) -> CocoDetection:
+    return CocoDetection(dataset_source(cfg, root, split), split, min_size=cfg.min_size, max_size=cfg.max_size,
                          hflip_prob=cfg.hflip_prob if train else 0.0,
                          max_images=cfg.max_train_images if train else cfg.max_val_images,
                          categories=cfg.categories, cache_images=cfg.cache_images)
+
+
+def check_same_classes(class_names: list[str], val_set: CocoDetection, trained_on: str) -> None:
+    """The model's labels index `class_names`; a val split listing other categories (or another
+    order) would score every detection against the wrong class."""
+    if list(class_names) != list(val_set.category_names):
+        raise DataError(f"{val_set.ann_file}: its categories {list(val_set.category_names)[:6]} differ from "
+                        f"those of {trained_on} {list(class_names)[:6]} (same names, same order needed)")
+
+
+def fetch_weights(cfg: Config) -> None:
+    """The trunk's torchvision weights (`model.weights=IMAGENET1K_V1`) into torch.hub's cache now if
+    they are not there: before a run folder or a grid's workers exist, so that offline is one line."""
+    m = cfg.model
+    if m.weights and pretrained.is_weights_name(m.weights):
+        pretrained.fetch(m.trunk, m.weights)
 
 
 class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
@@ -59,11 +123,19 @@ class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
     a permutation (on every pass without workers, only on the first with persistent ones:
     `seed_draw_every_epoch`), and a second randperm after each (RandomSampler's remainder, sliced
     to nothing). It replays the epochs before `start` to get there.
+
+    On `world_size` processes (DDP) every rank draws the same order from the same seed and yields
+    its contiguous slice (rank `rank`) of each global batch: what DistributedSampler does, but in
+    the one-process order, so a run on N processes trains on exactly the batches of one process.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, *, start: int = 0,
-                 seed_draw_every_epoch: bool = True):
+                 seed_draw_every_epoch: bool = True, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ConfigError(f"train.batch_size: {batch_size} images do not split evenly over {world_size} "
+                              "processes (the global batch is shared out); make it a multiple")
         self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size = rank, world_size
         self.seed_draw_every_epoch = seed_draw_every_epoch
         self.batches_per_epoch = num_samples // batch_size  # drop_last: full batches only
         self.epoch, self.skip = divmod(start, self.batches_per_epoch) if self.batches_per_epoch else (0, 0)
@@ -87,12 +159,14 @@ class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
         order = self._permutation(self.epoch)
         skip, self.skip = self.skip, 0
         self.epoch += 1
+        share = self.batch_size // self.world_size
         for b in range(skip, self.batches_per_epoch):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            first = b * self.batch_size + self.rank * share
+            yield order[first:first + share]
 
 
 def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, shuffle: bool,
-                 seed: int = 0, pin_memory: bool = False, start: int = 0) -> DataLoader:
+                 seed: int = 0, pin_memory: bool = False, start: int = 0, ranks: Ranks = SINGLE) -> DataLoader:
     """A DataLoader yielding padded `Batch`es; seeded so that a run's image order is reproducible.
 
     With `shuffle`, the batches come from `ShuffledBatches` beginning at batch `start` (the
@@ -100,19 +174,23 @@ def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, s
     in this process) resume exactly once the caller restores that RNG; with workers, each keeps an
     RNG of its own, seeded when the loader starts, so a resumed run sees the same images in the
     same order but not the same flips.
+
+    `ranks`: this process's share of each global batch of `batch_size` (DDP); its workers' seeds
+    are its own (distributed.rank_seed), the order's seed is every rank's.
     """
     workers = max(0, min(num_workers, (os.cpu_count() or 1)))
     # Its own generator: the workers' base seed (the first draw, as before), never the order's.
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(rank_seed(seed, ranks.rank))
     if not shuffle:
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                           pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
-    batches = ShuffledBatches(len(dataset), batch_size, seed, start=start, seed_draw_every_epoch=workers == 0)
+    batches = ShuffledBatches(len(dataset), batch_size, seed, start=start, seed_draw_every_epoch=workers == 0,
+                              rank=ranks.rank, world_size=ranks.world_size)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
 
 
-def build_val_loader(cfg: Config, root: Path) -> tuple[CocoDetection, DataLoader]:
+def build_val_loader(cfg: Config, root: Path | None) -> tuple[CocoDetection, DataLoader]:
     """The val split (`data.val_split`) and its loader in file order: what training's evaluation,
     `ablate eval` and Figure 4 all read."""
     val_set = build_dataset(cfg.data, root, cfg.data.val_split, train=False)
@@ -134,7 +212,7 @@ def build_anchor_generator(cfg: Config) -> AnchorGenerator:
 
 def build_model(cfg: Config, num_classes: int) -> RetinaNet:
     m = cfg.model
-    return RetinaNet(num_classes, trunk=m.trunk, trunk_norm=m.trunk_norm, tiny_widths=m.tiny_widths,
+    return RetinaNet(num_classes, trunk=m.trunk, trunk_norm=trunk_norm(m), tiny_widths=m.tiny_widths,
                      weights=m.weights, fpn_channels=m.fpn_channels, head_convs=m.head_convs,
                      head_channels=m.head_channels, head_norm=m.head_norm, prior=m.prior,
                      anchor_generator=build_anchor_generator(cfg))
@@ -149,13 +227,14 @@ def build_box_coder(cfg: Config) -> BoxCoder:
     return BoxCoder(cfg.model.box_weights)
 
 
-def build_criterion(cfg: Config) -> DetectionLoss:
+def build_criterion(cfg: Config, ranks: Ranks = SINGLE) -> DetectionLoss:
     c = cfg.loss
     return DetectionLoss(cls_loss=c.cls, alpha=c.alpha, gamma=c.gamma, beta=c.beta, ohem_batch=c.ohem_batch,
                          ohem_nms=c.ohem_nms, ohem_fg_fraction=c.ohem_fg_fraction, normalizer=c.normalizer,
                          normalizer_momentum=c.normalizer_momentum, box_loss=c.box,
                          smooth_l1_beta=c.smooth_l1_beta, box_loss_weight=c.box_loss_weight,
-                         matcher=build_matcher(cfg), box_coder=build_box_coder(cfg))
+                         matcher=build_matcher(cfg), box_coder=build_box_coder(cfg),
+                         world_size=ranks.world_size, all_sum=ranks.all_sum)
 
 
 def build_postprocess(cfg: Config) -> Postprocess:

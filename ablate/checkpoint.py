@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ablate import builders
-from ablate.config import Config, apply_overrides, from_dict, to_dict
+from ablate.config import Config, apply_overrides, from_dict, to_dict, trunk_norm
 from ablate.errors import AblateError
 from ablate.model.retinanet import RetinaNet
 
@@ -79,7 +79,9 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     _check_class_names(path, ckpt["class_names"])
     cfg = from_dict(ckpt["config"], f"{path} (config)")
     cfg = apply_overrides(cfg, overrides or {}, "--set")
-    cfg.model.weights = ""  # the checkpoint holds every weight already
+    if cfg.model.weights:  # the checkpoint holds every weight already; the norm it trained with stays
+        cfg.model.trunk_norm = trunk_norm(cfg.model)
+        cfg.model.weights = ""
     model = builders.build_model(cfg, len(ckpt["class_names"]))
     _load_weights(path, model, ckpt["model"])
     return model.eval(), cfg, ckpt
@@ -110,17 +112,6 @@ def _load_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Ten
         raise AblateError(f"{path}: the checkpoint has a weight the model asked for lacks: '{extra[0]}' "
                           "(drop the --set model.* overrides)")
     model.load_state_dict(state)
-
-
-def check_classes(path: Path, class_names: list[str], data_names: list[str], split: str) -> None:
-    """The model's classes are the data set's, in the same order: its outputs index them."""
-    if list(class_names) != list(data_names):
-        unknown = [n for n in data_names if n not in class_names]
-        lost = [n for n in class_names if n not in data_names]
-        what = (f"its '{unknown[0]}' is no class of the checkpoint" if unknown else
-                f"it lacks the checkpoint's '{lost[0]}'" if lost else "in another order")
-        raise AblateError(f"{path}: trained on {len(class_names)} classes, the {split} split has "
-                          f"{len(data_names)} ({what}); evaluate on data with the checkpoint's categories")
 
 
 # ----------------------------------------------------------------------------- resume checkpoints

@@ -49,9 +49,18 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     # "synth": the embedded procedural set, generated into `cache_dir` on first use.
-    # "coco": a folder in the COCO 2017 layout (annotations/instances_{split}2017.json, {split}2017/).
+    # "coco": a folder in the COCO 2017 layout (annotations/instances_{split}2017.json, {split}2017/),
+    #   or, per split, any COCO-format annotation file and its image folder (the keys below).
+    # "voc": a Pascal VOC folder (VOCdevkit/VOC2007: Annotations/, JPEGImages/, ImageSets/Main/{split}.txt).
     source: str = "synth"
     root: str = ""
+    # A COCO-format file per split, as exported (Roboflow, CVAT, Label Studio): these replace the
+    # 2017 layout under `root` for their split. The image folder defaults to the file's own folder
+    # (Roboflow keeps them together). New keys: hashed only when set (HASH_IF_SET).
+    train_annotations: str = ""
+    train_images: str = ""
+    val_annotations: str = ""
+    val_images: str = ""
     cache_dir: str = ""  # empty: $ABLATE_CACHE or ~/.cache/ablate
     train_split: str = "train"
     val_split: str = "val"
@@ -71,9 +80,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     trunk: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | tiny
-    weights: str = ""  # path to a local state dict for the trunk (nothing is downloaded)
-    # Trained from scratch there is no ImageNet statistic to freeze, so BatchNorm trains.
-    trunk_norm: str = "bn"  # bn | frozen_bn
+    # The trunk's starting weights: "" (random init), a path to a local state dict, or a torchvision
+    # weights name for the ResNet trunk (IMAGENET1K_V1, DEFAULT or ResNet50_Weights.IMAGENET1K_V1),
+    # downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints/).
+    weights: str = ""
+    # auto: frozen BatchNorm when the trunk starts from weights (their ImageNet statistics are worth
+    # keeping, and detection batches are too small to re-estimate them), BatchNorm trained otherwise
+    # (from scratch there is no statistic to freeze). Was "bn" before "auto" existed: see config_hash.
+    trunk_norm: str = "auto"  # auto | bn | frozen_bn
     tiny_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     fpn_channels: int = 256
     head_convs: int = 4
@@ -139,6 +153,8 @@ class TrainConfig:
     lr_decay: float = 0.1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    nproc: int = 1  # processes (DDP ranks) training one run on one machine; see ablate.distributed
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # NHWC activations: faster convs on CUDA and on CPU (measured: R50 -7%, tiny -17%)
     checkpoint_every: int = 0  # 0: only at the end
@@ -163,23 +179,30 @@ class Config:
 HASH_ALIASES: dict[str, str] = {"model.box_weights": "loss.box_weights"}
 _RENAMED = {old: new for new, old in HASH_ALIASES.items()}
 
+# Keys added since runs were recorded, with the default they were added with: a config leaving one at
+# that default hashes as it did before the key existed, so every recorded run keeps its hash.
+SPLIT_FILE_KEYS = ("data.train_annotations", "data.train_images", "data.val_annotations", "data.val_images")
+HASH_IF_SET: dict[str, Any] = {key: "" for key in SPLIT_FILE_KEYS}
+
 # Keys that change where or how fast a run goes, never what it computes: left out of the hash.
 UNHASHED_KEYS = frozenset({"train.out_dir", "train.log_every", "data.num_workers", "data.cache_dir",
-                           "data.cache_images"})
+                           "data.cache_images", "train.nproc", "train.backend"})
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("synth", "coco"),
+    "data.source": ("synth", "coco", "voc"),
     "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"),
-    "model.trunk_norm": ("bn", "frozen_bn"),
+    "model.trunk_norm": ("auto", "bn", "frozen_bn"),
     "model.head_norm": ("none", "gn"),
     "loss.cls": ("ce", "alpha_ce", "focal", "focal_star", "ohem"),
     "loss.normalizer": ("batch", "ema"),
     "loss.box": ("smooth_l1", "l1", "giou"),
+    "train.backend": ("auto", "gloo", "nccl"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's Table 1 setting on COCO: ResNet-50-FPN, 600 px, 90k iterations of 16 images.
-    "paper": {},
+    # The paper's Table 1 setting on COCO: ResNet-50-FPN from ImageNet weights (frozen BN), 600 px,
+    # 90k iterations of 16 images.
+    "paper": {"model.weights": "IMAGENET1K_V1"},
     # A laptop-CPU budget on the embedded data set: a narrow residual trunk, 64-channel FPN and
     # 2-conv GroupNorm heads at 128 px. GroupNorm keeps the from-scratch heads trainable at
     # lr 0.01 for every loss; the schedule is set once for all losses, never per loss.
@@ -212,10 +235,22 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def trunk_norm(model: ModelConfig) -> str:
+    """The trunk's normalisation `model.trunk_norm` stands for: "auto" resolved by `model.weights`."""
+    if model.trunk_norm != "auto":
+        return model.trunk_norm
+    return "frozen_bn" if model.weights else "bn"
+
+
 def config_hash(cfg: Config) -> str:
     """A short stable hash of everything that can change a run's result (renamed keys under their
-    old names, see HASH_ALIASES)."""
-    items = {HASH_ALIASES.get(k, k): v for k, v in flatten(cfg).items() if k not in UNHASHED_KEYS}
+    old names, see HASH_ALIASES; keys added since, only when set, see HASH_IF_SET)."""
+    flat = flatten(cfg)
+    # What the trunk computes with: "auto" hashes as the norm it resolves to, so the configs recorded
+    # when the default was "bn" (and no weights) keep their hash.
+    flat["model.trunk_norm"] = trunk_norm(cfg.model)
+    items = {HASH_ALIASES.get(k, k): v for k, v in flat.items()
+             if k not in UNHASHED_KEYS and not (k in HASH_IF_SET and v == HASH_IF_SET[k])}
     return hashlib.sha1(json.dumps(items, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -346,12 +381,16 @@ def _check_ranges(cfg: Config, source: str) -> None:
         ("train.iterations", cfg.train.iterations >= 1, ">= 1"),
         ("train.log_every", cfg.train.log_every >= 1, ">= 1"),
         ("train.lr", cfg.train.lr > 0, "> 0"),
+        ("train.nproc", cfg.train.nproc >= 1, ">= 1"),
         ("loss.ohem_fg_fraction", cfg.loss.ohem_fg_fraction is None
          or 0.0 < cfg.loss.ohem_fg_fraction < 1.0, "in (0, 1) or none"),
     ]
     for key, ok, what in checks:
         if not ok:
             raise ConfigError(f"{source}: '{key}' must be {what}")
+    for key in SPLIT_FILE_KEYS:  # a split's own files mean nothing to the other sources: say so, not ignore them
+        if getattr(cfg.data, key.partition(".")[2]) and cfg.data.source != "coco":
+            raise ConfigError(f"{source}: '{key}' is for data.source=coco, but data.source is {cfg.data.source}")
 
 
 def parse_set(assignment: str) -> tuple[str, Any]:

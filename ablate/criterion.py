@@ -7,6 +7,8 @@ registries of `ablate.losses`. Every argument is plain, with the paper's default
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -25,13 +27,20 @@ class DetectionLoss:
     (smooth_l1 | l1 | giou), scaled by box_loss_weight. normalizer "batch" divides by the batch's
     foreground anchors, "ema" by their moving average (momentum normalizer_momentum): the only
     state this object keeps.
+
+    On `world_size` processes (DDP, which averages the ranks' gradients) each rank's loss is its
+    share of the global loss times world_size: "batch" divides by the foreground count of the
+    global batch (`all_sum` adds a tensor over the ranks) over world_size, as the paper normalises
+    per minibatch; "ema" keeps a per-rank average of the rank's own count (detectron2's way, no
+    communication). On one process both are what they were.
     """
 
     def __init__(self, *, cls_loss: str = "focal", alpha: float = 0.25, gamma: float = 2.0, beta: float = 1.0,
                  ohem_batch: int = 128, ohem_nms: float = 0.7, ohem_fg_fraction: float | None = None,
                  normalizer: str = "batch", normalizer_momentum: float = 0.9, box_loss: str = "smooth_l1",
                  smooth_l1_beta: float = 0.11, box_loss_weight: float = 1.0, matcher: Matcher | None = None,
-                 box_coder: BoxCoder | None = None):
+                 box_coder: BoxCoder | None = None, world_size: int = 1,
+                 all_sum: Callable[[Tensor], Tensor] | None = None):
         if normalizer not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {normalizer!r} (known: {', '.join(NORMALIZERS)})")
         self.cls_loss = losses.get_cls_loss(cls_loss)
@@ -45,6 +54,8 @@ class DetectionLoss:
         self.matcher = matcher or Matcher()
         self.box_coder = box_coder or BoxCoder()
         self.ema_num_fg: float | None = None
+        self.world_size = world_size
+        self.all_sum = all_sum or (lambda tensor: tensor)
 
     def __call__(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
                  gt_boxes: Tensor, gt_labels: Tensor) -> dict[str, Tensor]:
@@ -77,7 +88,7 @@ class DetectionLoss:
 
     def _normalizer(self, num_fg: Tensor) -> Tensor:
         if self.normalizer == "batch":
-            return num_fg.clamp(min=1).float()
+            return self.all_sum(num_fg.clone()).clamp(min=1).float() / self.world_size
         # EMA of the batch's foreground count: smooths the loss scale over batches with few objects.
         m = self.normalizer_momentum
         count = float(num_fg)

@@ -18,12 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ablate.criterion import DetectionLoss
 from ablate.data.coco import Batch, CocoDetection
+from ablate.distributed import SINGLE, Ranks
 from ablate.evaluation import coco_evaluate, detections_to_coco
 from ablate.postprocess import Postprocess
 from ablate.runs import Outcome
 
 LogFn = Callable[[int, dict[str, float]], None]
 LOGGED = ("loss", "loss_cls", "loss_box_reg", "num_fg", "num_bg", "num_ignored")  # summed per interval
+LOSSES = ("loss", "loss_cls", "loss_box_reg")
 
 
 @dataclass
@@ -89,7 +91,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
           progress: Progress | None = None, eval_every: int = 0,
           on_eval: Callable[[int], bool] | None = None, state: TrainState | None = None,
           stop: Callable[[], bool] | None = None, save_every: int = 0,
-          save_state: Callable[[TrainState], None] | None = None) -> TrainOutcome:
+          save_state: Callable[[TrainState], None] | None = None, ranks: Ranks = SINGLE) -> TrainOutcome:
     """Run SGD steps until `iterations` are done. A non-finite loss stops the run as DIVERGED
     (before the step that would poison the weights); everything logged until then is kept.
 
@@ -102,6 +104,10 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
     model, optimiser, schedule, loss and `batches` must be at that point too. `stop()` is asked
     once per iteration: True ends the run as INTERRUPTED. `save_state(state)` is called every
     `save_every` iterations (0: never) and when stopped, before the end, to write a resume point.
+
+    `ranks`: this process's place in a run on several processes (DDP: `model` wrapped, `batches`
+    this rank's share). The logged figures are the global batch's; every rank stops, diverges or
+    saves at the same iteration (a stop asked on any rank stops all).
     """
     model.train()
     state = state or TrainState()
@@ -126,8 +132,15 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
                 cls_logits, box_deltas, anchors, _ = model(images)
             out = criterion(cls_logits, box_deltas, anchors, batch.gt_boxes, batch.gt_labels)
             loss = out["loss"]
-            out["loss"] = loss.item()  # also the divergence check (one sync per step)
-            if not math.isfinite(out["loss"]):
+            # The step's figures, summed over the ranks in one go with the stop flag: one sync per
+            # step (also the divergence check), and every rank decides to stop at the same step.
+            stop_here = stop is not None and stop()
+            step = ranks.all_sum(torch.stack([out[key].detach().double() for key in LOGGED]
+                                             + [loss.new_tensor(float(stop_here), dtype=torch.float64)]))
+            values = dict(zip(LOGGED, step.tolist()))
+            for key in LOSSES:  # each rank's loss is its share times world_size (DDP averages)
+                values[key] /= ranks.world_size
+            if not math.isfinite(values["loss"]):
                 clock()
                 return TrainOutcome(Outcome.DIVERGED, it, state.seconds, diverged_at=it, history=state.history)
             optimizer.zero_grad(set_to_none=True)
@@ -135,8 +148,8 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
             optimizer.step()
             scheduler.step()
             for key in LOGGED:
-                state.sums[key] = state.sums.get(key, 0.0) + float(out[key])
-            state.images += len(batch.images)
+                state.sums[key] = state.sums.get(key, 0.0) + values[key]
+            state.images += len(batch.images) * ranks.world_size
             state.iteration = done = it + 1
             if done % log_every == 0 or done == iterations:
                 clock()
@@ -157,7 +170,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
                 if pruned:
                     clock()
                     return TrainOutcome(Outcome.PRUNED, done, state.seconds, history=state.history)
-            stopping = stop is not None and stop()
+            stopping = step[-1].item() > 0
             if save_state and (stopping or (save_every and done % save_every == 0)):
                 clock()
                 save_state(state)

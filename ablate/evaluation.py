@@ -161,6 +161,16 @@ def _stats_faster(coco_gt, records, image_ids, category_ids) -> np.ndarray:
     return np.asarray(evaluator.stats, dtype=np.float64)[: len(METRIC_NAMES)]
 
 
+def has_ground_truth(coco_gt, image_ids: Sequence[int] | None = None,
+                     category_ids: Sequence[int] | None = None) -> bool:
+    """Whether any box that COCOeval scores (not crowd) lies in the given images and categories."""
+    images = None if image_ids is None else {int(i) for i in image_ids}
+    categories = None if category_ids is None else {int(c) for c in category_ids}
+    return any(not a.get("iscrowd", 0) and (images is None or a["image_id"] in images)
+               and (categories is None or a["category_id"] in categories)
+               for a in coco_gt.dataset.get("annotations", []))
+
+
 def coco_evaluate(
     coco_gt,
     records: list[dict],
@@ -182,10 +192,11 @@ def coco_evaluate(
         ``{name: value}`` for `METRIC_NAMES`, as fractions in [0, 1] (not percent), and -1 where
         COCOeval reports -1 (no ground truth in that area range).
 
-        Empty `records` return 0.0 for every metric without running either library
-        (pycocotools' ``loadRes`` cannot load an empty list). Zero is what a model that found
-        nothing has earned; note that COCOeval itself would give -1 rather than 0 for an area
-        range with no ground truth, a distinction that does not matter for an empty prediction.
+        No ground truth to find (an empty val split, or one of images without boxes, crowd and
+        difficult ones aside) gives -1 for every metric, i.e. n/a, as COCOeval does for an empty
+        area range: a score of 0 would claim the model missed something. Otherwise, empty
+        `records` return 0.0 for every metric without running either library (pycocotools'
+        ``loadRes`` cannot load an empty list): zero is what a model that found nothing has earned.
 
     Raises:
         DataError: a record names an image id absent from the ground truth.
@@ -195,6 +206,8 @@ def coco_evaluate(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown COCO evaluation backend {backend!r}; expected one of {BACKENDS}")
+    if not has_ground_truth(coco_gt, image_ids, category_ids):
+        return {name: -1.0 for name in METRIC_NAMES}
     if not records:
         return {name: 0.0 for name in METRIC_NAMES}
     _check_records(coco_gt, records)

@@ -2,7 +2,7 @@
 
     description = "..."
     preset = "tiny"            # the budget: a preset of ablate.config.PRESETS
-    data = "synth"             # or "coco:PATH"
+    data = "synth"             # or "coco:PATH", "coco:train=A.json@imgs/,val=B.json", "voc:PATH"
     seeds = [0, 1, 2]          # the seeds `ablate run NAME` runs and its report shows
     baseline = "focal g=2 a=0.25"   # the cell deltas are measured against (default: the first)
 
@@ -24,6 +24,13 @@
     [[variants]]               # ... crossed with these explicit variants (either may be absent)
     name = "alpha-ce"          # optional; otherwise the name is made from the values
     loss.cls = "alpha_ce"
+
+    comparisons = [["focal g=2", "alpha-ce"]]   # `ablate run --until-settled`: the pairs it settles
+                               # (cell, comparator); default: every cell against the baseline
+    [sequential]               # the stopping rule of --until-settled (ablate.sequential.SequentialRule)
+    alpha = 0.05               # two-sided rate of settling a comparison with no true difference
+    min_seeds = 3              # the first look
+    max_seeds = 8              # the last look (--max-seeds overrides it)
 
     [search]                   # `ablate search`: an Optuna space over config keys
     metric = "AP"
@@ -51,9 +58,10 @@ from ablate.errors import ConfigError
 from ablate.runs import PlannedRun
 
 TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "baseline", "report", "config", "grid", "variants",
-                  "search"}
+                  "search", "comparisons", "sequential"}
 REPORT_KEYS = {"paper_table", "x", "hue", "loss_cdf"}
 SEARCH_KEYS = {"metric", "direction", "space", "trials", "eval_every"}
+SEQUENTIAL_KEYS = {"alpha", "min_seeds", "max_seeds"}
 
 # Short labels for cell names and report headers: "focal g=2 a=0.25" rather than the dotted keys.
 ALIASES = {"loss.cls": "", "loss.gamma": "g", "loss.alpha": "a", "loss.beta": "b", "model.prior": "pi",
@@ -112,6 +120,8 @@ class Experiment:
     variants: list[dict[str, Any]] = field(default_factory=list)
     search: SearchSpec | None = None
     report: ReportSettings = field(default_factory=ReportSettings)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (cell, comparator); empty: vs the baseline
+    sequential: dict[str, Any] = field(default_factory=dict)  # [sequential]: SequentialRule fields the file sets
 
     def with_preset(self, preset: str) -> Experiment:
         """The same experiment at another budget (`--preset`), validated again; self is unchanged."""
@@ -183,13 +193,52 @@ def cell_label(overrides: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+DATA_FORMS = "'synth', 'coco:PATH', 'coco:train=FILE.json[@IMAGES],val=FILE.json[@IMAGES]' or 'voc:PATH'"
+
+
 def data_overrides(data: str, source: str) -> dict[str, Any]:
-    """'synth' or 'coco:PATH' as config overrides."""
+    """The data set named by `--data` (or an experiment's `data`) as config overrides; every data key
+    is set, so that it replaces whatever data an experiment file chose.
+
+    synth                            the embedded procedural set
+    coco:PATH                        a folder in the COCO 2017 layout
+    coco:train=FILE[@IMAGES],val=FILE[@IMAGES]
+                                     a COCO-format file per split, as exported; IMAGES defaults to
+                                     the file's folder (Roboflow), e.g. CVAT: FILE@images/
+    voc:PATH                         a Pascal VOC folder (VOCdevkit/VOC2007)
+    """
+    keys = {"data.root": "", "data.train_annotations": "", "data.train_images": "",
+            "data.val_annotations": "", "data.val_images": ""}
+    kind, _, rest = data.partition(":")
     if data == "synth":
-        return {"data.source": "synth"}
-    if data.startswith("coco:") and len(data) > 5:
-        return {"data.source": "coco", "data.root": data[5:]}
-    raise ConfigError(f"{source}: data must be 'synth' or 'coco:PATH', got '{data}'")
+        return {"data.source": "synth", **keys}
+    if kind == "voc" and rest:
+        return {"data.source": "voc", **keys, "data.root": rest}
+    if kind == "coco" and rest.startswith(("train=", "val=")):
+        return {"data.source": "coco", **keys, **_split_files(rest, data, source)}
+    if kind == "coco" and rest:
+        return {"data.source": "coco", **keys, "data.root": rest}
+    raise ConfigError(f"{source}: data must be {DATA_FORMS}, got '{data}'")
+
+
+def _split_files(spec: str, data: str, source: str) -> dict[str, str]:
+    """'train=A.json@imgs,val=B.json' -> data.train_annotations, data.train_images, data.val_..."""
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        split, eq, files = part.partition("=")
+        split = split.strip()
+        if split not in ("train", "val") or not eq or not files.strip():
+            raise ConfigError(f"{source}: expected train=FILE.json[@IMAGES],val=FILE.json[@IMAGES] after 'coco:', "
+                              f"got '{part}' in '{data}'")
+        if f"data.{split}_annotations" in out:
+            raise ConfigError(f"{source}: split '{split}' given twice in '{data}'")
+        # The last '@': annotation file names seldom hold one, and image folders come after it.
+        ann, at, images = files.strip().rpartition("@") if "@" in files else (files.strip(), "", "")
+        out[f"data.{split}_annotations"], out[f"data.{split}_images"] = ann, images
+    missing = [s for s in ("train", "val") if f"data.{s}_annotations" not in out]
+    if missing:
+        raise ConfigError(f"{source}: '{data}' names no {missing[0]} file (both train= and val= are needed)")
+    return out
 
 
 def experiments_dirs() -> list[Path]:
@@ -314,6 +363,28 @@ def _parse_loss_cdf(path: Path, table: Any) -> LossCdfSpec:
     return spec
 
 
+def _parse_comparisons(path: Path, entries: Any) -> list[tuple[str, str]]:
+    what = 'a list of [cell, comparator] pairs of cell names'
+    _expect(path, "comparisons", entries, list, what)
+    pairs = []
+    for i, pair in enumerate(entries):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
+            raise ConfigError(f"{path}: 'comparisons[{i}]' must be a [cell, comparator] pair of cell names, "
+                              f"got {json.dumps(pair, default=str)}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _parse_sequential(path: Path, table: Any) -> dict[str, Any]:
+    _expect_table(path, "sequential", table, SEQUENTIAL_KEYS)
+    fields = {}
+    for key, kind, what in (("alpha", (int, float), "a number"), ("min_seeds", int, "an integer"),
+                            ("max_seeds", int, "an integer")):
+        if key in table:
+            fields[key] = _expect(path, f"sequential.{key}", table[key], kind, what)
+    return fields
+
+
 def load_experiment(name_or_path: str) -> Experiment:
     path = find_experiment(name_or_path)
     try:
@@ -350,6 +421,10 @@ def load_experiment(name_or_path: str) -> Experiment:
         exp.variants = _parse_variants(path, data["variants"])
     if "search" in data:
         exp.search = _parse_search(path, data["search"])
+    if "comparisons" in data:
+        exp.comparisons = _parse_comparisons(path, data["comparisons"])
+    if "sequential" in data:
+        exp.sequential = _parse_sequential(path, data["sequential"])
     if exp.preset not in PRESETS:
         raise ConfigError(f"{path}: unknown preset '{exp.preset}' (known: {', '.join(PRESETS)})")
     validate(exp)
@@ -367,6 +442,20 @@ def validate(exp: Experiment) -> None:
     for key, cell in (("baseline", exp.baseline), ("report.loss_cdf.cell", loss_cdf and loss_cdf.cell)):
         if cell is not None and cell not in names:
             raise ConfigError(f"{exp.path}: '{key}' names no cell: '{cell}' (cells: {', '.join(names)})")
+    for i, (cell, comparator) in enumerate(exp.comparisons):
+        for name in (cell, comparator):
+            if name not in names:
+                raise ConfigError(f"{exp.path}: 'comparisons[{i}]' names no cell: '{name}' (cells: {', '.join(names)})")
+        if cell == comparator:
+            raise ConfigError(f"{exp.path}: 'comparisons[{i}]' compares '{cell}' with itself")
+    if exp.sequential:
+        from ablate.errors import AblateError
+        from ablate.sequential import SequentialRule  # scipy: imported only by files that declare a rule
+
+        try:
+            SequentialRule(**exp.sequential)
+        except AblateError as e:
+            raise ConfigError(f"{exp.path}: [sequential]: {str(e).removeprefix('sequential rule: ')}") from None
     if exp.search:
         known = flatten(exp.base_config())
         for key in exp.search.space:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablate.budgets import AcrossBudgets, budget_label, holds_at_every_budget
 from ablate.errors import AblateError
 from ablate.report.stats import ci_bounds, is_missing, mean_std_text, welch
 from ablate.runs import Outcome
@@ -314,6 +315,34 @@ def evaluate(reports_dir: Path, checks: tuple[tuple[str, str, Judge], ...] = CHE
     return verdicts
 
 
+# ----------------------------------------------------------------------------- across budgets
+# `ablate run NAME --budgets 1,2,4` + `ablate report NAME` write reports/NAME/budgets/xM/results.csv
+# in results.csv's format: each check is judged on them as on the reports, budget by budget.
+
+
+class BudgetReports(Reports):
+    """The reports as measured at one budget multiple (reports/NAME/budgets/xM/results.csv)."""
+
+    def __init__(self, root: Path, budget: float):
+        super().__init__(root)
+        self.budget = budget
+
+    def path(self, experiment: str) -> Path:
+        return self.root / experiment / "budgets" / budget_label(self.budget) / "results.csv"
+
+
+def measured_budgets(reports_dir: Path) -> list[float]:
+    """Every budget multiple some report was measured at, ascending."""
+    found = {float(path.parent.name[1:]) for path in Path(reports_dir).glob("*/budgets/x*/results.csv")}
+    return sorted(found)
+
+
+def across_budgets(reports_dir: Path, checks: tuple[tuple[str, str, Judge], ...] = CHECKS) -> list[AcrossBudgets]:
+    """Per check, whether it holds at every budget measured (not measured where its reports lack one)."""
+    budgets = {b: BudgetReports(reports_dir, b) for b in measured_budgets(reports_dir)}
+    return [holds_at_every_budget(lambda reports, judge=judge: judge(reports)[1], budgets) for _, _, judge in checks]
+
+
 # The Table 1 family in the order of the headline table: (report, the paper's sub-table it matches).
 HEADLINE = (("alpha-ce", "1a"), ("gamma-sweep", "1b"), ("anchors", "1c"), ("ohem-vs-focal", "1d"),
             ("prior-init", "pi"), ("prior-schedule", "pi, longer"),
@@ -342,11 +371,13 @@ FINDING_HEADER = "| finding (pass rule) | paper | ours: AP mean [95% CI] (seeds)
 FOLLOW_UP_HEADER = "| hypothesis (pass rule) | for the failing finding | ours | holds |"
 
 
-def markdown(verdicts: list[Verdict], header: str = FINDING_HEADER) -> str:
-    lines = [header, "|:---|:---|:---|:---|"]
-    for v in verdicts:
+def markdown(verdicts: list[Verdict], header: str = FINDING_HEADER, across: list[AcrossBudgets] | None = None) -> str:
+    """The verdicts as a Markdown table; with `across`, a column for whether each holds at every budget."""
+    lines = [header + (" at every budget |" if across else ""), "|:---|:---|:---|:---|" + ("|:---" if across else "")]
+    for i, v in enumerate(verdicts):
         mark = {True: "yes", False: "**no**", None: "not measured"}[v.holds]
-        lines.append(f"| {v.finding} | {v.paper} | {v.ours} | {mark} |")
+        budgets = f" {across[i].text()} |" if across else ""
+        lines.append(f"| {v.finding} | {v.paper} | {v.ours} | {mark} |{budgets}")
     return "\n".join(lines) + "\n"
 
 

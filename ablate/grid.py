@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,7 +27,6 @@ from rich.table import Table
 
 from ablate import builders, scheduling, signals, tracking, workers
 from ablate.config import Config
-from ablate.data.coco import locate
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_url
 from ablate.experiments import Experiment
@@ -46,8 +47,9 @@ class Plan:
 
 
 def make_plan(exp: Experiment, seeds: list[int], overrides: dict[str, Any], tracker: tracking.Tracker | None,
-              force: bool = False) -> Plan:
-    runs = exp.planned_runs(seeds, overrides)
+              force: bool = False, select: Callable[[PlannedRun], bool] | None = None) -> Plan:
+    """Every cell x seed (only those `select` keeps, e.g. the runs an adaptive round asks for)."""
+    runs = [run for run in exp.planned_runs(seeds, overrides) if select is None or select(run)]
     if force:
         return Plan(exp, [replace(run, force=True) for run in runs])
     done = {} if tracker is None else tracker.done_runs()
@@ -69,18 +71,20 @@ def folder_lock(name: str):
 
 
 def prepare_data(configs: list[Config], show_progress: bool) -> None:
-    """Generate every synth set the runs need, and check that every COCO folder has its splits and
-    every run folder can be written, now: before the grid's display and workers start, and before
-    a missing or unwritable folder fails each cell."""
+    """Generate every synth set the runs need, check that every COCO or VOC source has its splits,
+    fetch the trunks' named weights and check that every run folder can be written, now: before the
+    grid's display and workers start, and before a missing or unwritable folder (or an offline
+    download) fails each cell."""
     seen = set()
     for cfg in configs:
         check_writable_folder(cfg.train.out_dir, "train.out_dir")
-        key = (cfg.data.source, cfg.data.root, tuple(sorted(vars(cfg.synth).items())))
+        key = json.dumps([vars(cfg.data), vars(cfg.synth), cfg.model.trunk, cfg.model.weights], sort_keys=True)
         if key not in seen:
             seen.add(key)
             root = builders.data_root(cfg, progress=show_progress)
             for split in (cfg.data.train_split, cfg.data.val_split):
-                locate(root, split)
+                builders.check_split(cfg.data, root, split)
+            builders.fetch_weights(cfg)
 
 
 def print_plan(plan: Plan, console: Console) -> None:
@@ -96,9 +100,13 @@ def print_plan(plan: Plan, console: Console) -> None:
 
 def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, options: WorkerOptions,
              jobs: int | None = None, gpus_per_cell: int = 1, force: bool = False, dry_run: bool = False,
-             console: Console, show_progress: bool = True) -> Counter:
+             console: Console, show_progress: bool = True, select: Callable[[PlannedRun], bool] | None = None,
+             parent_tags: dict[str, str] | None = None) -> Counter:
     """Plan, enqueue what is left, and work the queue with `jobs` workers (None: 1 on this
-    folder's journal, 0 on a shared queue). Returns the count of each outcome."""
+    folder's journal, 0 on a shared queue). Returns the count of each outcome.
+
+    `select` keeps a subset of the cell x seed runs (ablate.adaptive plans its rounds with it);
+    `parent_tags` go on a new parent run (e.g. the stopping rule the runs are judged by)."""
     tracker = tracking.Tracker(exp.name, options.tracking_uri)
     store = scheduling.storage(options.storage)
     shared = scheduling.is_shared(store)
@@ -106,12 +114,13 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
     with contextlib.nullcontext() if shared else folder_lock(exp.name):
         if not dry_run:
             tracker.close_orphans()
-        plan = make_plan(exp, seeds, overrides, tracker, force)
+        plan = make_plan(exp, seeds, overrides, tracker, force, select)
         if dry_run:
             print_plan(plan, console)
             return Counter()
         todo = plan.todo
-        console.print(escape(f"{exp.name}: {len(plan.runs)} runs ({len(exp.cells())} cells x {len(seeds)} seeds), "
+        shape = f"{len(exp.cells())} cells x {len(seeds)} seeds" if select is None else "selected cells x seeds"
+        console.print(escape(f"{exp.name}: {len(plan.runs)} runs ({shape}), "
                              f"{len(plan.runs) - len(todo)} already done, {len(todo)} to run; tracking "
                              f"{mask_url(options.tracking_uri)}"), soft_wrap=True)
         study = scheduling.grid_study(exp.name, store)
@@ -127,7 +136,7 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
             prepare_data([run.build_config() for run in todo], show_progress)
         with scheduling.queue_lock(study):  # two coordinators at once: one parent, each run queued once
             fresh = scheduling.enqueue_missing(study, todo)
-            open_parent(study, tracker, seeds, jobs)
+            open_parent(study, tracker, seeds, jobs, parent_tags)
         if shared:
             console.print(escape(f"queue {mask_url(options.storage or '')}: enqueued {len(fresh)}, "
                                  f"{len(todo) - len(fresh)} were queued already"), soft_wrap=True)
@@ -140,14 +149,16 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
                                      gpus_per_cell=gpus_per_cell)
 
 
-def open_parent(study, tracker: tracking.Tracker, seeds: list[int], jobs: int) -> str:
+def open_parent(study, tracker: tracking.Tracker, seeds: list[int], jobs: int,
+                tags: dict[str, str] | None = None) -> str:
     """The grid's MLflow parent run, kept in the study for every worker: the running one when a
     second coordinator joins a grid in progress, else a new one."""
     parent_id = study.user_attrs.get(workers.PARENT_ATTR)
     if parent_id and tracker.is_running(parent_id):
         return parent_id
     parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                     {f"{tracking.TAG}seeds": str(seeds), f"{tracking.TAG}jobs": str(jobs)})
+                                     {f"{tracking.TAG}seeds": str(seeds), f"{tracking.TAG}jobs": str(jobs),
+                                      **(tags or {})})
     study.set_user_attr(workers.PARENT_ATTR, parent_id)
     return parent_id
 

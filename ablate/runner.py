@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from ablate import builders, engine
+from ablate import builders, distributed, engine
 from ablate.analysis import anchor_balance, loss_curve_png
 from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states, save_checkpoint, save_resume,
                                set_rng_states)
-from ablate.config import Config, config_hash, to_dict
+from ablate.config import Config, config_hash, from_dict, to_dict
 from ablate.errors import AblateError, DataError
 from ablate.evaluation import save_results
 from ablate.paths import check_writable_folder
@@ -57,11 +58,49 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
-def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = None,
-                 console: Console | None = None, show_progress: bool = True, progress=None,
-                 on_log: Callable[[int, dict[str, float]], None] | None = None, eval_every: int = 0,
-                 on_eval: Callable[[int, dict[str, float]], bool] | None = None,
-                 resume: ResumeSpec | None = None, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+def run_training(cfg: Config, **kwargs) -> dict[str, Any]:
+    """Train, checkpoint and evaluate one config (see `train_and_evaluate` for the arguments), on
+    one process or, under torchrun or with train.nproc > 1, as rank 0 of several (DDP: see
+    ablate.distributed). Returns rank 0's summary."""
+    launched = distributed.from_env()
+    if launched is None and cfg.train.nproc == 1:
+        return train_and_evaluate(cfg, **kwargs)
+    if kwargs.get("on_eval") is not None:
+        raise AblateError("train.nproc: evaluating during training (a search's pruning) runs on one process only")
+    device = builders.resolve_device(cfg.train.device)
+    backend = distributed.backend_for(cfg.train.backend, device)
+    if launched is not None:  # one of torchrun's processes: only rank 0 speaks, writes and tracks
+        if not launched.is_main:
+            kwargs = quiet_rank_arguments(kwargs)
+        with distributed.joined(launched, backend) as ranks:
+            return train_and_evaluate(cfg, ranks=ranks, **kwargs)
+    distributed.check_nproc(cfg.train.nproc, device)
+    resume = kwargs.get("resume")
+    other_ranks = (to_dict(cfg), (resume.path, resume.every) if resume else None)
+    with distributed.spawned(cfg.train.nproc, backend, train_other_rank, other_ranks) as ranks:
+        return train_and_evaluate(cfg, ranks=ranks, **kwargs)
+
+
+def quiet_rank_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a rank other than 0 keeps of run_training's arguments: the resume file and the stop."""
+    return {"resume": kwargs.get("resume"), "stop": kwargs.get("stop"), "show_progress": False}
+
+
+def train_other_rank(rank: int, world_size: int, backend: str, init_method: str, cfg_dict: dict,
+                     resume: tuple[str, int] | None) -> None:
+    """A rank 1..N-1 that rank 0 started (`distributed.spawned`): trains its share of each batch."""
+    cfg = from_dict(cfg_dict)
+    spec = ResumeSpec(Path(resume[0]), resume[1]) if resume else None
+    with distributed.joined(distributed.Ranks(rank, world_size, rank), backend, init_method) as ranks:
+        train_and_evaluate(cfg, ranks=ranks, show_progress=False, resume=spec)
+
+
+def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None = None,
+                       console: Console | None = None, show_progress: bool = True, progress=None,
+                       on_log: Callable[[int, dict[str, float]], None] | None = None, eval_every: int = 0,
+                       on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+                       resume: ResumeSpec | None = None, stop: Callable[[], bool] | None = None,
+                       ranks: distributed.Ranks = distributed.SINGLE) -> dict[str, Any]:
     """Train, checkpoint and evaluate one config; returns the summary (also in summary.json).
 
     `console` None keeps it quiet (grid workers); `progress` is a display to add the bars to.
@@ -78,35 +117,39 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
     if run_dir is None:  # before any work: a run that cannot write its folder should not train first
         check_writable_folder(cfg.train.out_dir, "train.out_dir")
     saved = load_resume(resume.path, config_hash(cfg)) if resume and Path(resume.path).exists() else None
+    check_world_size(saved, ranks, resume)
     set_seed(cfg.train.seed)
-    device = builders.resolve_device(cfg.train.device)
+    device = distributed.rank_device(builders.resolve_device(cfg.train.device), ranks)
     root = builders.data_root(cfg, progress=show_progress and progress is None)
     train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
     check_trainable(train_set)
+    if not ranks.is_main:  # ranks other than 0 only train: no files, no evaluation
+        return train_other_share(cfg, train_set, device, ranks, saved, resume, stop)
     val_set, val_loader = builders.build_val_loader(cfg, root)
-    # The run folder only once the data is known good: bad input leaves no empty run behind.
+    builders.check_same_classes(train_set.category_names, val_set, f"the train split ({train_set.ann_file})")
+    builders.fetch_weights(cfg)
+    # The run folder only once the data and weights are known good: bad input leaves no empty run behind.
     if run_dir is None and saved and Path(saved["run_dir"]).is_dir():
         run_dir = Path(saved["run_dir"])
     run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
     balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     if console:
-        console.print(escape(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
+        console.print(escape(f"data {root or train_set.ann_file}: {len(train_set)} train / {len(val_set)} val images, "
                              f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}"))
         console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground "
                       f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
                       f"(1:{balance['bg_per_fg']:.0f}), ignored {balance['ignored_per_image']:.1f}")
-    model = builders.build_model(cfg, len(train_set.category_names)).to(device)
-    if cfg.train.channels_last:  # faster convolutions on CUDA and on CPU (oneDNN) alike, measured
-        model = model.to(memory_format=torch.channels_last)
-    t = cfg.train
-    optimizer = builders.build_optimizer(model, t)
-    scheduler = builders.build_scheduler(optimizer, t)
-    criterion = builders.build_criterion(cfg)
-    state = restore(saved, model, optimizer, scheduler, criterion) if saved else engine.TrainState()
-    loader = builders.build_loader(train_set, t.batch_size, cfg.data.num_workers, shuffle=True, seed=t.seed,
-                                   pin_memory=device.type == "cuda", start=state.iteration)
+    if ranks.distributed and console:
+        console.print(f"training on {ranks.world_size} processes ({dist_backend()}): "
+                      f"{cfg.train.batch_size // ranks.world_size} images each per batch of {cfg.train.batch_size}")
+    parts = build_training_parts(cfg, train_set, device, ranks, saved)
+    model, optimizer, scheduler, criterion, state, loader = parts
+    if train_set.stats.num_boxes == 0:
+        warn_no_boxes(train_set, console)
     check_data_position(saved, loader, resume)
+    t = cfg.train
+    net = distributed.unwrap(model)  # what is saved and evaluated
     classes = (train_set.category_names, train_set.category_ids)
     if saved:  # the lines logged before the checkpoint, each once (a killed run may have logged more)
         write_metrics(run_dir / "metrics.jsonl", state.history)
@@ -118,37 +161,38 @@ def run_training(cfg: Config, *, name: str = "train", run_dir: Path | None = Non
             on_log(step, metrics)
 
     def evaluate() -> tuple[dict[str, float], list[dict]]:
-        return engine.evaluate(model, val_loader, val_set, builders.build_postprocess(cfg), device,
+        return engine.evaluate(net, val_loader, val_set, builders.build_postprocess(cfg), device,
                                amp=cfg.train.amp, show_progress=show_progress, progress=progress)
 
     def save_state(state: engine.TrainState) -> None:
-        parts = resume_parts(model, optimizer, scheduler, criterion, state, len(loader), run_dir)
+        rngs = ranks.gather(rng_states())  # every rank's, for each to go on with its own
+        parts = resume_parts(net, optimizer, scheduler, criterion, state, len(loader), run_dir, rngs)
         save_resume(resume, state.iteration, cfg, config_hash(cfg), parts)
 
-    if saved:
-        set_rng_states(saved["rng"])  # last: building the parts above drew from the RNGs
-        if console:
-            console.print(escape(f"resuming from {resume.path} at iteration {state.iteration}"))
+    start_rngs(cfg, saved, ranks)
+    if saved and console:
+        console.print(escape(f"resuming from {resume.path} at iteration {state.iteration}"))
     outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
                            iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
                            checkpoint_every=t.checkpoint_every, on_log=log,
-                           on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", model, cfg,
+                           on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", net, cfg,
                                                                     *classes, it),
                            show_progress=show_progress, progress=progress, eval_every=eval_every,
                            on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None,
                            state=state, stop=stop, save_every=resume.every if resume else 0,
-                           save_state=save_state if resume else None)
+                           save_state=save_state if resume else None, ranks=ranks)
     summary: dict[str, Any] = {"status": outcome.status, "iterations": outcome.iterations,
                                "diverged_at": outcome.diverged_at, "train_seconds": outcome.seconds,
-                               "resumed_from": saved["iteration"] if saved else None,
+                               "resumed_from": saved["iteration"] if saved else None, "processes": ranks.world_size,
                                "config_hash": config_hash(cfg), "run_dir": str(run_dir),
-                               "data": {"root": str(root), **train_set.stats.as_dict()}, "anchors": balance}
+                               "data": {"root": str(root or train_set.ann_file), **train_set.stats.as_dict()},
+                               "anchors": balance}
     if outcome.status is Outcome.INTERRUPTED:
         summary["resume_checkpoint"] = str(resume.path) if resume else None
     if outcome.history:
         loss_curve_png(outcome.history, run_dir / "loss_curve.png", title=name)
     if outcome.status is Outcome.FINISHED:
-        save_checkpoint(run_dir / "checkpoint.pt", model, cfg, *classes, outcome.iterations)
+        save_checkpoint(run_dir / "checkpoint.pt", net, cfg, *classes, outcome.iterations)
         t0 = time.perf_counter()
         metrics, records = evaluate()
         save_results(records, run_dir / "detections.json")
@@ -168,6 +212,18 @@ def check_trainable(train_set) -> None:
                         "data.categories keeps none)")
 
 
+def warn_no_boxes(train_set, console: Console | None) -> None:
+    """A train split without a single box trains a model that only ever says background: legal (the
+    run still goes), but almost always a wrong file or category filter, so it is said loudly."""
+    message = (f"warning: {train_set.ann_file}: the train split has no boxes to learn from "
+               f"({train_set.stats.num_crowd} crowd/difficult, {train_set.stats.num_degenerate} degenerate, "
+               "category filter data.categories applied); the model will learn background only")
+    if console:
+        console.print(escape(message), style="yellow", soft_wrap=True)
+    else:
+        warnings.warn(message, stacklevel=2)
+
+
 def resume_spec(cfg: Config, path: Path | None, every: int) -> ResumeSpec | None:
     """The resume checkpoint of `ablate train`: `path` (which must exist) to continue from, else one
     per config in train.out_dir (resume-HASH.pt) when `every` > 0, continued from if a stopped run
@@ -183,14 +239,84 @@ def resume_spec(cfg: Config, path: Path | None, every: int) -> ResumeSpec | None
 
 def resume_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, criterion, state: engine.TrainState,
-                 batches_per_epoch: int, run_dir: Path) -> dict[str, Any]:
+                 batches_per_epoch: int, run_dir: Path, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What a resume checkpoint holds besides its head (iteration, config, hash, meta): every part
     whose state the next iteration depends on. The data position is the iteration itself (the
-    loader starts at that batch); the batches per epoch are kept to check that the data is the same."""
+    loader starts at that batch); the batches per epoch are kept to check that the data is the same.
+    `rngs`: each rank's RNG states (default: this process's); `rng` is rank 0's, as before DDP."""
     # No AMP GradScaler to save: autocast runs in bf16 (engine.autocast), which needs no loss scaling.
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "criterion": criterion.state_dict(), "rng": rng_states(), "train": state.as_dict(),
-            "data": {"batches_per_epoch": batches_per_epoch}, "run_dir": str(run_dir)}
+    # The model's state is the same on every rank (DDP), and so are the optimiser's and schedule's;
+    # the EMA normaliser is rank 0's (each rank keeps its own; see criterion).
+    rngs = rngs or [rng_states()]
+    parts = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "criterion": criterion.state_dict(), "rng": rngs[0], "train": state.as_dict(),
+             "data": {"batches_per_epoch": batches_per_epoch}, "run_dir": str(run_dir)}
+    if len(rngs) > 1:
+        parts["rng_ranks"] = rngs
+    return parts
+
+
+def build_training_parts(cfg: Config, train_set, device: torch.device, ranks: distributed.Ranks,
+                         saved: dict[str, Any] | None):
+    """Model (DDP-wrapped on several ranks), optimiser, schedule, criterion, the loop's state (a
+    resumed run's) and this rank's loader, from `cfg`; every rank builds the same."""
+    model = builders.build_model(cfg, len(train_set.category_names))
+    if ranks.distributed:
+        model = distributed.global_batchnorm(model, device)
+    model = model.to(device)
+    if cfg.train.channels_last:  # faster convolutions on CUDA and on CPU (oneDNN) alike, measured
+        model = model.to(memory_format=torch.channels_last)
+    t = cfg.train
+    optimizer = builders.build_optimizer(model, t)
+    scheduler = builders.build_scheduler(optimizer, t)
+    criterion = builders.build_criterion(cfg, ranks)
+    state = restore(saved, model, optimizer, scheduler, criterion) if saved else engine.TrainState()
+    model = distributed.wrap(model, device, ranks)
+    loader = builders.build_loader(train_set, t.batch_size, cfg.data.num_workers, shuffle=True, seed=t.seed,
+                                   pin_memory=device.type == "cuda", start=state.iteration, ranks=ranks)
+    return model, optimizer, scheduler, criterion, state, loader
+
+
+def train_other_share(cfg: Config, train_set, device: torch.device, ranks: distributed.Ranks,
+                      saved: dict[str, Any] | None, resume: ResumeSpec | None, stop) -> dict[str, Any]:
+    """A rank other than 0: the same parts and loop as rank 0, on its share of each batch; it
+    joins rank 0's resume checkpoints (its RNG states) and writes nothing itself."""
+    model, optimizer, scheduler, criterion, state, loader = build_training_parts(cfg, train_set, device, ranks, saved)
+
+    def save_state(state: engine.TrainState) -> None:
+        ranks.gather(rng_states())
+
+    start_rngs(cfg, saved, ranks)
+    t = cfg.train
+    outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
+                           iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
+                           show_progress=False, state=state, stop=stop, save_every=resume.every if resume else 0,
+                           save_state=save_state if resume else None, ranks=ranks)
+    return {"status": outcome.status, "iterations": outcome.iterations, "rank": ranks.rank}
+
+
+def start_rngs(cfg: Config, saved: dict[str, Any] | None, ranks: distributed.Ranks) -> None:
+    """The RNGs as the loop starts: a resumed run's where each rank left them; a new run's seeded
+    per rank (rank 0 as on one process, the others distinctly: their flips differ). Last, because
+    building the parts drew from the RNGs."""
+    if saved:
+        set_rng_states(saved["rng_ranks"][ranks.rank] if ranks.distributed else saved["rng"])
+    elif not ranks.is_main:
+        set_seed(distributed.rank_seed(cfg.train.seed, ranks.rank))
+
+
+def check_world_size(saved: dict[str, Any] | None, ranks: distributed.Ranks, resume: ResumeSpec | None) -> None:
+    """A resume checkpoint goes on with as many processes as wrote it (each rank's RNGs are in it)."""
+    written = len(saved.get("rng_ranks", [None])) if saved else ranks.world_size
+    if written != ranks.world_size:
+        raise AblateError(f"{resume.path}: written by {written} process(es), resumed on {ranks.world_size}; "
+                          f"resume with --nproc {written}")
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_initialized() else "one process"
 
 
 def restore(saved: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

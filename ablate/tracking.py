@@ -329,6 +329,13 @@ class Tracker:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def parent_tags(self, key: str) -> list[dict[str, str]]:
+        """The tags of this ablation's parent runs (the grids' runs, not the cells') that have tag
+        `key`, newest first: what a grid recorded about itself, e.g. the stopping rule of its seeds."""
+        parents = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{key}` != ''",
+                                          max_results=10_000, order_by=["attributes.start_time DESC"])
+        return [dict(run.data.tags) for run in parents if f"{TAG}cell" not in run.data.tags]
+
     def load_histories(self, run_ids: list[str], keys: tuple[str, ...] = ("loss", "loss_cls", "loss_box_reg")) -> pd.DataFrame:
         rows = [{"run_id": rid, "key": key, "step": m.step, "value": m.value}
                 for rid in run_ids for key in keys for m in self.client.get_metric_history(rid, key)]

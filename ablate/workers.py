@@ -49,6 +49,7 @@ class WorkerOptions:
     checkpoint_every: int | None = None  # iterations between resume checkpoints; None: auto, 0: never
     threads: int | None = None  # torch threads of this worker (None: torch's default)
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of this worker (None: leave it)
+    nproc: int = 1  # processes training each run together (DDP; train.nproc)
 
 
 def auto_checkpoint_every(iterations: int) -> int:
@@ -77,6 +78,8 @@ def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, 
     run is done or running elsewhere (`claim`), or when another worker took it over meanwhile;
     never raises for a failing run (it is recorded)."""
     cfg = planned.build_config()
+    if options is not None and options.nproc != 1:  # how many processes train it, not what it computes
+        cfg = replace(cfg, train=replace(cfg.train, nproc=options.nproc))
     resume = None
     if options is not None and options.checkpoint_every != 0:
         path = resume_path(options, planned)
@@ -142,6 +145,8 @@ def record(child: tracking.ChildRun, summary: dict, resume: ResumeSpec | None) -
     result = result_of(summary, child.run_id)
     if summary.get("resumed_from") is not None:
         child.set_tags({"resumed_from": summary["resumed_from"]})
+    if summary.get("processes", 1) > 1:  # trained by several processes (DDP); one run all the same
+        child.set_tags({"processes": summary["processes"]})
     if result.outcome is not Outcome.INTERRUPTED:
         final = {"train_seconds": summary["train_seconds"], "bg_per_fg": summary["anchors"]["bg_per_fg"],
                  "fg_per_image": summary["anchors"]["fg_per_image"], **result.metrics}

@@ -61,7 +61,7 @@ def full_history(cfg) -> list[dict[str, float]]:
 
 def measure(name: str, folder: Path, repeats: int) -> dict[str, float]:
     preset, num_classes = CASES[name]
-    cfg = build_config(preset)
+    cfg = build_config(preset, {"model.weights": ""})  # random init, trained BatchNorm: as recorded, offline
     model, optimizer, scheduler, criterion = one_step(cfg, num_classes)
     state = engine.TrainState(iteration=cfg.train.iterations - 1, history=full_history(cfg))
     spec = ResumeSpec(folder / name / "resume.pt", every=1, meta={"run_id": "0" * 32})

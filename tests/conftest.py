@@ -38,7 +38,7 @@ _TINY_IMAGES = {
 }
 
 
-def _write_tiny_image(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+def write_tiny_image(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
     """A random image (blocky, so JPEG keeps it recognisable) of `size` (w, h) in `mode`."""
     w, h = size
     rng = np.random.default_rng(seed)
@@ -57,7 +57,7 @@ def write_tiny_coco(root: Path) -> Path:
         doc = {"info": {"description": "tiny"}, "images": [], "annotations": [],
                "categories": _TINY_CATEGORIES}
         for image_id, name, (w, h), mode, anns in images:
-            _write_tiny_image(folder / name, (w, h), mode, seed=image_id)
+            write_tiny_image(folder / name, (w, h), mode, seed=image_id)
             doc["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
             for ann_id, cat, bbox, crowd in anns:
                 doc["annotations"].append({"id": ann_id, "image_id": image_id, "category_id": cat,

@@ -278,6 +278,23 @@ def test_missing_image_file_found_at_init(tiny_coco):
     assert len(_ds(tiny_coco, max_images=2)) == 2  # only kept images are checked
 
 
+@pytest.mark.parametrize("name", ["../val2017/000000000010.png", "/tmp/x.png", "sub/../../x.png", "..\\x.png",
+                                  "C:\\data\\x.png", ""])
+def test_file_name_outside_the_image_folder(tiny_coco, name):
+    ann = _edit_json(tiny_coco, "train", lambda doc: doc["images"][1].update(file_name=name))
+    with pytest.raises(DataError) as e:
+        _ds(tiny_coco)
+    _assert_one_line(e, ann, "image id 2", "file_name", "not a relative path inside the image folder")
+
+
+def test_file_name_in_a_subfolder_is_fine(tiny_coco):
+    # Label Studio writes "images/NAME" relative to its export folder.
+    (tiny_coco / "train2017" / "sub").mkdir()
+    (tiny_coco / "train2017" / "000000000002.jpg").rename(tiny_coco / "train2017" / "sub" / "000000000002.jpg")
+    _edit_json(tiny_coco, "train", lambda doc: doc["images"][1].update(file_name="sub/000000000002.jpg"))
+    assert _sample(_ds(tiny_coco), 2)[0].shape == (3, 72, 48)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_image_found_on_read(tiny_coco, damage):
     image = tiny_coco / "train2017" / "000000000001.png"

@@ -253,3 +253,19 @@ def test_minus_one_where_no_ground_truth_in_range(backend):
     for name in ("AP", "APl", "AR1"):  # 1 - 2**-52 from pycocotools (see the test above)
         assert metrics[name] == pytest.approx(1.0, rel=0, abs=1e-12), name
     np.testing.assert_allclose(_as_array(metrics), _reference_stats(dataset, records), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_no_ground_truth_at_all_is_n_a_not_zero(dataset, records, backend):
+    """An empty val split (or only crowd boxes, or images without boxes) scores -1 everywhere, as
+    pycocotools' own COCOeval does, detections or not; 0 would say the model missed something."""
+    crowd_only = {**dataset, "annotations": [a for a in dataset["annotations"] if a["iscrowd"]]}
+    on_crowd = [r for r in records if r["image_id"] == CROWD_IMAGE_ID]
+    assert on_crowd  # detections exist, yet there is nothing to find
+    for gt, dets in ((crowd_only, on_crowd), (crowd_only, []), ({**dataset, "annotations": []}, [])):
+        assert coco_evaluate(_pycocotools_gt(gt), dets, backend=backend) == {name: -1.0 for name in METRIC_NAMES}
+    np.testing.assert_array_equal(_reference_stats(crowd_only, on_crowd), np.full(len(METRIC_NAMES), -1.0))
+    # restricted to the empty image only: n/a as well; with its boxes back: a score again
+    gt = _pycocotools_gt(dataset)
+    assert coco_evaluate(gt, [], image_ids=[EMPTY_IMAGE_ID])["AP"] == -1.0
+    assert coco_evaluate(gt, [])["AP"] == 0.0

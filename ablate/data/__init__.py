@@ -1,5 +1,6 @@
-"""Data: COCO-format detection sets (`coco`) and the embedded procedural set written in that
-format (`synth`), so that both go through the same reader, transforms and collate."""
+"""Data: COCO-format detection sets (`coco`), Pascal VOC folders converted to that format in memory
+(`voc`) and the embedded procedural set written in it (`synth`), so that all go through the same
+reader, transforms and collate."""
 
 from ablate.data.coco import Batch, CocoDetection, DataStats, collate
 from ablate.data.synth import SynthSpec, class_names, default_cache_dir, ensure_synth, synth_root, synth_stats

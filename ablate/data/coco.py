@@ -1,6 +1,8 @@
-"""A COCO-format detection set (COCO 2017's folder layout), its transforms and its collate.
+"""A COCO-format detection set, its transforms and its collate.
 
-Layout read: ROOT/annotations/instances_{split}2017.json and the images in ROOT/{split}2017/.
+Read from COCO 2017's layout (ROOT/annotations/instances_{split}2017.json, images in ROOT/{split}2017/),
+from any annotation file and image folder (`read_files`: exports of Roboflow, CVAT, Label Studio),
+or from a document already in memory (`Annotations`: Pascal VOC converted by ablate.data.voc).
 The JSON is checked up front and turned into flat per-image box arrays once, so that a sample
 costs one image decode plus a resize; anything wrong with the input is a one-line `DataError`
 naming the file (and the field or annotation) at fault.
@@ -17,7 +19,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -58,6 +60,16 @@ class _Boxes:
     degenerate: np.ndarray  # bool [num annotations in the JSON]: dropped for having no area
 
 
+@dataclass
+class Annotations:
+    """A COCO-format document (images, annotations, categories), the file it stands for (named in
+    every message about it) and the folder its images' file names are relative to."""
+
+    doc: dict[str, Any]
+    ann_file: Path
+    img_dir: Path
+
+
 # ----------------------------------------------------------------------------- reading the JSON
 
 
@@ -74,6 +86,24 @@ def locate(root: str | Path, split: str) -> tuple[Path, Path]:
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: image folder not found ({expected} under {root})")
     return ann_file, img_dir
+
+
+def check_files(ann_file: str | Path, img_dir: str | Path | None) -> tuple[Path, Path]:
+    """(annotation file, image folder), both checked to exist; the folder defaults to the file's own
+    (Roboflow exports keep them together)."""
+    ann_file = Path(ann_file).expanduser()
+    img_dir = Path(img_dir).expanduser() if img_dir else ann_file.parent
+    if not ann_file.is_file():
+        raise DataError(f"{ann_file}: annotation file not found")
+    if not img_dir.is_dir():
+        raise DataError(f"{img_dir}: image folder not found (the images of {ann_file})")
+    return ann_file, img_dir
+
+
+def read_files(ann_file: str | Path, img_dir: str | Path | None = None) -> Annotations:
+    """A COCO-format annotation file and its image folder (default: the file's folder), read."""
+    ann_file, img_dir = check_files(ann_file, img_dir)
+    return Annotations(read_json(ann_file), ann_file, img_dir)
 
 
 def read_json(ann_file: Path) -> dict[str, Any]:
@@ -116,17 +146,33 @@ def _entry_name(kind: str, entry: Any, i: int) -> str:
     return f"{kind} id {eid}" if isinstance(eid, (int, str)) else f"{kind} #{i}"
 
 
+def inside_folder(file_name: str) -> bool:
+    """Whether an image's file name stays inside its image folder (relative, no '..'): an annotation
+    file must not make us read, or name in messages, files elsewhere on the machine."""
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    return bool(file_name) and not posix.is_absolute() and not PureWindowsPath(file_name).drive \
+        and ".." not in posix.parts
+
+
+def _file_name(entry: Any, what: str, ann_file: Path) -> str:
+    name = _field(entry, "file_name", what, ann_file, (str,))
+    if not inside_folder(name):
+        raise DataError(f"{ann_file}: {what}: file_name {name!r} is not a relative path inside the image "
+                        "folder (absolute, or with '..')")
+    return name
+
+
 def index_images(images: list, ann_file: Path) -> dict[str, np.ndarray]:
     """Image table sorted by id: ids int64 [N], file names str [N], heights/widths int64 [N]."""
     rows = []
     for i, im in enumerate(images):
         what = _entry_name("image", im, i)
         rows.append((_field(im, "id", what, ann_file, (int,)),
-                     _field(im, "file_name", what, ann_file, (str,)),
+                     _file_name(im, what, ann_file),
                      _field(im, "height", what, ann_file, (int, float)),
                      _field(im, "width", what, ann_file, (int, float))))
     rows.sort()
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    ids = np.array([r[0] for r in rows], dtype=np.int64).reshape(-1)
     if len(ids) > 1 and (dup := ids[1:][ids[1:] == ids[:-1]]).size:
         raise DataError(f"{ann_file}: image id {int(dup[0])} appears twice in 'images'")
     return {"ids": ids, "file_names": np.array([r[1] for r in rows], dtype=str),
@@ -237,7 +283,8 @@ def ground_truth(doc: dict[str, Any], keep_images: set[int], keep_cats: set[int]
     Boxes are the file's (unclipped, as the official evaluation uses them), crowd regions
     included. Degenerate boxes (bool [num annotations]), which training drops, are marked
     iscrowd=1 here so that COCOeval ignores them instead of counting a miss no model can avoid.
-    Missing 'area' / 'iscrowd' fields are filled in as COCOeval expects them.
+    Missing 'area' / 'iscrowd' fields are filled in as COCOeval expects them, and annotation ids
+    renumbered 1..N unless they already are distinct positive integers.
     """
     anns = []
     for a, bad in zip(doc["annotations"], degenerate):
@@ -245,6 +292,12 @@ def ground_truth(doc: dict[str, Any], keep_images: set[int], keep_cats: set[int]
             a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
             a.setdefault("iscrowd", 0)
             anns.append({**a, "iscrowd": 1} if bad else a)
+    ids = [a.get("id") for a in anns]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids) or len(set(ids)) < len(ids):
+        # COCOeval marks a match by the annotation's id, 0 meaning unmatched: exports that number from
+        # 0 (Roboflow, Label Studio) would lose the first box's matches, and a missing or repeated id
+        # would confuse two boxes. Evaluation needs ids only to tell boxes apart: number them 1..N.
+        anns = [{**a, "id": k + 1} for k, a in enumerate(anns)]
     coco = COCO()
     coco.dataset = {
         "info": doc.get("info", {}),
@@ -327,15 +380,19 @@ class CocoDetection(torch.utils.data.Dataset):
     in 0..K-1 (label k is COCO category `category_ids[k]`), image_id int, orig_size (h, w).
     """
 
-    def __init__(self, root: str | Path, split: str, *, min_size: int, max_size: int,
+    def __init__(self, source: str | Path | Annotations, split: str = "", *, min_size: int, max_size: int,
                  hflip_prob: float = 0.0, max_images: int = 0, categories: Sequence[str] = (),
                  cache_images: bool = False):
+        """`source`: a folder in the COCO 2017 layout (then `split` picks the split), or `Annotations`."""
+        where = source.ann_file if isinstance(source, Annotations) else source
         if min_size < 1 or max_size < 1:
-            raise DataError(f"{root}: min_size and max_size must be >= 1 (got {min_size}, {max_size})")
+            raise DataError(f"{where}: min_size and max_size must be >= 1 (got {min_size}, {max_size})")
         if not 0.0 <= hflip_prob <= 1.0:
-            raise DataError(f"{root}: hflip_prob must be in [0, 1] (got {hflip_prob})")
-        self.ann_file, self.img_dir = locate(root, split)
-        doc = read_json(self.ann_file)
+            raise DataError(f"{where}: hflip_prob must be in [0, 1] (got {hflip_prob})")
+        if not isinstance(source, Annotations):
+            ann_file, img_dir = locate(source, split)
+            source = Annotations(read_json(ann_file), ann_file, img_dir)
+        self.ann_file, self.img_dir, doc = source.ann_file, source.img_dir, source.doc
         images = index_images(doc["images"], self.ann_file)
         self.category_ids, self.category_names = category_table(
             doc["categories"], self.ann_file, categories)

@@ -21,6 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ablate.errors import ConfigError
+from ablate.model import pretrained
 from ablate.model.anchors import AnchorGenerator
 
 # ImageNet statistics: what torchvision's trunks (and any local weights) were trained with.
@@ -59,8 +60,9 @@ TRUNK_NORMS = ("bn", "frozen_bn")
 
 def build_trunk(name: str = "resnet50", norm: str = "bn", tiny_widths: Sequence[int] = (16, 32, 64, 128, 256),
                 weights: str | Path = "") -> tuple[nn.Module, list[int]]:
-    """The trunk `name` (tiny | resnet18/34/50/101; random init, or the local state dict `weights`)
-    with BatchNorm (`norm` "bn") or frozen BatchNorm ("frozen_bn"), and its C3-C5 channel counts."""
+    """The trunk `name` (tiny | resnet18/34/50/101) with BatchNorm (`norm` "bn") or frozen BatchNorm
+    ("frozen_bn"), and its C3-C5 channel counts. `weights`: "" (random init), a torchvision weights
+    name of the ResNet (IMAGENET1K_V1: see ablate.model.pretrained) or a local state dict's path."""
     if name not in TRUNKS:
         raise ValueError(f"unknown trunk {name!r} (known: {', '.join(TRUNKS)})")
     if norm not in TRUNK_NORMS:
@@ -71,23 +73,33 @@ def build_trunk(name: str = "resnet50", norm: str = "bn", tiny_widths: Sequence[
     else:
         trunk = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
         channels = RESNET_C3_C5[name]
-    if weights:
+    if weights and pretrained.is_weights_name(str(weights)):
+        put_trunk_weights(trunk, pretrained.state_dict(name, str(weights)), str(weights))
+    elif weights:
         load_trunk_weights(trunk, Path(weights))
     return trunk, channels
 
 
 def load_trunk_weights(trunk: nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise ConfigError(f"model.weights: no such file '{path}'")
+        raise ConfigError(f"model.weights: no such file '{path}' (nor a torchvision weights name such as "
+                          "IMAGENET1K_V1)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which
         raise ConfigError(f"model.weights: cannot load '{path}' ({type(e).__name__})") from e
-    # The ImageNet classifier (fc) has no place in a detector.
+    put_trunk_weights(trunk, state, str(path))
+
+
+def put_trunk_weights(trunk: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load an ImageNet classifier's state dict into the trunk; `what` names it in errors."""
+    # The ImageNet classifier (fc) has no place in a detector: the FPN stops at layer4, so the
+    # trunk's own fc stays unused whether the file has one or not.
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = trunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
     if unexpected or missing:
-        raise ConfigError(f"model.weights: '{path}' does not fit model.trunk "
+        raise ConfigError(f"model.weights: '{what}' does not fit model.trunk "
                           f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
 
 
@@ -139,7 +151,7 @@ class RetinaNet(nn.Module):
 
     N is the number of anchors of the padded batch; anchors are x1y1x2y2 in input pixels.
 
-    trunk: a name for `build_trunk` (with trunk_norm, tiny_widths and a local `weights` file), or a
+    trunk: a name for `build_trunk` (with trunk_norm, tiny_widths and `weights`: a file or a name), or a
     module with layer2..layer4 at strides 8, 16, 32 whose C3-C5 widths `trunk_channels` lists.
     FPN P3-P7 of `fpn_channels`; each subnet `head_convs` convs of `head_channels`, GroupNorm if
     head_norm is "gn" (the paper: "none"); `prior` pi sets the class bias (None: 0). The anchor

@@ -42,7 +42,32 @@ def build_report(exp: Experiment, extra: dict[str, Any], out_dir: Path, command:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, skipped = loss_cdf_figure(exp, runs, out_dir)
-    return write_report(runs, histories, spec, out_dir, {**figure1(out_dir), **figures}, skipped)
+    written = write_report(runs, histories, spec, out_dir, {**figure1(out_dir), **figures}, skipped)
+    return {**written, **adaptive_sections(exp, extra, tracker, runs, spec, out_dir, written["readme"])}
+
+
+def adaptive_sections(exp: Experiment, extra: dict[str, Any], tracker: tracking.Tracker, runs: pd.DataFrame,
+                      spec: ReportSpec, out_dir: Path, readme: Path) -> dict[str, Path]:
+    """The adaptive-seeds verdicts and the budget curves, when the experiment's parent runs
+    recorded a rule or budgets (`ablate run --until-settled` / `--budgets`), appended to the README."""
+    from ablate import adaptive
+    from ablate.report.adaptive import write_budgets, write_sequential
+
+    paths, sections = {}, []
+    recorded = adaptive.recorded_rule(exp, tracker.parent_tags(adaptive.RULE_TAG))
+    if recorded is not None:
+        written, text = write_sequential(*recorded, runs, out_dir)
+        paths.update(written)
+        sections.append(text)
+    budgets = adaptive.recorded_budgets(tracker.parent_tags(adaptive.BUDGETS_TAG))
+    per_budget = adaptive.budget_runs(exp, extra, tracker.load_runs(), budgets) if budgets else {}
+    if per_budget:
+        written, text = write_budgets(per_budget, spec, out_dir)
+        paths.update(written)
+        sections.append(text)
+    if sections:
+        readme.write_text(readme.read_text() + "\n" + "\n\n".join(sections) + "\n")
+    return paths
 
 
 def figure1(out_dir: Path) -> dict[str, tuple[Path, str]]:
