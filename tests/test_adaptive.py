@@ -273,6 +273,9 @@ def workdir(tmp_path_factory) -> Path:
     os.chdir(path)
     yield path
     os.chdir(old)
+    # mlflow.set_tracking_uri (in the commands run here) exports the URI: later tests' subprocesses
+    # would otherwise write to this module's store.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     if uri is not None:
         os.environ["MLFLOW_TRACKING_URI"] = uri
 
