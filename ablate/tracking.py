@@ -41,6 +41,11 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 TAG = "ablate."  # prefix of our tags
+# MLflow 3's UI opens an experiment on its GenAI pages (Overview / Traces), empty for a trainer,
+# unless the experiment says it is model training: this tag and value make it open the Runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+NOTE = "mlflow.note.content"  # the description the UI renders as Markdown on a run's or experiment's page
+PARENT_ROLE = "grid"  # the `ablate.role` tag of an `ablate run`'s parent run
 STEP_METRICS = ("loss", "loss_cls", "loss_box_reg", "lr", "num_fg", "num_bg", "num_ignored", "img_per_s",
                 "data_fraction")
 # How long a process that takes over an interrupted run waits before checking that it is still the
@@ -109,19 +114,28 @@ class Tracker:
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
+        kind, value = EXPERIMENT_KIND
         if found is None:
             # A local store keeps artifacts beside it; an MLflow server decides (and proxies) itself,
             # so that workers on other machines upload through it instead of to their own disk.
             local = not self.uri.startswith(("http://", "https://"))
             artifacts = (Path.cwd() / "mlartifacts" / experiment).resolve().as_uri() if local else None
             try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts,
+                                                                   tags={kind: value})
             except MlflowException:  # another process created it a moment ago
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
                     raise
         if found is not None:
             self.experiment_id = found.experiment_id
+            if found.tags.get(kind) != value:  # created before ablate tagged its experiments
+                self.client.set_experiment_tag(self.experiment_id, kind, value)
+
+    def describe(self, text: str) -> None:
+        """The experiment's description on its UI page (the experiment file's `description`)."""
+        if text and self.client.get_experiment(self.experiment_id).tags.get(NOTE) != text:
+            self.client.set_experiment_tag(self.experiment_id, NOTE, text)
 
     def start_parent(self, name: str, tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
@@ -133,6 +147,37 @@ class Tracker:
             return self.client.get_run(run_id).info.status == "RUNNING"
         except Exception:  # deleted, or of another store
             return False
+
+    def grid_parents(self) -> list:
+        """The parent runs of `ablate run` (newest first), each with its overrides tag."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}role` = '{PARENT_ROLE}'",
+                                       max_results=10_000, order_by=["attributes.start_time DESC"])
+
+    def override_sets(self) -> list[dict[str, Any]]:
+        """The distinct command-line overrides (--data, --set) the experiment's runs were made
+        with, newest first: what the child runs and the grids' parent runs remember."""
+        texts = [r.data.tags.get(f"{TAG}overrides") for r in self._child_runs() + self.grid_parents()]
+        seen: dict[str, dict[str, Any]] = {}
+        for text in texts:
+            if text is not None and text not in seen:
+                seen[text] = json.loads(text)
+        return list(seen.values())
+
+    def log_summary(self, run_id: str, metrics: dict[str, float], files: dict[str, str], note: str) -> None:
+        """A grid's summary on its parent run: metrics, small text files (name -> content) as
+        artifacts under summary/, and `note` as the run's description on its UI page."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+        for name, text in files.items():
+            self.client.log_text(run_id, text, f"summary/{name}")
+        self.client.set_tag(run_id, NOTE, note)
+
+    def attach_files(self, run_id: str, paths: list[Path], folder: str) -> None:
+        """Files (a report's tables and plots) as artifacts of a run, under `folder`."""
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), folder)
 
     def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a grid's parent run (once: a parent already closed is left as it is)."""
@@ -250,7 +295,8 @@ class Tracker:
                    "start_time": run.info.start_time, "cell": tags.get(f"{TAG}cell"),
                    "cell_index": int(tags.get(f"{TAG}cell_index", -1)), "seed": int(tags.get(f"{TAG}seed", -1)),
                    "outcome": tags.get(f"{TAG}outcome", str(Outcome.INTERRUPTED)),
-                   "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir")}
+                   "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir"),
+                   "parent_run_id": tags.get("mlflow.parentRunId")}
             row.update({k: _parse_param(v) for k, v in run.data.params.items()})
             row.update(run.data.metrics)
             rows.append(row)
@@ -260,6 +306,34 @@ class Tracker:
         rows = [{"run_id": rid, "key": key, "step": m.step, "value": m.value}
                 for rid in run_ids for key in keys for m in self.client.get_metric_history(rid, key)]
         return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of an experiment's Runs table (or of one of its runs) under `base`
+    ("http://127.0.0.1:5000"). workflowType picks the model-training view even where the
+    experiment kind was never set (or a browser remembers the GenAI view)."""
+    page = f"/runs/{run_id}" if run_id else ""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{page}?workflowType=machine_learning"
+
+
+def experiment_links(base: str, name: str | None = None, uri: str | None = None) -> list[tuple[str, str]]:
+    """(experiment name, Runs table URL) of ablation `name`, or of every experiment in the store
+    but MLflow's empty Default; each is tagged as model training on the way (older ones were not)."""
+    uri = uri or tracking_uri()
+    client = MlflowClient(uri)
+    if name is not None:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise AblateError(f"no experiment '{name}' in the tracking store {mask_url(uri)}: "
+                              f"run `ablate run {name}` first")
+        experiments = [found]
+    else:
+        experiments = [e for e in client.search_experiments(max_results=1000) if e.name != "Default"]
+    kind, value = EXPERIMENT_KIND
+    for exp in experiments:
+        if exp.tags.get(kind) != value:
+            client.set_experiment_tag(exp.experiment_id, kind, value)
+    return [(e.name, ui_url(base, e.experiment_id)) for e in sorted(experiments, key=lambda e: e.name)]
 
 
 def is_done(run) -> bool:
