@@ -159,8 +159,9 @@ class Tracker:
         texts = [r.data.tags.get(f"{TAG}overrides") for r in self._child_runs() + self.grid_parents()]
         seen: dict[str, dict[str, Any]] = {}
         for text in texts:
-            if text is not None and text not in seen:
-                seen[text] = json.loads(text)
+            if text is not None:
+                overrides = json.loads(text)
+                seen.setdefault(json.dumps(overrides, sort_keys=True), overrides)
         return list(seen.values())
 
     def log_summary(self, run_id: str, metrics: dict[str, float], files: dict[str, str], note: str) -> None:

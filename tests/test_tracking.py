@@ -161,3 +161,19 @@ def test_end_maps_outcomes_to_mlflow_statuses(tracker):
         statuses[outcome] = tracker.client.get_run(child.run_id).info.status
     assert statuses == {Outcome.FINISHED: "FINISHED", Outcome.DIVERGED: "FAILED", Outcome.FAILED: "FAILED",
                         Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED"}
+
+
+def test_experiments_open_as_model_training_and_their_urls_land_on_the_runs_table(tracker):
+    kind = "mlflow.experimentKind"
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[kind] == "custom_model_development"
+    older = tracker.client.create_experiment("older-grid")  # made before ablate tagged its experiments
+    assert kind not in tracker.client.get_experiment(older).tags
+    base = "http://127.0.0.1:5000"
+    links = tracking.experiment_links(base, uri=tracker.uri)
+    assert links == [("older-grid", f"{base}/#/experiments/{older}?workflowType=machine_learning"),
+                     ("smoke", f"{base}/#/experiments/{tracker.experiment_id}?workflowType=machine_learning")]
+    assert tracker.client.get_experiment(older).tags[kind] == "custom_model_development"
+    assert tracking.experiment_links(base, "smoke", tracker.uri) == links[1:]
+    assert tracking.ui_url(base + "/", "3", "abc") == f"{base}/#/experiments/3/runs/abc?workflowType=machine_learning"
+    with pytest.raises(tracking.AblateError, match="no experiment 'nope'.*run `ablate run nope` first"):
+        tracking.experiment_links(base, "nope", tracker.uri)
