@@ -64,18 +64,33 @@ def summary_markdown(cells: pd.DataFrame) -> str:
     return markdown_table(pd.DataFrame(rows))
 
 
+def aligned(table_md: str) -> str:
+    """A Markdown table (tables.markdown_table's) as columns of text padded to one width each.
+
+    The UI renders a description's Markdown tables without cell padding ("0.6 ± 0.42.0 ± 1.5",
+    seen in MLflow 3.17); in a code block, aligned text reads like the report's table.
+    """
+    rows = [[cell.replace("\\|", "|") for cell in line.strip()[2:-2].split(" | ")]
+            for line in table_md.strip().splitlines()
+            if line.startswith("|") and not set(line) <= set("|:- ")]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
 def grid_note(name: str, cells: pd.DataFrame) -> str:
     """The parent run's description after its grid: what the numbers are, the table, what next."""
-    return (f"## {name}: the grid's summary\n\nMean ± std over finished seeds, in percent; AP 95% CI: "
-            f"Student t interval of the mean; n: finished / tracked seeds. Each cell's runs are this "
-            f"run's children (and runs of earlier grids that had finished it).\n\n{summary_markdown(cells)}\n\n"
-            f"`ablate report {name}` puts the full report (tables, plots) under this run's artifacts.\n")
+    return (f"## {name}: the grid's summary\n\n```\n{aligned(summary_markdown(cells))}\n```\n\n"
+            "Mean ± std over finished seeds, in percent; AP 95% CI: Student t interval of the mean; n: finished / "
+            "tracked seeds. Each cell's runs are this run's children (or an earlier grid's, when it had finished "
+            f"them). `ablate report {name}` puts the full report (tables, plots) under this run's artifacts.\n")
 
 
 def report_note(name: str, table_md: str, files: list[Path]) -> str:
-    """The parent run's description once `ablate report` attached its files."""
+    """The parent run's description once `ablate report` attached its files: the report's table
+    (table.md: the table, then its caption) and where the rest is."""
+    table, _, caption = table_md.strip().partition("\n\n")
     listed = ", ".join(f"`report/{p.name}`" for p in files)
-    return f"## {name}: report\n\n{table_md.strip()}\n\nFiles (artifacts): {listed}.\n"
+    return f"## {name}: report\n\n```\n{aligned(table)}\n```\n\n{caption.strip()}\n\nFiles (artifacts): {listed}.\n"
 
 
 def write_grid_summary(tracker, parent_id: str, planned: list[tuple[str, int, str]], name: str) -> bool:

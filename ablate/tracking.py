@@ -41,9 +41,18 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 TAG = "ablate."  # prefix of our tags
-# MLflow 3's UI opens an experiment on its GenAI pages (Overview / Traces), empty for a trainer,
-# unless the experiment says it is model training: this tag and value make it open the Runs table.
+# MLflow 3's UI files experiments as GenAI or model training by this tag. Its value alone does not
+# decide the page a fresh browser lands on (measured with 3.17: the GenAI Overview still opens);
+# the URL's workflowType does (ui_url).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A saved view of the Runs table, kept as an experiment tag that the URL names
+# (viewStateShareKey): the runs grouped by cell, each group's average and each seed's AP, AP50,
+# AP75 and outcome as columns. Without it the table shows no metric at all.
+RUNS_VIEW_KEY = "ablate"
+RUNS_VIEW = json.dumps({
+    "selectedColumns": ["metrics.`AP`", "metrics.`AP50`", "metrics.`AP75`", f"tags.`{TAG}outcome`"],
+    "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG}cell"}]}})
+EXPERIMENT_TAGS = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": RUNS_VIEW}
 NOTE = "mlflow.note.content"  # the description the UI renders as Markdown on a run's or experiment's page
 PARENT_ROLE = "grid"  # the `ablate.role` tag of an `ablate run`'s parent run
 STEP_METRICS = ("loss", "loss_cls", "loss_box_reg", "lr", "num_fg", "num_bg", "num_ignored", "img_per_s",
@@ -114,7 +123,6 @@ class Tracker:
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
-        kind, value = EXPERIMENT_KIND
         if found is None:
             # A local store keeps artifacts beside it; an MLflow server decides (and proxies) itself,
             # so that workers on other machines upload through it instead of to their own disk.
@@ -122,15 +130,14 @@ class Tracker:
             artifacts = (Path.cwd() / "mlartifacts" / experiment).resolve().as_uri() if local else None
             try:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts,
-                                                                   tags={kind: value})
+                                                                   tags=EXPERIMENT_TAGS)
             except MlflowException:  # another process created it a moment ago
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
                     raise
         if found is not None:
             self.experiment_id = found.experiment_id
-            if found.tags.get(kind) != value:  # created before ablate tagged its experiments
-                self.client.set_experiment_tag(self.experiment_id, kind, value)
+            tag_for_the_ui(self.client, found)
 
     def describe(self, text: str) -> None:
         """The experiment's description on its UI page (the experiment file's `description`)."""
@@ -309,17 +316,27 @@ class Tracker:
         return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
 
+def tag_for_the_ui(client: MlflowClient, experiment) -> None:
+    """Give an experiment the UI's tags (EXPERIMENT_TAGS) that it lacks: one made before ablate
+    set them, or by another program."""
+    for key, value in EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
 def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The UI page of an experiment's Runs table (or of one of its runs) under `base`
-    ("http://127.0.0.1:5000"). workflowType picks the model-training view even where the
-    experiment kind was never set (or a browser remembers the GenAI view)."""
-    page = f"/runs/{run_id}" if run_id else ""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{page}?workflowType=machine_learning"
+    """The UI page of an experiment's Runs table in ablate's view (or of one of its runs) under
+    `base` ("http://127.0.0.1:5000"). workflowType picks the model-training pages, which a fresh
+    browser does not open on its own."""
+    if run_id:
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW_KEY}")
 
 
 def experiment_links(base: str, name: str | None = None, uri: str | None = None) -> list[tuple[str, str]]:
     """(experiment name, Runs table URL) of ablation `name`, or of every experiment in the store
-    but MLflow's empty Default; each is tagged as model training on the way (older ones were not)."""
+    but MLflow's empty Default; each gets the UI's tags on the way (older ones lack them)."""
     uri = uri or tracking_uri()
     client = MlflowClient(uri)
     if name is not None:
@@ -330,10 +347,8 @@ def experiment_links(base: str, name: str | None = None, uri: str | None = None)
         experiments = [found]
     else:
         experiments = [e for e in client.search_experiments(max_results=1000) if e.name != "Default"]
-    kind, value = EXPERIMENT_KIND
     for exp in experiments:
-        if exp.tags.get(kind) != value:
-            client.set_experiment_tag(exp.experiment_id, kind, value)
+        tag_for_the_ui(client, exp)
     return [(e.name, ui_url(base, e.experiment_id)) for e in sorted(experiments, key=lambda e: e.name)]
 
 

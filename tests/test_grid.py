@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from ablate.config import Config, flatten
 from ablate.runs import PlannedRun
 from ablate.scheduling import PLANNED_ATTR
+from ablate.summary import aligned
 from cli import app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -359,7 +360,8 @@ def test_the_parent_run_holds_the_grid_summary_and_then_the_report(workdir):
     assert {f"report/{n}" for n in ("table.md", "results.csv", "runs.csv", "ap.png", "loss_curves.png",
                                     "README.md")} <= attached
     note = c.get_run(parent.info.run_id).data.tags["mlflow.note.content"]
-    assert note.startswith("## browse: report") and (workdir / "reports" / "browse" / "table.md").read_text().strip() in note
+    table, caption = (workdir / "reports" / "browse" / "table.md").read_text().strip().split("\n\n")
+    assert note.startswith(f"## browse: report\n\n```\n{aligned(table)}\n```\n\n{caption}\n")
 
 
 def _fake_grid(workdir: Path, overrides: dict) -> None:
@@ -411,7 +413,8 @@ def test_ui_prints_the_url_of_the_ablations_runs_table(workdir, monkeypatch):
     result = invoke("ui", "smoke", "--port", "5077")
     assert result.exit_code == 0, result.output
     exp = client(workdir).get_experiment_by_name("smoke")
-    assert f"smoke: http://127.0.0.1:5077/#/experiments/{exp.experiment_id}?workflowType=machine_learning" in result.output
+    assert (f"smoke: http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=ablate") in result.output
     assert started == [(f"sqlite:///{workdir / 'mlflow.db'}", 5077)]
     missing = invoke("ui", "gamma-sweep")
     assert missing.exit_code == 1 and "no experiment 'gamma-sweep'" in missing.output

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.utils.validation import _validate_metric_name
 
 from ablate.experiments import list_experiments, load_experiment
-from ablate.summary import cell_table, metric_name, summary_markdown, summary_metrics
+from ablate.summary import aligned, cell_table, metric_name, report_note, summary_markdown, summary_metrics
 
 T_975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
 
@@ -52,3 +53,13 @@ def test_summary_table_in_percent():
     half = 100 * T_975_DF2 * 0.02 / math.sqrt(3)
     assert f"| focal g=2 a=0.25 | 32.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | [{32 - half:.1f}, {32 + half:.1f}] | 3/3 |" in lines
     assert "| ce pi=none | — | — | — | — | 0/1 |" in lines
+
+
+def test_descriptions_hold_the_tables_as_aligned_text():
+    table = "| loss | AP | cell |\n|---:|---:|:---|\n| focal | 31.5 ± 0.9 | a \\| b |\n| ce | 3.4 | ce |"
+    assert aligned(table) == ("loss   AP          cell\n"
+                              "focal  31.5 ± 0.9  a | b\n"
+                              "ce     3.4         ce")
+    note = report_note("x", f"{table}\n\nAP: mean ± std.\n", [Path("r/ap.png"), Path("r/table.md")])
+    assert note == (f"## x: report\n\n```\n{aligned(table)}\n```\n\nAP: mean ± std.\n\n"
+                    "Files (artifacts): `report/ap.png`, `report/table.md`.\n")
