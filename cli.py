@@ -401,13 +401,12 @@ def ui(experiment: Annotated[str | None, typer.Argument(
         console.print(escape(f"  {exp_name}: {mask_url(url)}"), soft_wrap=True, highlight=False)
     if links and not open_:
         console.print(escape(f"open a URL above in a browser, or run `ablate ui {name or links[0][0]} --open`"))
-    proc = mlflow_ui.start(uri, port)
-    try:
-        if open_ and not mlflow_ui.open_when_ready(base, links[0][1] if name else base, proc):
+
+    def open_page() -> None:
+        if not mlflow_ui.open_browser(links[0][1] if name else base):
             console.print("no browser could be opened here: open the URL above where you browse", style="yellow")
-        raise typer.Exit(proc.wait())
-    except KeyboardInterrupt:
-        mlflow_ui.stop(proc)
+
+    raise typer.Exit(mlflow_ui.serve(uri, port, open_page if open_ else None))
 
 
 analyze_app = typer.Typer(help="Diagnostics of trained models (the paper's figures).", no_args_is_help=True)

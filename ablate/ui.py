@@ -3,6 +3,7 @@ ablation's Runs table when asked. The pages' URLs come from ablate.tracking (the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,9 @@ import time
 import urllib.error
 import urllib.request
 import webbrowser
+from collections.abc import Callable
+
+from ablate import signals
 
 # `mlflow ui` takes ~20 s to answer on 2 cores; a loaded machine may need a few times that.
 READY_SECONDS = 120.0
@@ -25,15 +29,34 @@ def start(uri: str, port: int) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     proc.wait()
 
 
-def wait_ready(base: str, proc: subprocess.Popen, seconds: float = READY_SECONDS) -> bool:
+def serve(uri: str, port: int, on_ready: Callable[[], None] | None = None) -> int:
+    """Run the UI until it exits or this process gets SIGINT or SIGTERM, and stop its whole group
+    either way (a SIGTERM used to leave the server running, holding the port). `on_ready()` runs
+    once it answers. Returns the UI's exit code, 0 when stopped by a signal."""
+    proc = start(uri, port)
+    try:
+        with signals.graceful_stop() as stopped:
+            if on_ready and wait_ready(f"http://127.0.0.1:{port}", proc, stopped):
+                on_ready()
+            while proc.poll() is None and not stopped():
+                time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    return 0 if proc.returncode < 0 or stopped() else proc.returncode
+
+
+def wait_ready(base: str, proc: subprocess.Popen, stopped: Callable[[], bool] = lambda: False,
+               seconds: float = READY_SECONDS) -> bool:
     """Whether the UI at `base` answers its health check before `seconds` pass (False at once when
-    its process ended, e.g. the port was taken)."""
+    its process ended, e.g. the port was taken, or a signal came)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None and not stopped():
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
                 if response.status == 200:
@@ -44,7 +67,6 @@ def wait_ready(base: str, proc: subprocess.Popen, seconds: float = READY_SECONDS
     return False
 
 
-def open_when_ready(base: str, url: str, proc: subprocess.Popen) -> bool:
-    """Open `url` in the user's browser once the UI answers; False when it never did or no browser
-    could be started (a headless machine)."""
-    return wait_ready(base, proc) and webbrowser.open(url)
+def open_browser(url: str) -> bool:
+    """Open `url` in the user's browser; False where none can be started (a headless machine)."""
+    return webbrowser.open(url)

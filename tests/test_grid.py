@@ -404,9 +404,9 @@ def test_ui_prints_the_url_of_the_ablations_runs_table(workdir, monkeypatch):
     started = []
 
     class Server:  # stands for the MLflow UI process (its start takes ~20 s; it is MLflow's, not ours)
-        pid = 0
+        returncode = 0
 
-        def wait(self):
+        def poll(self):
             return 0
 
     monkeypatch.setattr(ui, "start", lambda uri, port: started.append((uri, port)) or Server())
