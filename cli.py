@@ -246,7 +246,7 @@ def report_outcomes(name: str, outcomes) -> None:
 
     if outcomes:
         console.print(escape(f"{name}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
-                             + f"; browse with `ablate ui`, tabulate with `ablate report {name}`"))
+                             + f"; browse with `ablate ui {name}`, tabulate with `ablate report {name}`"))
     if outcomes.get(Outcome.INTERRUPTED):
         raise typer.Exit(130)
     if outcomes.get(Outcome.FAILED) or outcomes.get(WORKER_CRASHED):
@@ -384,7 +384,8 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
 def ui(experiment: Annotated[str | None, typer.Argument(
            help="An ablation (name or experiments/NAME.toml): print the URL of its Runs table.")] = None,
        port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-       open_: Annotated[bool, typer.Option("--open", help="Open that page in a browser once the UI answers.")] = False) -> None:
+       open_: Annotated[bool, typer.Option(
+           "--open", help="Open that page in a browser once the UI answers.")] = False) -> None:
     """The MLflow UI over the project's store, on http://127.0.0.1:PORT (Ctrl-C stops it), with the
     URL of each ablation's Runs table (MLflow 3 would open its empty GenAI pages)."""
     from ablate import ui as mlflow_ui

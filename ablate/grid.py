@@ -146,15 +146,17 @@ def open_parent(study, tracker: tracking.Tracker, seeds: list[int], jobs: int,
     overrides (what `ablate report` finds the runs by) and the study its plan (`runs`, done
     ones included: what its summary covers)."""
     parent_id = study.user_attrs.get(workers.PARENT_ATTR)
-    joined = bool(parent_id and tracker.is_running(parent_id))
     plan = [[run.cell, run.cell_index, run.config_hash] for run in runs]
-    if joined:  # a second coordinator may plan more seeds: the summary covers both plans
-        plan = study.user_attrs.get(workers.PLAN_ATTR, []) + [p for p in plan if p not in
-                                                               study.user_attrs.get(workers.PLAN_ATTR, [])]
+    if parent_id and tracker.is_running(parent_id):
+        # A second coordinator may plan more seeds: the summary covers both plans.
+        known = study.user_attrs.get(workers.PLAN_ATTR, [])
+        seen = {tuple(entry) for entry in known}
+        plan = known + [entry for entry in plan if tuple(entry) not in seen]
     else:
-        parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}", {
-            f"{tracking.TAG}seeds": str(seeds), f"{tracking.TAG}jobs": str(jobs), f"{tracking.TAG}role": tracking.PARENT_ROLE,
-            f"{tracking.TAG}overrides": json.dumps(overrides or {}, sort_keys=True)})
+        tags = {"seeds": str(seeds), "jobs": str(jobs), "role": tracking.PARENT_ROLE,
+                "overrides": json.dumps(overrides or {}, sort_keys=True)}
+        parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                         {f"{tracking.TAG}{key}": value for key, value in tags.items()})
         study.set_user_attr(workers.PARENT_ATTR, parent_id)
     study.set_user_attr(workers.PLAN_ATTR, plan)
     return parent_id

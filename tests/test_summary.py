@@ -21,7 +21,8 @@ def _runs() -> pd.DataFrame:
             ("focal g=2 a=0.25", 0, 2, "finished", 0.34), ("scales=3 ratios=[0.5,1,2]", 1, 0, "finished", 0.25),
             ("ce pi=none", 2, 0, "diverged", math.nan)]
     return pd.DataFrame([{"run_id": f"r{i}", "cell": cell, "cell_index": index, "seed": seed, "outcome": outcome,
-                          "AP": ap, "AP50": ap + 0.1, "AP75": ap} for i, (cell, index, seed, outcome, ap) in enumerate(rows)])
+                          "AP": ap, "AP50": ap + 0.1, "AP75": ap}
+                         for i, (cell, index, seed, outcome, ap) in enumerate(rows)])
 
 
 def test_metric_names_are_ones_mlflow_takes():
@@ -51,7 +52,8 @@ def test_summary_table_in_percent():
     lines = text.splitlines()
     assert lines[0] == "| cell | AP | AP50 | AP75 | AP 95% CI | n |"
     half = 100 * T_975_DF2 * 0.02 / math.sqrt(3)
-    assert f"| focal g=2 a=0.25 | 32.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | [{32 - half:.1f}, {32 + half:.1f}] | 3/3 |" in lines
+    ci = f"[{32 - half:.1f}, {32 + half:.1f}]"
+    assert f"| focal g=2 a=0.25 | 32.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | {ci} | 3/3 |" in lines
     assert "| ce pi=none | — | — | — | — | 0/1 |" in lines
 
 
