@@ -417,6 +417,8 @@ def test_ap_plot_cuts_the_band_at_zero_and_draws_each_seed_beside_the_mean():
     assert band_y.min() == pytest.approx(0.0)  # cut at 0, where it would reach -11.0
     assert band_y.max() == pytest.approx(36.0 + 100 * T_975_DF2 * 0.03 / math.sqrt(3))  # the other end as measured
     assert ax.get_ylim()[0] == 0.0
+    high = _runs([("focal g=2 a=0.25", _config(), [(0, "finished", 0.50), (1, "finished", 0.52), (2, "finished", 0.56)])])
+    assert draw_ap(high, results_table(high, spec), spec).axes[0].get_ylim()[0] > 40  # no empty axis down to 0
     dots = _seed_dots(ax)
     assert sorted(round(y, 6) for _, y in ax.transData.inverted().transform(dots)) == sorted(
         round(100 * ap, 6) for ap in runs["AP"])

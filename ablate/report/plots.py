@@ -232,7 +232,8 @@ def draw_ap(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec) -> Figure
         extra += [paper] if paper else []
         _fit_x(ax, layout, order)
         _mark_unfinished(ax, cells, layout, order)
-        ax.set_ylim(bottom=0.0)  # AP has no negative values; the dots and bands never need any
+        if ax.get_ylim()[0] < 0:  # only the margin goes below 0 AP: no point or band is there
+            ax.set_ylim(bottom=0.0)
         ax.set_xlabel(_x_label(layout["x_key"]))
         ax.set_ylabel("AP (%)")
         detail = "mean, 95% CI, seeds" if several else "one seed: no interval"
