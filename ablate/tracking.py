@@ -187,6 +187,13 @@ class Tracker:
         for path in paths:
             self.client.log_artifact(run_id, str(path), folder)
 
+    def is_active(self, run_id: str) -> bool:
+        """Whether the run exists in this store and is not deleted (it can take artifacts and tags)."""
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
     def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a grid's parent run (once: a parent already closed is left as it is)."""
         if self.is_running(run_id):

@@ -364,8 +364,9 @@ def test_the_parent_run_holds_the_grid_summary_and_then_the_report(workdir):
     assert note.startswith(f"## browse: report\n\n```\n{aligned(table)}\n```\n\n{caption}\n")
 
 
-def _fake_grid(workdir: Path, overrides: dict) -> None:
-    """A finished grid of smoke (seed 0) made with `overrides`, written straight into the store."""
+def _fake_grid(workdir: Path, overrides: dict) -> str:
+    """A finished grid of smoke (seed 0) made with `overrides`, written straight into the store;
+    returns its parent run's id."""
     from ablate import tracking
     from ablate.experiments import load_experiment
     from ablate.runs import Outcome
@@ -377,10 +378,11 @@ def _fake_grid(workdir: Path, overrides: dict) -> None:
         child.log_metrics({"AP": 0.2, "AP50": 0.3, "AP75": 0.2})
         child.end(Outcome.FINISHED)
     tracker.end_parent(parent)
+    return parent
 
 
 def test_report_and_show_name_each_override_set_with_its_command(workdir):
-    _fake_grid(workdir, {"data.source": "coco", "data.root": "/data/coco"})
+    coco_parent = _fake_grid(workdir, {"data.source": "coco", "data.root": "/data/coco"})
     _fake_grid(workdir, {"train.iterations": 50})
     for command in ("report", "show"):
         result = invoke(command, "smoke")
@@ -390,8 +392,10 @@ def test_report_and_show_name_each_override_set_with_its_command(workdir):
         assert f"`ablate {command} smoke --set train.iterations=50`" in result.output
     shown = invoke("show", "smoke", "--set", "train.iterations=50")
     assert shown.exit_code == 0 and "2 done, 0 to run" in shown.output
+    client(workdir).delete_run(coco_parent)  # a report still works; it has no parent run to go to
     report = invoke("report", "smoke", "--data", "coco:/data/coco")
     assert report.exit_code == 0, report.output
+    assert "attached" not in report.output
     assert "ablate report smoke --data coco:/data/coco" in (workdir / "reports" / "smoke" / "README.md").read_text()
     wrong = invoke("report", "smoke", "--set", "train.iterations=7")
     assert wrong.exit_code == 1 and "made with --set train.iterations=7; tracked: `ablate report" in wrong.output

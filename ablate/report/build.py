@@ -62,11 +62,13 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
 def attach_to_parent(tracker: tracking.Tracker, name: str, runs: pd.DataFrame, written: dict[str, Path]) -> str | None:
     """Put the report on the parent run of the newest of `runs` (the latest grid, whose summary
     covers the others): its files under report/, its per-cell AP as metrics, its table as the run's
-    description. Returns that run's id; None for runs without a parent."""
+    description. Returns that run's id; None for runs without a parent (or whose parent was deleted)."""
     parents = runs.dropna(subset=["parent_run_id"]) if "parent_run_id" in runs else runs.iloc[0:0]
     if parents.empty:
         return None
     parent_id = str(parents.sort_values("start_time").iloc[-1]["parent_run_id"])
+    if not tracker.is_active(parent_id):
+        return None
     files = list(written.values())
     tracker.attach_files(parent_id, files, "report")
     results = pd.read_csv(written["results"])
