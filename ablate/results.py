@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from ablate.errors import AblateError
-from ablate.experiments import Experiment
+from ablate.experiments import Experiment, data_overrides
 from ablate.runs import DONE
 
 
@@ -76,14 +76,36 @@ def command_flags(overrides: dict[str, Any]) -> str:
     (cli.overrides_from's inverse), leading space included; '' for none."""
     rest = dict(overrides)
     flags = []
-    if rest.get("data.source") == "coco" and "data.root" in rest:
-        flags.append(f"--data {shlex.quote('coco:' + str(rest.pop('data.root')))}")
-        rest.pop("data.source")
-    elif rest.get("data.source") == "synth":
-        flags.append("--data synth")
-        rest.pop("data.source")
+    data = data_flag(rest)
+    if data is not None:  # only when --data gives back exactly these keys; else they stay --set pairs
+        flags.append(f"--data {shlex.quote(data)}")
+        for key in data_overrides(data, "--data"):
+            rest.pop(key)
     flags += [f"--set {shlex.quote(f'{key}={set_text(value)}')}" for key, value in sorted(rest.items())]
     return "".join(f" {flag}" for flag in flags)
+
+
+def data_flag(overrides: dict[str, Any]) -> str | None:
+    """The --data value whose overrides (experiments.data_overrides) are all in `overrides` with
+    the same values, e.g. 'coco:/x' or 'coco:train=a.json@imgs,val=b.json'; None if there is none."""
+    get = lambda key: str(overrides.get(key) or "")  # noqa: E731
+    source, root = overrides.get("data.source"), get("data.root")
+    if source == "synth":
+        candidate = "synth"
+    elif source in ("coco", "voc") and root:
+        candidate = f"{source}:{root}"
+    elif source == "coco":
+        splits = [f"{split}={get(f'data.{split}_annotations')}"
+                  + (f"@{get(f'data.{split}_images')}" if get(f"data.{split}_images") else "")
+                  for split in ("train", "val")]
+        candidate = "coco:" + ",".join(splits)
+    else:
+        return None
+    try:
+        wanted = data_overrides(candidate, "--data")
+    except AblateError:
+        return None
+    return candidate if all(key in overrides and overrides[key] == value for key, value in wanted.items()) else None
 
 
 def set_text(value: Any) -> str:
