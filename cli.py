@@ -68,6 +68,11 @@ def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
     return out
 
 
+def given_overrides(sets: list[str] | None, data: str | None) -> dict[str, Any] | None:
+    """overrides_from, or None when neither flag was given (report and show then use the tracked runs')."""
+    return overrides_from(sets, data) if sets or data else None
+
+
 @app.command()
 @friendly_errors
 def train(experiment: Annotated[str, typer.Argument(help="Experiment name (experiments/NAME.toml) or path.")],
@@ -227,14 +232,21 @@ def list_() -> None:
 def show(experiment: Annotated[str, typer.Argument(help="Experiment name or path.")],
          seeds: Annotated[int | None, typer.Option(help="Seeds 0..N-1 (default: the file's).")] = None,
          set_: SetOption = None, data: DataOption = None) -> None:
-    """The expanded cells of an experiment, their config hashes and which are already done."""
+    """The expanded cells of an experiment, their config hashes and which are already done.
+    Without --data / --set: those the tracked runs were made with."""
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
-    seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
+    seed_values = seed_list(exp, seeds)
     from ablate import grid, tracking  # torch, MLflow, Optuna: only once the input is known good
+    from ablate.results import command_flags, resolve_overrides
 
     tracker = tracking.Tracker(exp.name, tracking.init_store())
+    given = given_overrides(set_, data)
+    overrides = resolve_overrides(exp, given, tracker.load_runs(), tracker.override_sets(), "show")
+    if overrides and given is None:
+        console.print(escape(f"the tracked runs were made with{command_flags(overrides)}: showing those"),
+                      soft_wrap=True, highlight=False)
     plan = grid.make_plan(exp, seed_values, overrides, tracker)
     grid.print_plan(plan, Console())
     for cell in exp.cells():
@@ -299,7 +311,7 @@ def report_outcomes(name: str, outcomes) -> None:
 
     if outcomes:
         console.print(escape(f"{name}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
-                             + f"; browse with `ablate ui`, tabulate with `ablate report {name}`"))
+                             + f"; browse with `ablate ui {name}`, tabulate with `ablate report {name}`"))
     if outcomes.get(Outcome.INTERRUPTED):
         raise typer.Exit(130)
     if outcomes.get(Outcome.FAILED) or outcomes.get(WORKER_CRASHED):
@@ -406,15 +418,17 @@ def search(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
 def report(experiment: Annotated[str, typer.Argument(help="Experiment name or path.")],
            out: Annotated[Path | None, typer.Option(help="Folder (default: reports/NAME).")] = None,
            set_: SetOption = None, data: DataOption = None) -> None:
-    """Tables (Markdown like the paper's, CSV, LaTeX) and seaborn plots from the tracked runs."""
+    """Tables (Markdown like the paper's, CSV, LaTeX) and seaborn plots from the tracked runs, also
+    attached to the grid's MLflow parent run. Without --data / --set: those the runs were made with."""
     from ablate.experiments import load_experiment
     from ablate.paths import check_writable_folder
 
     exp = load_experiment(experiment)
-    overrides, out = overrides_from(set_, data), check_writable_folder(out or Path("reports") / exp.name, "--out")
+    given, out = given_overrides(set_, data), check_writable_folder(out or Path("reports") / exp.name, "--out")
     from ablate.report.build import build_report  # MLflow, seaborn: only once the input is known good
 
-    written = build_report(exp, overrides, out)
+    written = build_report(exp, given, out,
+                           say=lambda line: console.print(escape(line), soft_wrap=True, highlight=False))
     for path in written.values():
         console.print(escape(f"wrote {path}"))
 
@@ -467,28 +481,33 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
 
 @app.command()
 @friendly_errors
-def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
-    """The MLflow UI over the project's store, on http://127.0.0.1:PORT (Ctrl-C stops it)."""
-    import subprocess
-
-    from ablate.tracking import init_store
+def ui(experiment: Annotated[str | None, typer.Argument(
+           help="An ablation (name or experiments/NAME.toml): print the URL of its Runs table.")] = None,
+       port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+       open_: Annotated[bool, typer.Option(
+           "--open", help="Open that page in a browser once the UI answers.")] = False) -> None:
+    """The MLflow UI over the project's store, on http://127.0.0.1:PORT (Ctrl-C stops it), with the
+    URL of each ablation's Runs table (MLflow 3 would open its empty GenAI pages)."""
+    from ablate import ui as mlflow_ui
+    from ablate.errors import mask_url
+    from ablate.tracking import experiment_links, init_store
 
     uri = init_store()
-    from ablate.errors import mask_url
+    base = f"http://127.0.0.1:{port}"
+    name = Path(experiment).stem if experiment and experiment.endswith(".toml") else experiment
+    links = experiment_links(base, name, uri)
+    console.print(escape(f"MLflow UI for {mask_url(uri)} on {base} (takes ~20 s to answer; Ctrl-C stops it)"),
+                  soft_wrap=True)
+    for exp_name, url in links:
+        console.print(escape(f"  {exp_name}: {mask_url(url)}"), soft_wrap=True, highlight=False)
+    if links and not open_:
+        console.print(escape(f"open a URL above in a browser, or run `ablate ui {name or links[0][0]} --open`"))
 
-    console.print(escape(f"MLflow UI for {mask_url(uri)} on http://127.0.0.1:{port} (takes ~20 s to answer; "
-                         "Ctrl-C stops it)"))
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        raise typer.Exit(proc.wait())
-    except KeyboardInterrupt:
-        import os
-        import signal
+    def open_page() -> None:
+        if not mlflow_ui.open_browser(links[0][1] if name else base):
+            console.print("no browser could be opened here: open the URL above where you browse", style="yellow")
 
-        os.killpg(proc.pid, signal.SIGTERM)  # the UI runs several worker processes: stop the group
-        proc.wait()
+    raise typer.Exit(mlflow_ui.serve(uri, port, open_page if open_ else None))
 
 
 analyze_app = typer.Typer(help="Diagnostics of trained models (the paper's figures).", no_args_is_help=True)

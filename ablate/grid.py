@@ -123,6 +123,7 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
         console.print(escape(f"{exp.name}: {len(plan.runs)} runs ({shape}), "
                              f"{len(plan.runs) - len(todo)} already done, {len(todo)} to run; tracking "
                              f"{mask_url(options.tracking_uri)}"), soft_wrap=True)
+        tracker.describe(exp.description)
         study = scheduling.grid_study(exp.name, store)
         if not shared:
             scheduling.reset_queue(study)
@@ -136,7 +137,7 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
             prepare_data([run.build_config() for run in todo], show_progress)
         with scheduling.queue_lock(study):  # two coordinators at once: one parent, each run queued once
             fresh = scheduling.enqueue_missing(study, todo)
-            open_parent(study, tracker, seeds, jobs, parent_tags)
+            open_parent(study, tracker, seeds, jobs, overrides, plan.runs, parent_tags)
         if shared:
             console.print(escape(f"queue {mask_url(options.storage or '')}: enqueued {len(fresh)}, "
                                  f"{len(todo) - len(fresh)} were queued already"), soft_wrap=True)
@@ -150,16 +151,27 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
 
 
 def open_parent(study, tracker: tracking.Tracker, seeds: list[int], jobs: int,
+                overrides: dict[str, Any] | None = None, runs: list[PlannedRun] = (),
                 tags: dict[str, str] | None = None) -> str:
     """The grid's MLflow parent run, kept in the study for every worker: the running one when a
-    second coordinator joins a grid in progress, else a new one."""
+    second coordinator joins a grid in progress, else a new one. It remembers the grid's
+    overrides (what `ablate report` finds the runs by) and the study its plan (`runs`, done
+    ones included: what its summary covers)."""
     parent_id = study.user_attrs.get(workers.PARENT_ATTR)
+    plan = [[run.cell, run.cell_index, run.config_hash] for run in runs]
     if parent_id and tracker.is_running(parent_id):
-        return parent_id
-    parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                     {f"{tracking.TAG}seeds": str(seeds), f"{tracking.TAG}jobs": str(jobs),
-                                      **(tags or {})})
-    study.set_user_attr(workers.PARENT_ATTR, parent_id)
+        # A second coordinator may plan more seeds: the summary covers both plans.
+        known = study.user_attrs.get(workers.PLAN_ATTR, [])
+        seen = {tuple(entry) for entry in known}
+        plan = known + [entry for entry in plan if tuple(entry) not in seen]
+    else:
+        own = {"seeds": str(seeds), "jobs": str(jobs), "role": tracking.PARENT_ROLE,
+               "overrides": json.dumps(overrides or {}, sort_keys=True)}
+        parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                         {**{f"{tracking.TAG}{key}": value for key, value in own.items()},
+                                          **(tags or {})})
+        study.set_user_attr(workers.PARENT_ATTR, parent_id)
+    study.set_user_attr(workers.PLAN_ATTR, plan)
     return parent_id
 
 

@@ -69,6 +69,20 @@ def _mask_credentials_in_records() -> None:
 _mask_credentials_in_records()
 
 TAG = "ablate."  # prefix of our tags
+# MLflow 3's UI files experiments as GenAI or model training by this tag. Its value alone does not
+# decide the page a fresh browser lands on (measured with 3.17: the GenAI Overview still opens);
+# the URL's workflowType does (ui_url).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A saved view of the Runs table, kept as an experiment tag that the URL names
+# (viewStateShareKey): the runs grouped by cell, each group's average and each seed's AP, AP50,
+# AP75 and outcome as columns. Without it the table shows no metric at all.
+RUNS_VIEW_KEY = "ablate"
+RUNS_VIEW = json.dumps({
+    "selectedColumns": ["metrics.`AP`", "metrics.`AP50`", "metrics.`AP75`", f"tags.`{TAG}outcome`"],
+    "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG}cell"}]}})
+EXPERIMENT_TAGS = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": RUNS_VIEW}
+NOTE = "mlflow.note.content"  # the description the UI renders as Markdown on a run's or experiment's page
+PARENT_ROLE = "grid"  # the `ablate.role` tag of an `ablate run`'s parent run
 STEP_METRICS = ("loss", "loss_cls", "loss_box_reg", "lr", "num_fg", "num_bg", "num_ignored", "img_per_s",
                 "data_fraction")
 # How long a process that takes over an interrupted run waits before checking that it is still the
@@ -188,13 +202,20 @@ class Tracker:
             local = not self.uri.startswith(("http://", "https://"))
             artifacts = (Path.cwd() / "mlartifacts" / experiment).resolve().as_uri() if local else None
             try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts,
+                                                                   tags=EXPERIMENT_TAGS)
             except MlflowException:  # another process created it a moment ago
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
                     raise
         if found is not None:
             self.experiment_id = found.experiment_id
+            tag_for_the_ui(self.client, found)
+
+    def describe(self, text: str) -> None:
+        """The experiment's description on its UI page (the experiment file's `description`)."""
+        if text and self.client.get_experiment(self.experiment_id).tags.get(NOTE) != text:
+            self.client.set_experiment_tag(self.experiment_id, NOTE, text)
 
     def start_parent(self, name: str, tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
@@ -205,6 +226,45 @@ class Tracker:
         try:
             return self.client.get_run(run_id).info.status == "RUNNING"
         except Exception:  # deleted, or of another store
+            return False
+
+    def grid_parents(self) -> list:
+        """The parent runs of `ablate run` (newest first), each with its overrides tag."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}role` = '{PARENT_ROLE}'",
+                                       max_results=10_000, order_by=["attributes.start_time DESC"])
+
+    def override_sets(self) -> list[dict[str, Any]]:
+        """The distinct command-line overrides (--data, --set) the experiment's runs were made
+        with, newest first: what the child runs and the grids' parent runs remember."""
+        texts = [r.data.tags.get(f"{TAG}overrides") for r in self._child_runs() + self.grid_parents()]
+        seen: dict[str, dict[str, Any]] = {}
+        for text in texts:
+            if text is not None:
+                overrides = json.loads(text)
+                seen.setdefault(json.dumps(overrides, sort_keys=True), overrides)
+        return list(seen.values())
+
+    def log_summary(self, run_id: str, metrics: dict[str, float], files: dict[str, str], note: str) -> None:
+        """A grid's summary on its parent run: metrics, small text files (name -> content) as
+        artifacts under summary/, and `note` as the run's description on its UI page."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+        for name, text in files.items():
+            self.client.log_text(run_id, text, f"summary/{name}")
+        self.client.set_tag(run_id, NOTE, note)
+
+    def attach_files(self, run_id: str, paths: list[Path], folder: str) -> None:
+        """Files (a report's tables and plots) as artifacts of a run, under `folder`."""
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def is_active(self, run_id: str) -> bool:
+        """Whether the run exists in this store and is not deleted (it can take artifacts and tags)."""
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
             return False
 
     def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
@@ -323,7 +383,8 @@ class Tracker:
                    "start_time": run.info.start_time, "cell": tags.get(f"{TAG}cell"),
                    "cell_index": int(tags.get(f"{TAG}cell_index", -1)), "seed": int(tags.get(f"{TAG}seed", -1)),
                    "outcome": tags.get(f"{TAG}outcome", str(Outcome.INTERRUPTED)),
-                   "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir")}
+                   "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir"),
+                   "parent_run_id": tags.get("mlflow.parentRunId")}
             row.update({k: _parse_param(v) for k, v in run.data.params.items()})
             row.update(run.data.metrics)
             rows.append(row)
@@ -340,6 +401,42 @@ class Tracker:
         rows = [{"run_id": rid, "key": key, "step": m.step, "value": m.value}
                 for rid in run_ids for key in keys for m in self.client.get_metric_history(rid, key)]
         return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def tag_for_the_ui(client: MlflowClient, experiment) -> None:
+    """Give an experiment the UI's tags (EXPERIMENT_TAGS) that it lacks: one made before ablate
+    set them, or by another program."""
+    for key, value in EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of an experiment's Runs table in ablate's view (or of one of its runs) under
+    `base` ("http://127.0.0.1:5000"). workflowType picks the model-training pages, which a fresh
+    browser does not open on its own."""
+    if run_id:
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW_KEY}")
+
+
+def experiment_links(base: str, name: str | None = None, uri: str | None = None) -> list[tuple[str, str]]:
+    """(experiment name, Runs table URL) of ablation `name`, or of every experiment in the store
+    but MLflow's empty Default; each gets the UI's tags on the way (older ones lack them)."""
+    uri = uri or tracking_uri()
+    client = MlflowClient(uri)
+    if name is not None:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise AblateError(f"no experiment '{name}' in the tracking store {mask_url(uri)}: "
+                              f"run `ablate run {name}` first")
+        experiments = [found]
+    else:
+        experiments = [e for e in client.search_experiments(max_results=1000) if e.name != "Default"]
+    for exp in experiments:
+        tag_for_the_ui(client, exp)
+    return [(e.name, ui_url(base, e.experiment_id)) for e in sorted(experiments, key=lambda e: e.name)]
 
 
 def is_done(run) -> bool:

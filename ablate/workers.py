@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.progress import Progress
 
-from ablate import scheduling, signals, tracking
+from ablate import scheduling, signals, summary, tracking
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_urls, one_line
@@ -37,6 +37,10 @@ from ablate.runs import Outcome, PlannedRun, RunResult
 SKIPPED = "skipped (done elsewhere)"
 WORKER_CRASHED = "worker crashed"
 PARENT_ATTR = "ablate_parent_run"  # study user attribute: the MLflow parent run of the grid
+# Study user attribute: the grid's whole plan, done cells included, as [cell, cell index, config
+# hash] triples, so that whichever worker closes the parent run can summarise the grid on it
+# (the queue itself only holds what was left to run).
+PLAN_ATTR = "ablate_grid_plan"
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
         return result
 
     scheduling.work_grid(study, None, run, stop=stop)
-    close_parent_if_over(study, tracker, parent_id)
+    close_parent_if_over(study, tracker, parent_id, name)
     return outcomes
 
 
@@ -223,9 +227,16 @@ def report_failure(planned: PlannedRun, result: RunResult) -> None:
           file=sys.stderr, flush=True)
 
 
-def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str) -> None:
-    """The grid's parent run ends FINISHED when nothing waits or runs in its queue any more."""
-    if scheduling.pending(study) == 0:
+def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str, name: str) -> None:
+    """The grid's parent run ends FINISHED, its summary written on it, when nothing waits or runs
+    in its queue any more."""
+    if scheduling.pending(study) != 0:
+        return
+    try:
+        if tracker.is_running(parent_id):
+            plan = [tuple(entry) for entry in study.user_attrs.get(PLAN_ATTR, [])]
+            summary.write_grid_summary(tracker, parent_id, plan, name)
+    finally:
         tracker.end_parent(parent_id, "FINISHED")
 
 

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from ablate.config import Config, flatten
 from ablate.runs import PlannedRun
 from ablate.scheduling import PLANNED_ATTR
+from ablate.summary import aligned
 from cli import app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -307,3 +308,117 @@ def test_worker_bars_count_each_cells_own_iterations(workdir):
     assert result.exit_code == 0, result.output
     assert "4/4" in result.output and "8/8" in result.output, result.output
     assert "/12" not in result.output  # the file's base schedule, which neither cell runs
+
+
+def test_the_parent_run_holds_the_grid_summary_and_then_the_report(workdir):
+    """Browsing MLflow is reading the report: the experiment opens as model training, the grid's
+    parent run holds each cell's mean AP and CI (metrics, summary/cells.csv, its description) and,
+    after `ablate report`, the report's files; the child runs hold AP, AP50, AP75. The grid ran
+    with --set, and the plain `ablate report` / `ablate show` find its runs."""
+    path = workdir / "browse.toml"  # smoke, one cell and no Figure 4 (this test is about MLflow)
+    text = (REPO / "experiments" / "smoke.toml").read_text()
+    path.write_text(text.replace('"loss.cls" = ["focal", "alpha_ce"]', '"loss.cls" = ["focal"]')
+                    .replace('[report.loss_cdf]\ncell = "focal"\ngammas = [0.0, 2.0]\n', ""))
+    result = invoke("run", str(path), "--seeds", "2", "--set", "train.iterations=4", "--no-progress")
+    assert result.exit_code == 0, result.output
+    c = client(workdir)
+    exp = c.get_experiment_by_name("browse")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.tags["mlflow.note.content"].startswith("A seconds-long grid")
+    [parent] = [r for r in c.search_runs([exp.experiment_id]) if "ablate.cell" not in r.data.tags]
+    kids = children(workdir, "browse")
+    assert len(kids) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in kids)
+    for run in kids:
+        assert all(0.0 <= run.data.metrics[m] <= 1.0 for m in ("AP", "AP50", "AP75"))
+    assert parent.info.status == "FINISHED" and parent.data.tags["ablate.role"] == "grid"
+    assert json.loads(parent.data.tags["ablate.overrides"]) == {"train.iterations": 4}
+    # The summary: the cell's mean AP over its 2 seeds and the t interval (df 1) around it.
+    metrics = parent.data.metrics
+    a, b = (r.data.metrics["AP"] for r in kids)
+    mean, half = (a + b) / 2, 12.706204736174707 * abs(a - b) / 2  # std / sqrt(2) = |a - b| / 2
+    assert metrics["AP_mean/focal"] == pytest.approx(mean, abs=1e-12)
+    assert metrics["AP_ci95_low/focal"] == pytest.approx(mean - half, abs=1e-12)
+    assert metrics["AP_ci95_high/focal"] == pytest.approx(mean + half, abs=1e-12)
+    local = Path(c.download_artifacts(parent.info.run_id, "summary/cells.csv", str(workdir)))
+    import pandas as pd
+
+    table = pd.read_csv(local)
+    assert list(table["cell"]) == ["focal"] and list(table["n"]) == [2]
+    assert table.loc[0, "AP_mean"] == pytest.approx(mean, abs=1e-12)
+    assert "the grid's summary" in parent.data.tags["mlflow.note.content"]
+
+    shown = invoke("show", str(path), "--seeds", "2")
+    assert shown.exit_code == 0, shown.output
+    assert "made with --set train.iterations=4" in shown.output and "2 done, 0 to run" in shown.output
+    report = invoke("report", str(path))
+    assert report.exit_code == 0, report.output
+    assert "made with --set train.iterations=4: reporting those" in report.output
+    assert f"attached to MLflow run {parent.info.run_id}" in report.output
+    readme = (workdir / "reports" / "browse" / "README.md").read_text()
+    assert "ablate run browse --seeds 2 --set train.iterations=4\nablate report browse --set train.iterations=4" in readme
+    attached = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert {f"report/{n}" for n in ("table.md", "results.csv", "runs.csv", "ap.png", "loss_curves.png",
+                                    "README.md")} <= attached
+    note = c.get_run(parent.info.run_id).data.tags["mlflow.note.content"]
+    table, caption = (workdir / "reports" / "browse" / "table.md").read_text().strip().split("\n\n")
+    assert note.startswith(f"## browse: report\n\n```\n{aligned(table)}\n```\n\n{caption}\n")
+
+
+def _fake_grid(workdir: Path, overrides: dict) -> str:
+    """A finished grid of smoke (seed 0) made with `overrides`, written straight into the store;
+    returns its parent run's id."""
+    from ablate import tracking
+    from ablate.experiments import load_experiment
+    from ablate.runs import Outcome
+
+    tracker = tracking.Tracker("smoke", tracking.init_store(f"sqlite:///{workdir / 'mlflow.db'}"))
+    parent = tracker.start_parent("run", {"ablate.role": "grid", "ablate.overrides": json.dumps(overrides)})
+    for planned in load_experiment("smoke").planned_runs([0], overrides):
+        child = tracker.start_child(planned, parent)
+        child.log_metrics({"AP": 0.2, "AP50": 0.3, "AP75": 0.2})
+        child.end(Outcome.FINISHED)
+    tracker.end_parent(parent)
+    return parent
+
+
+def test_report_and_show_name_each_override_set_with_its_command(workdir):
+    coco_parent = _fake_grid(workdir, {"data.source": "coco", "data.root": "/data/coco"})
+    _fake_grid(workdir, {"train.iterations": 50})
+    for command in ("report", "show"):
+        result = invoke(command, "smoke")
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "2 sets of overrides" in result.output
+        assert f"`ablate {command} smoke --data coco:/data/coco`" in result.output
+        assert f"`ablate {command} smoke --set train.iterations=50`" in result.output
+    shown = invoke("show", "smoke", "--set", "train.iterations=50")
+    assert shown.exit_code == 0 and "2 done, 0 to run" in shown.output
+    client(workdir).delete_run(coco_parent)  # a report still works; it has no parent run to go to
+    report = invoke("report", "smoke", "--data", "coco:/data/coco")
+    assert report.exit_code == 0, report.output
+    assert "attached" not in report.output
+    assert "ablate report smoke --data coco:/data/coco" in (workdir / "reports" / "smoke" / "README.md").read_text()
+    wrong = invoke("report", "smoke", "--set", "train.iterations=7")
+    assert wrong.exit_code == 1 and "made with --set train.iterations=7; tracked: `ablate report" in wrong.output
+
+
+def test_ui_prints_the_url_of_the_ablations_runs_table(workdir, monkeypatch):
+    from ablate import ui
+
+    _fake_grid(workdir, {})
+    started = []
+
+    class Server:  # stands for the MLflow UI process (its start takes ~20 s; it is MLflow's, not ours)
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(ui, "start", lambda uri, port: started.append((uri, port)) or Server())
+    result = invoke("ui", "smoke", "--port", "5077")
+    assert result.exit_code == 0, result.output
+    exp = client(workdir).get_experiment_by_name("smoke")
+    assert (f"smoke: http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=ablate") in result.output
+    assert started == [(f"sqlite:///{workdir / 'mlflow.db'}", 5077)]
+    missing = invoke("ui", "gamma-sweep")
+    assert missing.exit_code == 1 and "no experiment 'gamma-sweep'" in missing.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -161,3 +162,25 @@ def test_end_maps_outcomes_to_mlflow_statuses(tracker):
         statuses[outcome] = tracker.client.get_run(child.run_id).info.status
     assert statuses == {Outcome.FINISHED: "FINISHED", Outcome.DIVERGED: "FAILED", Outcome.FAILED: "FAILED",
                         Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED"}
+
+
+def test_experiments_open_as_model_training_and_their_urls_land_on_the_runs_table(tracker):
+    kind, view = "mlflow.experimentKind", "mlflow.sharedViewState.ablate"
+    tags = tracker.client.get_experiment(tracker.experiment_id).tags
+    assert tags[kind] == "custom_model_development"
+    # The Runs table's view: grouped by cell, AP, AP50, AP75 and the outcome as columns.
+    assert json.loads(tags[view]) == {
+        "selectedColumns": ["metrics.`AP`", "metrics.`AP50`", "metrics.`AP75`", "tags.`ablate.outcome`"],
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "ablate.cell"}]}}
+    older = tracker.client.create_experiment("older-grid")  # made before ablate tagged its experiments
+    assert kind not in tracker.client.get_experiment(older).tags
+    base = "http://127.0.0.1:5000"
+    runs_table = "runs?workflowType=machine_learning&viewStateShareKey=ablate"
+    links = tracking.experiment_links(base, uri=tracker.uri)
+    assert links == [("older-grid", f"{base}/#/experiments/{older}/{runs_table}"),
+                     ("smoke", f"{base}/#/experiments/{tracker.experiment_id}/{runs_table}")]
+    assert {k: tracker.client.get_experiment(older).tags[k] for k in (kind, view)} == {k: tags[k] for k in (kind, view)}
+    assert tracking.experiment_links(base, "smoke", tracker.uri) == links[1:]
+    assert tracking.ui_url(base + "/", "3", "abc") == f"{base}/#/experiments/3/runs/abc?workflowType=machine_learning"
+    with pytest.raises(tracking.AblateError, match="no experiment 'nope'.*run `ablate run nope` first"):
+        tracking.experiment_links(base, "nope", tracker.uri)

@@ -1,9 +1,12 @@
 """The report's edge: an experiment's tracked runs in, reports/NAME out.
 
-It reads the runs that stand for the experiment's cells from tracking (ablate.results picks them),
+It reads the runs that stand for the experiment's cells from tracking (ablate.results picks them,
+with the --data / --set values given or, without any, those the runs were made with),
 has ablate.analysis draw the paper's Figure 1 (the loss family) and, when the file's [report]
 table asks for it, Figure 4 (loss CDFs from a trained checkpoint), and hands everything to
-write_report. The torch-side work is imported only when a report is built.
+write_report. The report's tables and plots then go onto the grid's MLflow parent run
+(ablate.summary), so that the run page in the MLflow UI shows the report. The torch-side work is
+imported only when a report is built.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from typing import Any
 
 import pandas as pd
 
-from ablate import tracking
+from ablate import summary, tracking
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
 from ablate.report.spec import ReportSpec
 from ablate.report.write import write_report
-from ablate.results import reproduce_command, select_runs
+from ablate.results import command_flags, reproduce_command, resolve_overrides, select_runs
 from ablate.runs import Outcome
 
 FIGURE1_CAPTION = "the loss family (paper's Figure 1)"
@@ -31,19 +34,30 @@ def report_spec(exp: Experiment, command: str = "") -> ReportSpec:
                       command=command)
 
 
-def build_report(exp: Experiment, extra: dict[str, Any], out_dir: Path, command: str | None = None) -> dict[str, Path]:
-    """Write reports/NAME from the tracked runs; returns the files written."""
+def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, command: str | None = None,
+                 say=None) -> dict[str, Path]:
+    """Write reports/NAME from the tracked runs and attach it to their grid's parent run; returns
+    the files written. `extra`: the --data / --set values, None when none were given (then the
+    tracked runs' own are used). `say(line)` is told which ones were used and where the report went."""
     tracker = tracking.Tracker(exp.name, tracking.init_store())
-    runs = select_runs(exp, extra, tracker.load_runs())
+    tracked = tracker.load_runs()
+    chosen = resolve_overrides(exp, extra, tracked, tracker.override_sets())
+    if chosen and not extra and say:
+        say(f"the tracked runs were made with{command_flags(chosen)}: reporting those")
+    runs = select_runs(exp, chosen, tracked)
     if runs.empty:
         raise AblateError(f"no tracked run matches the cells of {exp.path}: run `ablate run {exp.name}` first")
     histories = tracker.load_histories(runs["run_id"].tolist())
-    spec = report_spec(exp, command or reproduce_command(exp, extra, runs))
+    spec = report_spec(exp, command or reproduce_command(exp, chosen, runs))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, skipped = loss_cdf_figure(exp, runs, out_dir)
     written = write_report(runs, histories, spec, out_dir, {**figure1(out_dir), **figures}, skipped)
-    return {**written, **adaptive_sections(exp, extra, tracker, runs, spec, out_dir, written["readme"])}
+    written = {**written, **adaptive_sections(exp, extra, tracker, runs, spec, out_dir, written["readme"])}
+    parent = attach_to_parent(tracker, exp.name, runs, written)
+    if parent and say:
+        say(f"attached to MLflow run {parent} (the grid's parent run; `ablate ui {exp.name}` browses it)")
+    return written
 
 
 def adaptive_sections(exp: Experiment, extra: dict[str, Any], tracker: tracking.Tracker, runs: pd.DataFrame,
@@ -68,6 +82,24 @@ def adaptive_sections(exp: Experiment, extra: dict[str, Any], tracker: tracking.
     if sections:
         readme.write_text(readme.read_text() + "\n" + "\n\n".join(sections) + "\n")
     return paths
+
+
+def attach_to_parent(tracker: tracking.Tracker, name: str, runs: pd.DataFrame, written: dict[str, Path]) -> str | None:
+    """Put the report on the parent run of the newest of `runs` (the latest grid, whose summary
+    covers the others): its files under report/, its per-cell AP as metrics, its table as the run's
+    description. Returns that run's id; None for runs without a parent (or whose parent was deleted)."""
+    parents = runs.dropna(subset=["parent_run_id"]) if "parent_run_id" in runs else runs.iloc[0:0]
+    if parents.empty:
+        return None
+    parent_id = str(parents.sort_values("start_time").iloc[-1]["parent_run_id"])
+    if not tracker.is_active(parent_id):
+        return None
+    files = list(written.values())
+    tracker.attach_files(parent_id, files, "report")
+    results = pd.read_csv(written["results"])
+    tracker.log_summary(parent_id, summary.summary_metrics(results), {},
+                        summary.report_note(name, written["table"].read_text(), files))
+    return parent_id
 
 
 def figure1(out_dir: Path) -> dict[str, tuple[Path, str]]:

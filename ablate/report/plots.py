@@ -15,6 +15,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.transforms import ScaledTranslation
 
 from ablate.report.spec import ReportSpec
 from ablate.report.stats import baseline_cell, is_missing, t_interval
@@ -25,6 +26,8 @@ DPI = 120
 # Loss curves are drawn from at most this many step bins: the paper's 90k iterations would
 # otherwise give a CI computation per logged step and an unreadable, aliased line.
 MAX_CURVE_POINTS = 200
+HUE_DODGE = 0.3  # how far apart the hue levels of one category sit on a categorical x
+SEED_SHIFT_POINTS = 7  # how far right of its cell's mean a seed's dot is drawn, in typographic points
 
 
 def style():
@@ -109,6 +112,24 @@ def _x_label(x_key: str | None) -> str:
     return "cell" if x_key is None else f"{header(x_key)} ({x_key})" if header(x_key) != x_key else x_key
 
 
+def drawn_interval(values: pd.Series) -> tuple[float, float]:
+    """The 95% t interval of the mean AP (percent) as drawn: cut to AP's range [0, 100].
+
+    For drawing only: with 3 seeds, a cell of 0.0, 0.1 and 16.8 AP has an interval down to -16,
+    an AP no detector can have, which would stretch the axis below zero. The tables and
+    results.csv keep the interval as measured (stats.t_interval).
+    """
+    low, high = t_interval(values)
+    return max(low, 0.0), min(high, 100.0)
+
+
+def _hue_offsets(levels: int, dodge: float) -> list[float]:
+    """Where seaborn's pointplot puts each hue level around a category (its dodge arithmetic)."""
+    if levels < 2 or not dodge:
+        return [0.0] * levels
+    return [-dodge / 2 + dodge / (levels - 1) * i for i in range(levels)]
+
+
 def _draw_ours(ax: Any, frame: pd.DataFrame, layout: dict, order: list, label: str) -> None:
     """Our AP per run, mean with the 95% t band (numeric x) or error bars (categorical x)."""
     hue = "_hue" if layout["hue"] is not None else None
@@ -116,12 +137,26 @@ def _draw_ours(ax: Any, frame: pd.DataFrame, layout: dict, order: list, label: s
     # With a hue the legend lists its levels; seaborn refuses a label on top of them.
     kwargs = {} if hue else {"label": label}
     if layout["numeric"]:
-        sns.lineplot(data=frame, x="_x", y="AP%", hue=hue, hue_order=hue_order, errorbar=t_interval,
+        sns.lineplot(data=frame, x="_x", y="AP%", hue=hue, hue_order=hue_order, errorbar=drawn_interval,
                      marker="o", markersize=7, ax=ax, **kwargs)
     else:
         sns.pointplot(data=frame, x="_x", y="AP%", hue=hue, hue_order=hue_order, order=order,
-                      errorbar=t_interval, capsize=0.15, linestyle="none", marker="o", err_kws={"linewidth": 1.5},
-                      dodge=0.3 if hue else False, ax=ax, **kwargs)
+                      errorbar=drawn_interval, capsize=0.15, linestyle="none", marker="o",
+                      err_kws={"linewidth": 1.5}, dodge=HUE_DODGE if hue else False, ax=ax, **kwargs)
+
+
+def _draw_seeds(ax: Any, frame: pd.DataFrame, layout: dict, order: list) -> Line2D:
+    """Each finished run's AP as a small dot, a few points right of its cell's mean (so the mean's
+    marker and interval stay visible), in its hue's colour; the legend handle."""
+    levels = list(dict.fromkeys(layout["hue"])) if layout["hue"] is not None else [None]
+    colors = dict(zip(levels, sns.color_palette(n_colors=len(levels))))
+    offsets = dict(zip(levels, _hue_offsets(len(levels), HUE_DODGE if not layout["numeric"] else 0.0)))
+    hues = frame["_hue"] if "_hue" in frame else pd.Series([None] * len(frame), index=frame.index)
+    xs = [float(x) if layout["numeric"] else order.index(x) + offsets[h] for x, h in zip(frame["_x"], hues)]
+    beside = ax.transData + ScaledTranslation(SEED_SHIFT_POINTS / 72, 0, ax.figure.dpi_scale_trans)
+    ax.scatter(xs, frame["AP%"], s=14, c=[colors[h] for h in hues], alpha=0.75, linewidths=0,
+               transform=beside, zorder=3)
+    return Line2D([], [], linestyle="none", marker="o", markersize=4, color="0.4", alpha=0.75, label="one seed")
 
 
 def _x_position(layout: dict, order: list, i: int) -> float:
@@ -177,22 +212,34 @@ def _fit_x(ax: Any, layout: dict, order: list) -> None:
 
 def plot_ap(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec, path: Path) -> Path:
     """AP (percent) against spec.x over seeds, with the paper's AP as a dashed reference."""
+    return save_figure(draw_ap(runs, cells, spec), path)
+
+
+def draw_ap(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec) -> Figure:
+    """plot_ap's figure: each cell's mean AP with its 95% interval (cut at 0 and 100 AP), each
+    seed a dot beside it, the paper's AP, and a note at cells that have no finished run."""
     frame, layout = _plot_frame(runs, cells, spec)
     order = list(dict.fromkeys(layout["x"])) if not layout["numeric"] else []
     several = bool((cells["n"] >= 2).any())
     with style():
         fig, ax = new_figure(max(6.5, 0.9 * len(order) + 3), 4.6)
+        extra = []
         if not frame.empty:
             _draw_ours(ax, frame, layout, order, "ours: mean, 95% CI over seeds" if several else "ours")
+            if several:
+                extra.append(_draw_seeds(ax, frame, layout, order))
         paper = _draw_paper(ax, cells, layout, order, spec.paper_table) if spec.paper_table else None
+        extra += [paper] if paper else []
         _fit_x(ax, layout, order)
         _mark_unfinished(ax, cells, layout, order)
+        if ax.get_ylim()[0] < 0:  # only the margin goes below 0 AP: no point or band is there
+            ax.set_ylim(bottom=0.0)
         ax.set_xlabel(_x_label(layout["x_key"]))
         ax.set_ylabel("AP (%)")
-        detail = "mean, 95% CI" if several else "one seed: no interval"
+        detail = "mean, 95% CI, seeds" if several else "one seed: no interval"
         ax.set_title(f"{spec.name}: AP over seeds ({detail})")
-        _finish_legend(ax, [paper] if paper else [], layout["hue_title"])
-        return save_figure(fig, path)
+        _finish_legend(ax, extra, layout["hue_title"])
+    return fig
 
 
 def _finish_legend(ax: Any, extra: list, title: str | None) -> None:
