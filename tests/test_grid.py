@@ -382,7 +382,9 @@ def _fake_grid(workdir: Path, overrides: dict) -> str:
 
 
 def test_report_and_show_name_each_override_set_with_its_command(workdir):
-    coco_parent = _fake_grid(workdir, {"data.source": "coco", "data.root": "/data/coco"})
+    from ablate.experiments import data_overrides
+
+    coco_parent = _fake_grid(workdir, data_overrides("coco:/data/coco", "--data"))  # as the CLI records it
     _fake_grid(workdir, {"train.iterations": 50})
     for command in ("report", "show"):
         result = invoke(command, "smoke")
