@@ -156,26 +156,31 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d normalising with the statistics of the global batch (every rank's images), like
     one process over that batch. torch's SyncBatchNorm does this on GPUs only; this is the CPU
     (gloo) path. The statistics are summed over the ranks with `_AllSum`, so gradients flow through
-    them as through one process's batch statistics. Two passes (mean, then the centred squares)
-    keep the variance as exact as BatchNorm's own."""
+    them as through one process's batch statistics."""
     # (torch.distributed.nn.functional.all_reduce does what _AllSum does, but is deprecated.)
 
     def forward(self, x: Tensor) -> Tensor:  # x [B, C, H, W]
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        all_reduce = _AllSum.apply
         channels = x.shape[1]
-        count = torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)
-        sums = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))  # [C + 1]
+        # One all-reduce forward (and one backward) per layer: the sums of x and x^2 with the count,
+        # accumulated in float64 so that E[x^2] - E[x]^2 keeps BatchNorm's precision. (Two passes
+        # need two each way; measured on the tiny preset, 2 gloo ranks: 98 vs 95 img/s. What costs
+        # is these unfused passes over the activations: frozen BatchNorm trains at 196 img/s.)
+        count = torch.full((1,), x.numel() // channels, dtype=torch.float64, device=x.device)
+        local = torch.cat([x.sum(dim=(0, 2, 3), dtype=torch.float64),
+                           (x * x).sum(dim=(0, 2, 3), dtype=torch.float64), count])  # [2C + 1]
+        sums = _AllSum.apply(local)
         total = sums[-1]
-        mean = sums[:channels] / total  # [C]
+        mean64 = sums[:channels] / total  # [C]
+        var = (sums[channels:2 * channels] / total - mean64 * mean64).clamp(min=0).to(x.dtype)  # [C], biased
+        mean = mean64.to(x.dtype)
         centred = x - mean.view(1, -1, 1, 1)
-        var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / total  # [C], biased as BatchNorm's
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * total / (total - 1).clamp(min=1)
+                unbiased = (var * total / (total - 1).clamp(min=1)).to(self.running_var.dtype)
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(unbiased.detach(), momentum)
         out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
