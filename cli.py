@@ -272,7 +272,8 @@ CheckpointDirOption = Annotated[Path | None, typer.Option(
     "(default: $ABLATE_CHECKPOINT_DIR, else ./.ablate/checkpoints)")]
 CheckpointEveryOption = Annotated[int | None, typer.Option(
     "--checkpoint-every", help="Iterations between resume checkpoints (default: a tenth of the run, 50-1000; 0: none)")]
-GpusOption = Annotated[int, typer.Option("--gpus-per-cell", help="GPUs each worker process gets (CUDA_VISIBLE_DEVICES)")]
+GpusOption = Annotated[int, typer.Option("--gpus-per-cell", help="GPUs each worker process gets (CUDA_VISIBLE_DEVICES; "
+                                          "at least --nproc)")]
 
 
 def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None,
@@ -360,7 +361,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
 
     multiples = parse_budgets(budgets) if budgets is not None else None
     options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
-    common = {"options": options, "jobs": jobs, "gpus_per_cell": gpus_per_cell, "dry_run": dry_run,
+    common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}
     if until_settled:
         outcomes = adaptive.run_until_settled(exp, seed_values, overrides, max_seeds, **common)
@@ -386,7 +387,9 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
         raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     name = Path(experiment).stem if experiment.endswith(".toml") else experiment
     options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
-    outcomes = grid.run_worker(name, options, jobs=jobs, gpus_per_cell=gpus_per_cell, show_progress=progress)
+    # A worker process sees only its own GPUs: a cell on --nproc N processes needs N of them.
+    outcomes = grid.run_worker(name, options, jobs=jobs, gpus_per_cell=max(gpus_per_cell, options.nproc),
+                               show_progress=progress)
     report_outcomes(name, outcomes)
 
 

@@ -128,8 +128,9 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def threads_per_rank(world_size: int) -> int:
-    """CPU threads for each of `world_size` ranks on this machine: its cores shared out."""
-    return max(1, (os.cpu_count() or 1) // world_size)
+    """CPU threads for each of `world_size` ranks started by this process: its own threads shared
+    out (a grid worker's are already its share of the machine)."""
+    return max(1, torch.get_num_threads() // world_size)
 
 
 # ---------------------------------------------------------------------------------- BatchNorm
@@ -245,10 +246,12 @@ def spawned(nproc: int, backend: str, target: Callable[..., Any], args: tuple) -
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="ablate-ddp-") as folder:
         init_method = Path(folder, "rendezvous").as_uri()
-        helpers = [context.Process(target=_rank_entry, args=(target, rank, nproc, backend, init_method, *args),
+        per_rank = threads_per_rank(nproc)
+        helpers = [context.Process(target=_rank_entry, args=(target, rank, nproc, backend, init_method, per_rank,
+                                                              *args),
                                    name=f"ablate-rank-{rank}") for rank in range(1, nproc)]
         threads = torch.get_num_threads()
-        torch.set_num_threads(threads_per_rank(nproc))
+        torch.set_num_threads(per_rank)
         try:
             for helper in helpers:
                 helper.start()
@@ -264,12 +267,13 @@ def spawned(nproc: int, backend: str, target: Callable[..., Any], args: tuple) -
                     helper.join()
 
 
-def _rank_entry(target: Callable[..., Any], rank: int, nproc: int, backend: str, init_method: str, *args) -> None:
+def _rank_entry(target: Callable[..., Any], rank: int, nproc: int, backend: str, init_method: str, threads: int,
+                *args) -> None:
     """A spawned rank: it leaves signals to rank 0 (a Ctrl-C reaches the whole terminal's process
     group; rank 0 stops every rank at the same iteration through the training loop's step sync)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(threads_per_rank(nproc))
+    torch.set_num_threads(threads)
     try:
         target(rank, nproc, backend, init_method, *args)
     except Exception as e:  # noqa: BLE001 - rank 0 reports the run's error; this rank says one line

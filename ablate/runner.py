@@ -69,6 +69,7 @@ def run_training(cfg: Config, **kwargs) -> dict[str, Any]:
         raise AblateError("train.nproc: evaluating during training (a search's pruning) runs on one process only")
     device = builders.resolve_device(cfg.train.device)
     backend = distributed.backend_for(cfg.train.backend, device)
+    builders.fetch_weights(cfg)  # once, before the ranks start: they would all download it at once
     if launched is not None:  # one of torchrun's processes: only rank 0 speaks, writes and tracks
         if not launched.is_main:
             kwargs = quiet_rank_arguments(kwargs)
@@ -305,12 +306,16 @@ def start_rngs(cfg: Config, saved: dict[str, Any] | None, ranks: distributed.Ran
         set_seed(distributed.rank_seed(cfg.train.seed, ranks.rank))
 
 
+class WorldSizeMismatch(AblateError):
+    """A resume checkpoint of another number of processes: it stays for a worker with that many."""
+
+
 def check_world_size(saved: dict[str, Any] | None, ranks: distributed.Ranks, resume: ResumeSpec | None) -> None:
     """A resume checkpoint goes on with as many processes as wrote it (each rank's RNGs are in it)."""
     written = len(saved.get("rng_ranks", [None])) if saved else ranks.world_size
     if written != ranks.world_size:
-        raise AblateError(f"{resume.path}: written by {written} process(es), resumed on {ranks.world_size}; "
-                          f"resume with --nproc {written}")
+        raise WorldSizeMismatch(f"{resume.path}: written by {written} process(es), resumed on {ranks.world_size}; "
+                                f"resume with --nproc {written}")
 
 
 def dist_backend() -> str:

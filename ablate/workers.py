@@ -29,7 +29,7 @@ from ablate import scheduling, signals, summary, tracking
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_urls, one_line
-from ablate.runner import run_training
+from ablate.runner import WorldSizeMismatch, run_training
 from ablate.runs import Outcome, PlannedRun, RunResult
 
 # Counted beside the outcomes: a run another process had finished or was running when this
@@ -133,7 +133,9 @@ def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress:
         raise
     except Exception as e:  # one failing cell must never lose the others: record it and go on
         error = mask_urls(one_line(e))
-        if resume is not None:  # the rerun starts afresh: a checkpoint that cannot be read must not block it
+        # The rerun starts afresh: a checkpoint that cannot be read must not block it. One written by
+        # another number of processes is good: it waits for a worker with as many (--nproc).
+        if resume is not None and not isinstance(e, WorldSizeMismatch):
             discard_resume(resume.path)
         try:
             child.set_tags({"error": error[:500]})

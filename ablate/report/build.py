@@ -53,14 +53,14 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, skipped = loss_cdf_figure(exp, runs, out_dir)
     written = write_report(runs, histories, spec, out_dir, {**figure1(out_dir), **figures}, skipped)
-    written = {**written, **adaptive_sections(exp, extra, tracker, runs, spec, out_dir, written["readme"])}
+    written = {**written, **adaptive_sections(exp, chosen, tracker, runs, spec, out_dir, written["readme"])}
     parent = attach_to_parent(tracker, exp.name, runs, written)
     if parent and say:
         say(f"attached to MLflow run {parent} (the grid's parent run; `ablate ui {exp.name}` browses it)")
     return written
 
 
-def adaptive_sections(exp: Experiment, extra: dict[str, Any], tracker: tracking.Tracker, runs: pd.DataFrame,
+def adaptive_sections(exp: Experiment, overrides: dict[str, Any], tracker: tracking.Tracker, runs: pd.DataFrame,
                       spec: ReportSpec, out_dir: Path, readme: Path) -> dict[str, Path]:
     """The adaptive-seeds verdicts and the budget curves, when the experiment's parent runs
     recorded a rule or budgets (`ablate run --until-settled` / `--budgets`), appended to the README."""
@@ -74,7 +74,7 @@ def adaptive_sections(exp: Experiment, extra: dict[str, Any], tracker: tracking.
         paths.update(written)
         sections.append(text)
     budgets = adaptive.recorded_budgets(tracker.parent_tags(adaptive.BUDGETS_TAG))
-    per_budget = adaptive.budget_runs(exp, extra, tracker.load_runs(), budgets) if budgets else {}
+    per_budget = adaptive.budget_runs(exp, overrides, tracker.load_runs(), budgets) if budgets else {}
     if per_budget:
         written, text = write_budgets(per_budget, spec, out_dir)
         paths.update(written)
