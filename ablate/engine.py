@@ -137,7 +137,8 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
             stop_here = stop is not None and stop()
             step = ranks.all_sum(torch.stack([out[key].detach().double() for key in LOGGED]
                                              + [loss.new_tensor(float(stop_here), dtype=torch.float64)]))
-            values = dict(zip(LOGGED, step.tolist()))
+            summed = step.tolist()
+            values = dict(zip(LOGGED, summed))
             for key in LOSSES:  # each rank's loss is its share times world_size (DDP averages)
                 values[key] /= ranks.world_size
             if not math.isfinite(values["loss"]):
@@ -170,7 +171,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
                 if pruned:
                     clock()
                     return TrainOutcome(Outcome.PRUNED, done, state.seconds, history=state.history)
-            stopping = step[-1].item() > 0
+            stopping = summed[-1] > 0  # the stop flag, summed over the ranks with the figures
             if save_state and (stopping or (save_every and done % save_every == 0)):
                 clock()
                 save_state(state)
