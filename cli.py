@@ -324,7 +324,8 @@ def report_outcomes(name: str, outcomes) -> None:
 def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experiments/NAME.toml) or path.")],
         seeds: Annotated[int | None, typer.Option(help="Run seeds 0..N-1 (default: the file's seeds).")] = None,
         jobs: Annotated[int | None, typer.Option(
-            help="Workers of this command, each a process (default 1; 0 with a shared --storage: only enqueue)")] = None,
+            help="Workers of this command, each a process (default: one per core, or per --gpus-per-cell GPUs, "
+            "at most one per run; 0, the default with a shared --storage: only enqueue)")] = None,
         set_: SetOption = None, data: DataOption = None,
         preset: Annotated[str | None, typer.Option(help="Budget preset instead of the file's (e.g. paper).")] = None,
         storage: StorageOption = None, checkpoint_dir: CheckpointDirOption = None,
@@ -376,14 +377,15 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
 @friendly_errors
 def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its experiment's name).")],
            storage: StorageOption = None,
-           jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
+           jobs: Annotated[int | None, typer.Option(
+               help="Worker processes on this machine (default: one per core, or per --gpus-per-cell GPUs)")] = None,
            checkpoint_dir: CheckpointDirOption = None, checkpoint_every: CheckpointEveryOption = None,
            gpus_per_cell: GpusOption = 1, nproc: NprocOption = None, progress: ProgressOption = True) -> None:
     """Pull runs of a planned grid from the queue and train them until the queue is empty (any number
     of workers, on any machine sharing the queue, the tracking server and the checkpoint folder)."""
     from ablate import grid
 
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     name = Path(experiment).stem if experiment.endswith(".toml") else experiment
     options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)

@@ -246,7 +246,7 @@ def run_until_settled(exp: Experiment, seeds: Sequence[int], extra: dict[str, An
     """`ablate run NAME --until-settled`: rounds of run_grid, each on the runs the rule asks for."""
     from rich.markup import escape
 
-    from ablate import grid, tracking
+    from ablate import grid, tracking, workers
 
     rule, comparisons = rule_of(exp, max_seeds), comparisons_of(exp)
     if jobs == 0:
@@ -260,7 +260,9 @@ def run_until_settled(exp: Experiment, seeds: Sequence[int], extra: dict[str, An
 
     def run_round(todo: dict[str, list[int]]) -> Counter:
         round_seeds, keep = select_pairs(todo)
-        return grid.run_grid(exp, round_seeds, extra, options=options, jobs=jobs or 1, gpus_per_cell=gpus_per_cell,
+        # Workers of its own even on a shared queue (the default there is none): it waits for the round.
+        own_jobs = jobs or workers.default_jobs(sum(len(s) for s in todo.values()), options.nproc, gpus_per_cell)
+        return grid.run_grid(exp, round_seeds, extra, options=options, jobs=own_jobs, gpus_per_cell=gpus_per_cell,
                              dry_run=dry_run, console=console, show_progress=show_progress, select=keep,
                              parent_tags=rule_tags(rule, comparisons))
 

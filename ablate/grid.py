@@ -102,15 +102,17 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
              jobs: int | None = None, gpus_per_cell: int = 1, force: bool = False, dry_run: bool = False,
              console: Console, show_progress: bool = True, select: Callable[[PlannedRun], bool] | None = None,
              parent_tags: dict[str, str] | None = None) -> Counter:
-    """Plan, enqueue what is left, and work the queue with `jobs` workers (None: 1 on this
-    folder's journal, 0 on a shared queue). Returns the count of each outcome.
+    """Plan, enqueue what is left, and work the queue with `jobs` workers (None: as many as the
+    machine runs at once, `workers.default_jobs`, on this folder's journal; 0 on a shared queue).
+    Returns the count of each outcome.
 
     `select` keeps a subset of the cell x seed runs (ablate.adaptive plans its rounds with it);
     `parent_tags` go on a new parent run (e.g. the stopping rule the runs are judged by)."""
     tracker = tracking.Tracker(exp.name, options.tracking_uri)
     store = scheduling.storage(options.storage)
     shared = scheduling.is_shared(store)
-    jobs = (0 if shared else 1) if jobs is None else jobs
+    auto_jobs = jobs is None
+    jobs = 0 if shared and auto_jobs else jobs
     with contextlib.nullcontext() if shared else folder_lock(exp.name):
         if not dry_run:
             tracker.close_orphans()
@@ -133,6 +135,8 @@ def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, op
             close_orphan_parent(study, tracker)
         if not todo:
             return Counter()
+        if auto_jobs and not shared:
+            jobs = workers.default_jobs(len(todo), options.nproc, gpus_per_cell)
         if jobs:
             prepare_data([run.build_config() for run in todo], show_progress)
         with scheduling.queue_lock(study):  # two coordinators at once: one parent, each run queued once
@@ -183,10 +187,13 @@ def close_orphan_parent(study, tracker: tracking.Tracker) -> None:
         tracker.end_parent(parent_id, "KILLED")
 
 
-def run_worker(name: str, options: WorkerOptions, *, jobs: int = 1, gpus_per_cell: int = 1,
+def run_worker(name: str, options: WorkerOptions, *, jobs: int | None = None, gpus_per_cell: int = 1,
                show_progress: bool = True) -> Counter:
-    """`ablate worker`: pull runs of grid `name` from the queue until it is empty."""
-    workers.open_queue(name, options.storage)  # fails now, in one line, if there is no such grid
+    """`ablate worker`: pull runs of grid `name` from the queue until it is empty, with `jobs`
+    processes (None: as many as this machine runs at once, at most one per run in the queue)."""
+    study, _ = workers.open_queue(name, options.storage)  # fails now, in one line, if there is no such grid
+    if jobs is None:
+        jobs = workers.default_jobs(max(1, scheduling.pending(study)), options.nproc, gpus_per_cell)
     if jobs <= 1:
         gpus = workers.gpu_assignment(1, gpus_per_cell, workers.visible_gpus())[0]
         if gpus is not None:

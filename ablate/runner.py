@@ -12,6 +12,7 @@ into parts, the engine only computes. A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -40,6 +41,22 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class Phases:
+    """Wall seconds spent in each phase of a run (data, setup, train, eval, write), for the grid's
+    time breakdown: `with phases("data"): ...` adds the block's time to phase "data"."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
@@ -120,21 +137,24 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     saved = load_resume(resume.path, config_hash(cfg)) if resume and Path(resume.path).exists() else None
     check_world_size(saved, ranks, resume)
     set_seed(cfg.train.seed)
+    phases = Phases()
     device = distributed.rank_device(builders.resolve_device(cfg.train.device), ranks)
-    root = builders.data_root(cfg, progress=show_progress and progress is None)
-    train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
-    check_trainable(train_set)
-    if not ranks.is_main:  # ranks other than 0 only train: no files, no evaluation
-        return train_other_share(cfg, train_set, device, ranks, saved, resume, stop)
-    val_set, val_loader = builders.build_val_loader(cfg, root)
-    builders.check_same_classes(train_set.category_names, val_set, f"the train split ({train_set.ann_file})")
+    with phases("data"):
+        root = builders.data_root(cfg, progress=show_progress and progress is None)
+        train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
+        check_trainable(train_set)
+        if not ranks.is_main:  # ranks other than 0 only train: no files, no evaluation
+            return train_other_share(cfg, train_set, device, ranks, saved, resume, stop)
+        val_set, val_loader = builders.build_val_loader(cfg, root)
+        builders.check_same_classes(train_set.category_names, val_set, f"the train split ({train_set.ann_file})")
     builders.fetch_weights(cfg)
     # The run folder only once the data and weights are known good: bad input leaves no empty run behind.
     if run_dir is None and saved and Path(saved["run_dir"]).is_dir():
         run_dir = Path(saved["run_dir"])
     run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
-    balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
+    with phases("setup"):
+        balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     if console:
         console.print(escape(f"data {root or train_set.ann_file}: {len(train_set)} train / {len(val_set)} val images, "
                              f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}"))
@@ -144,7 +164,8 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     if ranks.distributed and console:
         console.print(f"training on {ranks.world_size} processes ({dist_backend()}): "
                       f"{cfg.train.batch_size // ranks.world_size} images each per batch of {cfg.train.batch_size}")
-    parts = build_training_parts(cfg, train_set, device, ranks, saved)
+    with phases("setup"):
+        parts = build_training_parts(cfg, train_set, device, ranks, saved)
     model, optimizer, scheduler, criterion, state, loader = parts
     if train_set.stats.num_boxes == 0:
         warn_no_boxes(train_set, console)
@@ -173,15 +194,16 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     start_rngs(cfg, saved, ranks)
     if saved and console:
         console.print(escape(f"resuming from {resume.path} at iteration {state.iteration}"))
-    outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
-                           iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
-                           checkpoint_every=t.checkpoint_every, on_log=log,
-                           on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", net, cfg,
-                                                                    *classes, it),
-                           show_progress=show_progress, progress=progress, eval_every=eval_every,
-                           on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None,
-                           state=state, stop=stop, save_every=resume.every if resume else 0,
-                           save_state=save_state if resume else None, ranks=ranks)
+    with phases("train"):
+        outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
+                               iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
+                               checkpoint_every=t.checkpoint_every, on_log=log,
+                               on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", net, cfg,
+                                                                        *classes, it),
+                               show_progress=show_progress, progress=progress, eval_every=eval_every,
+                               on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None,
+                               state=state, stop=stop, save_every=resume.every if resume else 0,
+                               save_state=save_state if resume else None, ranks=ranks)
     summary: dict[str, Any] = {"status": outcome.status, "iterations": outcome.iterations,
                                "diverged_at": outcome.diverged_at, "train_seconds": outcome.seconds,
                                "resumed_from": saved["iteration"] if saved else None, "processes": ranks.world_size,
@@ -190,15 +212,18 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
                                "anchors": balance}
     if outcome.status is Outcome.INTERRUPTED:
         summary["resume_checkpoint"] = str(resume.path) if resume else None
-    if outcome.history:
-        loss_curve_png(outcome.history, run_dir / "loss_curve.png", title=name)
+    with phases("write"):
+        if outcome.history:
+            loss_curve_png(outcome.history, run_dir / "loss_curve.png", title=name)
+        if outcome.status is Outcome.FINISHED:
+            save_checkpoint(run_dir / "checkpoint.pt", net, cfg, *classes, outcome.iterations)
     if outcome.status is Outcome.FINISHED:
-        save_checkpoint(run_dir / "checkpoint.pt", net, cfg, *classes, outcome.iterations)
-        t0 = time.perf_counter()
-        metrics, records = evaluate()
-        save_results(records, run_dir / "detections.json")
-        write_json(run_dir / "eval.json", metrics)
-        summary.update(metrics=metrics, eval_seconds=time.perf_counter() - t0)
+        with phases("eval"):
+            metrics, records = evaluate()
+            save_results(records, run_dir / "detections.json")
+            write_json(run_dir / "eval.json", metrics)
+        summary.update(metrics=metrics, eval_seconds=phases.seconds["eval"])
+    summary["phase_seconds"] = phases.seconds
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -292,7 +317,7 @@ def train_other_share(cfg: Config, train_set, device: torch.device, ranks: distr
     outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
                            iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
                            show_progress=False, state=state, stop=stop, save_every=resume.every if resume else 0,
-                           save_state=save_state if resume else None, ranks=ranks)
+                               save_state=save_state if resume else None, ranks=ranks)
     return {"status": outcome.status, "iterations": outcome.iterations, "rank": ranks.rank}
 
 

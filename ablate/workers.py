@@ -272,6 +272,37 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+# What one CPU worker of the tiny preset holds at its peak, with room to spare (measured: see
+# README "Speed" and benchmarks/grid_time.py); caps the default number of workers on small machines.
+WORKER_MEMORY = 2 * 2**30
+
+
+def default_jobs(runs: int, nproc: int = 1, gpus_per_cell: int = 1, visible: list[str] | None = None,
+                 cores: int | None = None, available_memory: int | None = None) -> int:
+    """Workers for `runs` runs when --jobs is not given: one per group of `gpus_per_cell` GPUs
+    where there are GPUs; on CPU one per `nproc` cores, as many as memory allows. Never more than
+    the runs, never fewer than 1.
+
+    One worker per core, each with one thread, because small models scale across processes better
+    than across threads: on 2 cores two 1-thread workers did 1.3x the runs per hour of one 2-thread
+    worker (tiny preset; README "Speed"). $ABLATE_JOBS, when set, replaces the machine's count."""
+    configured = os.environ.get("ABLATE_JOBS", "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise AblateError(f"$ABLATE_JOBS: expected a number of workers >= 1, got {configured!r}")
+        return max(1, min(runs, int(configured)))
+    visible = visible_gpus() if visible is None else visible
+    if visible:
+        slots = len(visible) // max(1, gpus_per_cell, nproc)
+    else:
+        import psutil
+
+        cores = cores or os.cpu_count() or 1
+        memory = psutil.virtual_memory().available if available_memory is None else available_memory
+        slots = min(cores // max(1, nproc), memory // WORKER_MEMORY)
+    return max(1, min(runs, slots))
+
+
 def gpu_assignment(jobs: int, gpus_per_cell: int, visible: list[str]) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES for each of `jobs` workers: disjoint groups of `gpus_per_cell` GPUs.
     No GPU at all: None for every worker (they train on the CPU)."""

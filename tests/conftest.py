@@ -9,6 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+
+
+@pytest.fixture(autouse=True)
+def one_worker_by_default(monkeypatch):
+    """Grids in tests run in the test's own process unless a test asks for workers (--jobs N, or
+    ABLATE_JOBS unset): their monkeypatches must reach the runs, and a worker process's start-up
+    would cost each end-to-end test seconds. The machine's default is tested on its own."""
+    monkeypatch.setenv("ABLATE_JOBS", "1")
+
+
 # ----------------------------------------------------------------------------- tiny_coco
 
 # Non-contiguous category ids, listed out of order: labels must follow the sorted ids

@@ -259,6 +259,26 @@ def test_two_folders_sharing_one_store_run_each_cell_once(workdir):
     assert "4 already done, 0 to run" in third.stdout + third.stderr
 
 
+def test_by_default_a_grid_runs_as_many_workers_as_the_machine_has_cores(workdir, monkeypatch):
+    """No --jobs (and no $ABLATE_JOBS): `workers.default_jobs` workers, each its own process (two
+    on a 2-core machine, each cell trained by a different one), recorded on the parent run."""
+    from ablate.workers import default_jobs
+
+    monkeypatch.delenv("ABLATE_JOBS")
+    env = dict(os.environ)
+    expected = default_jobs(2, visible=[])
+    done = subprocess.run([sys.executable, str(REPO / "cli.py"), "run", "smoke", "--no-progress"], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = children(workdir)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    owners = {r.data.tags["ablate.owner"].rsplit(":", 1)[0] for r in runs}  # host:pid, without the start time
+    assert len(owners) == expected, owners
+    exp = client(workdir).get_experiment_by_name("smoke")
+    parent, = client(workdir).search_runs([exp.experiment_id], filter_string="tags.`ablate.role` = 'grid'")
+    assert parent.data.tags["ablate.jobs"] == str(expected)
+
+
 def test_search_runs_tpe_trials_with_intermediate_ap(workdir):
     result = invoke("search", "smoke", "--trials", "3", "--no-progress")
     assert result.exit_code == 0, result.output

@@ -75,6 +75,35 @@ def test_worker_processes_get_disjoint_gpus_and_a_share_of_the_threads(monkeypat
     assert [(a[2].gpus, a[2].threads) for a in started] == [("0,1", 4), ("2,3", 4)]
 
 
+GIB = 2**30
+
+
+@pytest.mark.parametrize("runs, nproc, per_cell, visible, cores, memory, expected", [
+    (7, 1, 1, [], 2, 24 * GIB, 2),  # this machine: one 1-thread worker per core
+    (1, 1, 1, [], 2, 24 * GIB, 1),  # never more workers than runs
+    (100, 1, 1, [], 16, 24 * GIB, 12),  # 16 cores, but memory for 12 workers of 2 GiB
+    (100, 2, 1, [], 16, 64 * GIB, 8),  # a run on 2 processes takes 2 cores
+    (100, 1, 1, [], 2, GIB, 1),  # too little memory for even one: still one
+    (100, 1, 2, ["0", "1", "2", "3", "4"], 64, 256 * GIB, 2),  # GPUs: one worker per group of 2
+    (100, 4, 1, ["0", "1", "2", "3"], 64, 256 * GIB, 1),  # DDP on 4 GPUs: the 4 are one worker's
+])
+def test_default_jobs_follow_cores_gpus_memory_and_runs(monkeypatch, runs, nproc, per_cell, visible, cores,
+                                                        memory, expected):
+    monkeypatch.delenv("ABLATE_JOBS")
+    assert workers.default_jobs(runs, nproc, per_cell, visible=visible, cores=cores,
+                                available_memory=memory) == expected
+
+
+def test_ablate_jobs_replaces_the_machines_count(monkeypatch):
+    monkeypatch.setenv("ABLATE_JOBS", "3")
+    assert workers.default_jobs(10, visible=[], cores=64, available_memory=256 * GIB) == 3
+    assert workers.default_jobs(2, visible=[], cores=64, available_memory=256 * GIB) == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("ABLATE_JOBS", bad)
+        with pytest.raises(AblateError, match=r"\$ABLATE_JOBS.*" + bad):
+            workers.default_jobs(10, visible=[], cores=2, available_memory=GIB)
+
+
 def test_auto_checkpoint_cadence():
     assert workers.auto_checkpoint_every(800) == 80  # the tiny preset: ten a run
     assert workers.auto_checkpoint_every(90_000) == 1000  # the paper: ~3.5 min at 0.2 s/iteration
