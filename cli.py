@@ -168,7 +168,7 @@ def eval_(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
 
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, data))
     device = builders.resolve_device(cfg.train.device)
-    val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress))
+    val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress), progress=progress)
     builders.check_same_classes(ckpt["class_names"], val_set, f"the checkpoint {checkpoint}")
     metrics, records = engine.evaluate(model.to(device), loader, val_set, builders.build_postprocess(cfg), device,
                                        amp=cfg.train.amp, show_progress=progress)
@@ -562,7 +562,7 @@ def data_synth(set_: SetOption = None,
     stats = synth_stats(root)
     for key, value in stats.items():
         console.print(escape(f"  {key}: {value}"))
-    train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=False)
+    train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=False, progress=progress)
     b = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
     console.print(f"  anchors ({preset} preset): {b['anchors_per_image']:.0f} per image, foreground "
                   f"{b['fg_per_image']:.1f}, background {b['bg_per_image']:.0f}: 1:{b['bg_per_fg']:.0f} "

@@ -33,13 +33,17 @@ def synth_spec(cfg: Config) -> SynthSpec:
     return SynthSpec(**dataclasses.asdict(cfg.synth))
 
 
+def cache_dir(cfg: DataConfig) -> Path | None:
+    """`data.cache_dir`, None when empty (then $ABLATE_CACHE or ~/.cache/ablate)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else None
+
+
 def data_root(cfg: Config, progress: bool = True) -> Path | None:
     """The folder to read: the synth set (generated on first use), or `data.root` (COCO 2017 layout,
     or a VOC folder); None when COCO-format files name the splits (data.{train,val}_annotations)."""
     d = cfg.data
     if d.source == "synth":
-        cache = Path(d.cache_dir) if d.cache_dir else None
-        return ensure_synth(synth_spec(cfg), cache, progress=progress)
+        return ensure_synth(synth_spec(cfg), cache_dir(d), progress=progress)
     if d.root:
         return Path(d.root).expanduser()
     if d.source == "coco" and (d.train_annotations or d.val_annotations):
@@ -88,11 +92,14 @@ def dataset_source(cfg: DataConfig, root: Path | None, split: str) -> Path | coc
     return _need_root(cfg, root, split)
 
 
-def build_dataset(cfg: DataConfig, root: Path | None, split: str, train: bool) -> CocoDetection:
+def build_dataset(cfg: DataConfig, root: Path | None, split: str, train: bool,
+                  progress: bool = False) -> CocoDetection:
+    """`split` as `CocoDetection`; `progress`: a bar while its decoded images are first built (data.cache_images)."""
     return CocoDetection(dataset_source(cfg, root, split), split, min_size=cfg.min_size, max_size=cfg.max_size,
                          hflip_prob=cfg.hflip_prob if train else 0.0,
                          max_images=cfg.max_train_images if train else cfg.max_val_images,
-                         categories=cfg.categories, cache_images=cfg.cache_images)
+                         categories=cfg.categories, cache_images=cfg.cache_images, cache_dir=cache_dir(cfg),
+                         progress=progress)
 
 
 def check_same_classes(class_names: list[str], val_set: CocoDetection, trained_on: str) -> None:
@@ -190,10 +197,10 @@ def build_loader(dataset: CocoDetection, batch_size: int, num_workers: int, *, s
                       pin_memory=pin_memory, generator=generator, persistent_workers=workers > 0)
 
 
-def build_val_loader(cfg: Config, root: Path | None) -> tuple[CocoDetection, DataLoader]:
+def build_val_loader(cfg: Config, root: Path | None, progress: bool = False) -> tuple[CocoDetection, DataLoader]:
     """The val split (`data.val_split`) and its loader in file order: what training's evaluation,
     `ablate eval` and Figure 4 all read."""
-    val_set = build_dataset(cfg.data, root, cfg.data.val_split, train=False)
+    val_set = build_dataset(cfg.data, root, cfg.data.val_split, train=False, progress=progress)
     return val_set, build_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, shuffle=False)
 
 

@@ -72,8 +72,9 @@ class DataConfig:
     max_size: int = 1000
     hflip_prob: float = 0.5  # the paper's only augmentation
     num_workers: int = 2
-    # Keep decoded images in memory: for sets that fit (the embedded one is ~200 MB decoded), so
-    # that decoding does not compete with the training step for the CPU.
+    # Read the images decoded, from one file under `cache_dir` (decoded/) that the first process decodes
+    # them into and every process maps: for sets read every epoch (the embedded one is ~200 MB
+    # decoded), so that decoding does not compete with the training step for the CPU.
     cache_images: bool = False
 
 

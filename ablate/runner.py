@@ -139,13 +139,14 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     set_seed(cfg.train.seed)
     phases = Phases()
     device = distributed.rank_device(builders.resolve_device(cfg.train.device), ranks)
+    bars = show_progress and progress is None  # a display of the caller's already holds the terminal
     with phases("data"):
-        root = builders.data_root(cfg, progress=show_progress and progress is None)
-        train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True)
+        root = builders.data_root(cfg, progress=bars)
+        train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=True, progress=bars)
         check_trainable(train_set)
         if not ranks.is_main:  # ranks other than 0 only train: no files, no evaluation
             return train_other_share(cfg, train_set, device, ranks, saved, resume, stop)
-        val_set, val_loader = builders.build_val_loader(cfg, root)
+        val_set, val_loader = builders.build_val_loader(cfg, root, progress=bars)
         builders.check_same_classes(train_set.category_names, val_set, f"the train split ({train_set.ann_file})")
     builders.fetch_weights(cfg)
     # The run folder only once the data and weights are known good: bad input leaves no empty run behind.

@@ -23,7 +23,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
@@ -31,6 +33,7 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
 from torchvision.transforms import v2
 
+from ablate.data import decoded
 from ablate.errors import DataError
 
 
@@ -358,6 +361,11 @@ def decode_image(path: Path) -> torch.Tensor:
     return image
 
 
+# What `decode_image` is, for the key of a store of decoded images (ablate.data.decoded): another
+# torchvision or Pillow may decode a file to other pixels. Bump v1 when decode_image's output changes.
+DECODER = f"decode_image v1, torchvision {torchvision.__version__}, Pillow {PIL.__version__}"
+
+
 def make_transform(min_size: int, max_size: int, hflip_prob: float) -> v2.Transform:
     """Shorter side -> min_size with the longer capped at max_size, then an optional flip."""
     if max_size > min_size:
@@ -382,8 +390,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, source: str | Path | Annotations, split: str = "", *, min_size: int, max_size: int,
                  hflip_prob: float = 0.0, max_images: int = 0, categories: Sequence[str] = (),
-                 cache_images: bool = False):
-        """`source`: a folder in the COCO 2017 layout (then `split` picks the split), or `Annotations`."""
+                 cache_images: bool = False, cache_dir: str | Path | None = None, progress: bool = False):
+        """`source`: a folder in the COCO 2017 layout (then `split` picks the split), or `Annotations`.
+
+        `cache_images`: read the images from a store of them decoded once per machine under
+        `cache_dir` (None: $ABLATE_CACHE or ~/.cache/ablate), built now if no process has built it,
+        with a progress bar if `progress`; see ablate.data.decoded.
+        """
         where = source.ann_file if isinstance(source, Annotations) else source
         if min_size < 1 or max_size < 1:
             raise DataError(f"{where}: min_size and max_size must be >= 1 (got {min_size}, {max_size})")
@@ -414,13 +427,18 @@ class CocoDetection(torch.utils.data.Dataset):
             num_degenerate=self._boxes.num_degenerate,
             num_empty_images=int((np.diff(self._boxes.offsets) == 0).sum()))
         self.transform = make_transform(min_size, max_size, hflip_prob)
-        # Decoded images kept in memory, all decoded now: for small sets read every epoch, decoding
-        # would otherwise take CPU from the training step (and the first epoch would be slower).
-        self._cache: dict[int, torch.Tensor] | None = None
+        # Decoded images, all decoded before training (by this process or an earlier one): for small sets
+        # read every epoch, decoding would otherwise take CPU from the training step. Mapped from one
+        # file that every process shares, not copied into each.
+        self._store: decoded.DecodedImages | None = None
         if cache_images:
-            self._cache = {}
-            for i in range(len(self._ids)):
-                self._raw(i)
+            self._store = decoded.open_images(self.img_dir, self._files.tolist(), sizes=self._sizes,
+                                              decode=decode_image, cache_dir=cache_dir, decoder=DECODER,
+                                              progress=progress)
+            # The store keeps the files' sizes, which no annotation edit changes: compare them now.
+            wrong = np.flatnonzero((self._store.sizes != self._sizes).any(1))
+            if wrong.size:
+                raise self._size_error(int(wrong[0]), *(int(v) for v in self._store.sizes[wrong[0]]))
 
     @property
     def num_classes(self) -> int:
@@ -431,21 +449,23 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _raw(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The file's image uint8 [3, h, w], boxes float32 [N, 4] and labels int64 [N]."""
-        path = self.img_dir / str(self._files[i])
-        image = self._cache.get(i) if self._cache is not None else None
-        if image is None:
-            image = decode_image(path)
-            if self._cache is not None:
-                self._cache[i] = image
-        h, w = (int(v) for v in self._sizes[i])
-        if tuple(image.shape[-2:]) != (h, w):
-            raise DataError(f"{path}: image is {image.shape[-1]}x{image.shape[-2]} pixels but "
-                            f"{self.ann_file} says {w}x{h} (image id {self._ids[i]})")
+        if self._store is not None:
+            image = self._store[i]
+        else:
+            image = decode_image(self.img_dir / str(self._files[i]))
+        if tuple(image.shape[-2:]) != tuple(self._sizes[i]):
+            raise self._size_error(i, *image.shape[-2:])
         lo, hi = self._boxes.offsets[i], self._boxes.offsets[i + 1]
         # Copies: the transforms must never write into the shared per-image arrays.
         boxes = torch.tensor(self._boxes.boxes[lo:hi])
         labels = torch.tensor(self._boxes.labels[lo:hi])
         return image, boxes, labels
+
+    def _size_error(self, i: int, height: int, width: int) -> DataError:
+        """The error for image i's file being height x width pixels, not what the annotation says."""
+        h, w = (int(v) for v in self._sizes[i])
+        return DataError(f"{self.img_dir / str(self._files[i])}: image is {width}x{height} pixels but "
+                         f"{self.ann_file} says {w}x{h} (image id {self._ids[i]})")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image, boxes, labels = self._raw(i)
