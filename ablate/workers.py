@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.progress import Progress
 
-from ablate import scheduling, signals, summary, tracking
+from ablate import scheduling, signals, tracking
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_urls, one_line
@@ -237,7 +237,11 @@ def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str, name:
     try:
         if tracker.is_running(parent_id):
             plan = [tuple(entry) for entry in study.user_attrs.get(PLAN_ATTR, [])]
-            summary.write_grid_summary(tracker, parent_id, plan, name)
+            # Imported here: the report's statistics (scipy, pandas) cost every worker ~1.5 s of
+            # start-up, and only the worker that closes the grid needs them.
+            from ablate.summary import write_grid_summary
+
+            write_grid_summary(tracker, parent_id, plan, name)
     finally:
         tracker.end_parent(parent_id, "FINISHED")
 

@@ -100,6 +100,7 @@ def tracked_runs(folder: Path, name: str) -> list[dict]:
         run_dir = folder / tags["ablate.run_dir"]
         summary = json.loads((run_dir / "summary.json").read_text())
         runs.append({"start": run.info.start_time / 1000, "end": run.info.end_time / 1000,
+                     "hash": tags.get("ablate.config_hash"),
                      "owner": tags.get("ablate.owner", ""), "phases": summary.get("phase_seconds", {}),
                      "AP": run.data.metrics.get("AP"), "cell": tags.get("ablate.cell")})
     return runs
@@ -169,7 +170,7 @@ def main() -> None:
     wall = end - start
     parts = breakdown(start, end, runs, jobs)
     total = jobs * wall
-    print(f"{args.experiment}: {len(runs)} runs, {jobs} worker(s), wall {wall / 60:.0f} min {wall % 60:.0f} s "
+    print(f"{args.experiment}: {len(runs)} runs, {jobs} worker(s), wall {int(wall // 60)} min {wall % 60:.0f} s "
           f"({wall / len(runs):.1f} s per run); ablate report {report_seconds:.1f} s")
     print(f"{'part':14s} {'worker-s':>9s} {'share':>6s} {'per run':>8s}")
     for part, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
@@ -181,8 +182,7 @@ def main() -> None:
           f"{parts.get('eval', 0.0) / len(runs):.2f} s per run")
     workers = sorted(peak.peaks.values(), key=lambda v: -v[1])
     print("peak resident memory per process: " + ", ".join(f"{rss / 2**20:.0f} MB ({name})" for name, rss in workers[:4]))
-    aps = [r["AP"] for r in runs if r["AP"] is not None]
-    print(f"AP per run: {', '.join(f'{100 * a:.1f}' for a in aps)}")
+    same_science(runs, REPO / "reports" / args.experiment / "runs.csv")
     figures = {"experiment": args.experiment, "runs": len(runs), "jobs": jobs, "wall_s": wall,
                "report_s": report_seconds, "parts_worker_s": parts,
                "peak_rss_mb": [rss / 2**20 for _, rss in workers], "cpu": cpu_name(), "cores": os.cpu_count(),
@@ -195,6 +195,22 @@ def main() -> None:
         figures["family_estimate_s"] = estimate
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
+
+
+def same_science(runs: list[dict], recorded: Path) -> None:
+    """Each run's AP beside the committed report's run of the same config hash (same seed, same
+    config; the thread count and CPU may differ, and with them the float rounding)."""
+    if not recorded.is_file():
+        return
+    before = {row["config_hash"]: float(row["AP"]) for row in csv.DictReader(open(recorded)) if row.get("AP")}
+    pairs = [(r["cell"], 100 * r["AP"], 100 * before[r["hash"]]) for r in runs
+             if r["AP"] is not None and r["hash"] in before]
+    for cell, now, then in sorted(pairs):
+        print(f"  {cell:16s} AP {now:5.1f} now, {then:5.1f} in {recorded.parent.name}/runs.csv ({now - then:+.1f})")
+    if pairs:
+        diffs = [now - then for _, now, then in pairs]
+        print(f"same configs as the committed report: {len(pairs)} runs, AP difference mean {statistics.mean(diffs):+.2f}, "
+              f"largest |difference| {max(abs(d) for d in diffs):.2f} AP points")
 
 
 def cpu_name() -> str:
