@@ -12,7 +12,9 @@ loss to a matched batch and return its unnormalised sum (see `ClsTargets`, `regi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -159,55 +161,147 @@ class _FocalLossSum(torch.autograd.Function):
 
     Measured speed demands it: the elementwise autograd graph of `focal` over [B, N, K] (43M values
     for 8 images x 68k anchors x 80 classes) materialises a dozen tensors of that size. Here the
-    loss and d(loss)/d(logits) are formed chunk by chunk (cache-sized), every element first as a
-    negative, then the few positives corrected through their flat indices.
+    loss and d(loss)/d(logits) are formed chunk by chunk in cache-sized buffers that each thread
+    reuses, every element first as a negative (`_negative_chunk`), ignored anchors' rows zeroed, then
+    the few positives corrected through their flat indices. The weights (alpha_t, the incoming
+    gradient) are applied in backward, in the one pass that scales the saved gradient anyway.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, positive_index: Tensor, valid: Tensor, gamma: float,
                 alpha: float | None, chunk: int) -> Tensor:
         k = logits.shape[-1]
-        flat = logits.detach().reshape(-1, k)  # [B*N, K]
-        valid_rows = valid.reshape(-1, 1).to(flat.dtype)  # [B*N, 1]
+        flat = logits.detach().reshape(-1, k)  # [R, K], R = B*N anchors
+        rows = valid.reshape(-1, 1).to(flat.dtype)  # [R, 1]: 0 on ignored anchors
+        grad = torch.empty_like(flat)  # d/dx of the negatives' unweighted sum; positives' set in backward
+        negatives = _negative_sum(flat, rows, gamma, chunk, grad)
+        # Positives (valid by construction): remove their negative term, add their positive one, which
+        # is the negative term of -x.
+        x_pos = flat.reshape(-1)[positive_index][:, None]  # [P, 1]
+        ones, scratch, g_pos = x_pos.new_ones(x_pos.shape), torch.empty_like(x_pos), torch.empty_like(x_pos)
+        as_negatives = _negative_sum(x_pos, ones, gamma, len(x_pos), scratch)
+        as_positives = _negative_sum(-x_pos, ones, gamma, len(x_pos), g_pos)
         neg_weight = 1.0 if alpha is None else 1.0 - alpha
-        grad = torch.empty_like(flat)
-        total = flat.new_zeros(())
-        for start in range(0, flat.shape[0], chunk):
-            x, v = flat[start:start + chunk], valid_rows[start:start + chunk]
-            loss, g = _negative_terms(x, gamma)
-            total += (loss.sum(1, keepdim=True) * v).sum() * neg_weight
-            torch.mul(g, v * neg_weight, out=grad[start:start + chunk])
-        x_pos = flat.reshape(-1)[positive_index]
-        loss_neg, _ = _negative_terms(x_pos, gamma)
-        loss_pos, g_pos = _negative_terms(-x_pos, gamma)  # a positive at x is a negative at -x
         pos_weight = 1.0 if alpha is None else alpha
-        total += (loss_pos * pos_weight - loss_neg * neg_weight).sum()
-        grad.view(-1)[positive_index] = -g_pos * pos_weight
-        ctx.save_for_backward(grad)
-        ctx.shape = logits.shape
-        return total
+        ctx.save_for_backward(grad, positive_index, g_pos.reshape(-1))
+        ctx.weights, ctx.shape = (neg_weight, pos_weight), logits.shape
+        return (negatives - as_negatives) * neg_weight + as_positives * pos_weight
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
+        grad, positive_index, g_pos = ctx.saved_tensors
+        neg_weight, pos_weight = ctx.weights
         # In place: the saved gradient is used once (a second backward fails on its version check).
-        return grad.mul_(grad_output).view(ctx.shape), None, None, None, None, None
+        grad.mul_(grad_output * neg_weight)
+        # d/dx of a positive's loss, the negative term's derivative at -x, is -g_pos(-x).
+        grad.view(-1)[positive_index] = g_pos * (-pos_weight * grad_output)
+        return grad.view(ctx.shape), None, None, None, None, None
 
 
-def _negative_terms(x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """Focal loss of logits x as negatives (target 0, no alpha) and its derivative in x:
-    loss = p^gamma * softplus(x), d/dx = p^gamma * (p + gamma * (1 - p) * softplus(x)), p = sigmoid(x).
+def _negative_sum(flat: Tensor, rows: Tensor, gamma: float, chunk: int, grad: Tensor) -> Tensor:
+    """`_negative_chunk` over flat [R, K] (rows [R, 1], grad [R, K]) in chunks of `chunk` rows, each
+    thread with two scratch buffers it reuses. Returns the 0-d sum.
 
-    softplus(x) is taken as -log(sigmoid(-x)): sigmoid and log vectorise, softplus and log1p do
-    not (5 ns against 1 ns per value here). Past x = 15, sigmoid(-x) nears float32's underflow and
-    softplus(x) equals x to float precision.
+    On CPU the chunks are shared out among torch's threads as Python threads, each running its
+    chunks' ops single-threaded (torch releases the GIL in them). Measured on the bench batch with
+    2 threads against torch's own intra-op threads: 111 against 116 ms (best of 8), and with one of
+    the two cores busy elsewhere 186 against 400 ms (median), where each of the ~3,300 ops'
+    fork-join waits for a descheduled thread.
+
+    Past x = 88.7, sigmoid(-x) is 0 in float32 (exp(x) overflows), log gives -inf and the sum stops
+    being finite: the chunks where that happens are redone with softplus(x) taken as x (exact to
+    float precision there), so that the common case pays nothing for such logits.
     """
-    p = torch.sigmoid(x)
-    sp = torch.where(x > 15.0, x, -torch.log(torch.sigmoid(-x)))
+    k = flat.shape[1]
+    chunk = max(1, min(chunk, flat.shape[0]))
+    starts = range(0, flat.shape[0], chunk)
+    sums = flat.new_empty(len(starts))  # [chunks]: minus each chunk's sum
+
+    def run(chunks: Iterable[int], saturated: bool) -> None:
+        work = flat.new_empty(2, chunk * k)
+        for i in chunks:
+            x = flat[starts[i]:starts[i] + chunk]
+            _negative_chunk(x, rows[starts[i]:starts[i] + chunk], gamma, grad[starts[i]:starts[i] + chunk],
+                            work[:, :x.numel()].view(2, *x.shape), saturated, sums[i])
+
+    shared = itertools.count()  # each thread takes the next chunk (next() is atomic under the GIL)
+    workers = min(torch.get_num_threads(), len(starts)) if flat.device.type == "cpu" else 1
+    _on_threads(lambda: run(itertools.takewhile(len(starts).__gt__, shared), False), workers)
+    run((~sums.isfinite()).nonzero().flatten().tolist(), True)  # one check for all chunks
+    return -sums.sum()
+
+
+def _on_threads(fn: Callable[[], None], workers: int) -> None:
+    """Call fn() on `workers` threads at once, this one among them, with torch's ops single-threaded
+    meanwhile (the new threads start with that count too); re-raise the first error after all end.
+
+    torch.set_num_threads is process-wide: a thread elsewhere in the process that made its first
+    torch call meanwhile would keep one thread (none in ablate does; its heartbeats use no torch).
+    """
+    if workers <= 1:
+        fn()
+        return
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+            errors.append(error)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        others = [threading.Thread(target=guarded, daemon=True) for _ in range(workers - 1)]
+        for thread in others:
+            thread.start()
+        guarded()
+        for thread in others:
+            thread.join()
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+
+
+def _negative_chunk(x: Tensor, rows: Tensor, gamma: float, grad: Tensor, buffers: Tensor, saturated: bool,
+                    out: Tensor) -> None:
+    """Focal loss of logits x as negatives (target 0, no alpha), summed, and its derivative.
+
+    x: float [C, K]; rows: float [C, 1], 1 to count an anchor and 0 to drop it (ignored anchors);
+    grad: float [C, K], written with rows * d(loss)/dx; buffers: float [2, C, K] scratch;
+    saturated: take softplus(x) as x where sigmoid(-x) underflows (see `_negative_sum`); out: 0-d,
+    written with minus the sum of rows * loss (the caller negates the chunks' total once), where
+        loss = p^gamma * softplus(x),   d/dx = p^gamma * (p + gamma * (1 - p) * softplus(x)),
+    p = sigmoid(x). Each line is one pass over the chunk, in place: the chunk stays in cache, and
+    every pass costs (sigmoid and log vectorise, softplus and log1p do not: 5 ns against 1 ns per
+    value here), so the formulas are arranged to need as few as possible; softplus is kept negated.
+    """
+    q, neg_sp = buffers[0], buffers[1]
+    torch.neg(x, out=q)
+    torch.sigmoid(q, out=q)  # 1 - p, accurate also where p rounds to 1
+    if saturated:
+        q.clamp_min_(torch.finfo(q.dtype).tiny)  # keep log finite where sigmoid(-x) underflows
+    torch.log(q, out=neg_sp)  # -softplus(x) = log(sigmoid(-x))
+    if saturated:
+        torch.minimum(neg_sp, x.neg(), out=neg_sp)  # softplus(x) > x, and = x where the clamp acted
+    torch.sigmoid(x, out=grad)  # p
     if gamma == 0:
-        return sp, p
-    p_gamma = p * p if gamma == 2.0 else p if gamma == 1.0 else torch.pow(p, gamma)
-    return p_gamma * sp, p_gamma * (p + gamma * (1 - p) * sp)
+        grad.mul_(rows)  # d/dx = p
+        torch.sum(neg_sp.mul_(rows).view(-1), 0, out=out)
+        return
+    q.mul_(neg_sp)
+    torch.add(grad, q, alpha=-gamma, out=q)  # p + gamma * (1 - p) * softplus(x)
+    if gamma == 2.0:  # the paper's gamma: a multiply instead of pow
+        grad.mul_(grad)
+    elif gamma != 1.0:
+        grad.pow_(gamma)
+    grad.mul_(rows)  # p^gamma, 0 on dropped rows
+    # torch.sum's cascaded float32 sum, not a dot: a dot's running sums (~100 from a few confident
+    # negatives) round off the many terms below their spacing (1e-6 each, 43M of them) and lost
+    # 6.5e-6 of the bench batch's loss, against 7e-8 this way.
+    torch.sum(neg_sp.mul_(grad).view(-1), 0, out=out)
+    grad.mul_(q)
 
 
 def focal_loss_sum(logits: Tensor, positive_index: Tensor, valid: Tensor, gamma: float = 2.0,
@@ -215,10 +309,10 @@ def focal_loss_sum(logits: Tensor, positive_index: Tensor, valid: Tensor, gamma:
     """sum over valid anchors and classes of `focal(logits, targets, gamma, alpha)`, fast.
 
     logits: float [B, N, K]; positive_index: int64 [P], flat indices into logits of the positive
-    (anchor, class) pairs (all other entries are negatives); valid: bool [B, N], False for ignored
-    anchors. gamma = 0 gives alpha-CE, and alpha = None with gamma = 0 plain CE. Returns a scalar
-    that backpropagates into logits. `chunk`: anchors per step (default: ~128k values, measured
-    fastest here: small enough for the cache, large enough that per-op overhead stays small).
+    (anchor, class) pairs (all other entries are negatives; positives are on valid anchors);
+    valid: bool [B, N], False for ignored anchors. gamma = 0 gives alpha-CE, and alpha = None with
+    gamma = 0 plain CE. Returns a scalar that backpropagates into logits. `chunk`: anchors per
+    step (default: ~128k values; 64k to 256k measured alike here, 32k slower from per-op overhead).
     """
     chunk = chunk or max(1, 2**17 // logits.shape[-1])
     return _FocalLossSum.apply(logits, positive_index, valid, float(gamma), alpha, chunk)

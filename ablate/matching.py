@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 BACKGROUND = -1  # matched index of a background anchor
 IGNORED = -2  # matched index of an anchor between the two thresholds
@@ -29,10 +28,24 @@ def batched_iou(gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor) -> Tensor:
 
     gt_boxes: float [B, M, 4] x1y1x2y2; gt_valid: bool [B, M] (False on padding rows);
     anchors: float [N, 4]. Returns float [B, M, N], -1 on padding rows.
+
+    The same arithmetic, in the same order, as torchvision's box_iou (equal to the bit), but with
+    each coordinate as its own vector: every op is a broadcast of [B*M, 1] against [N], vectorised
+    along N, where box_iou's ops on [B*M, N, 2] corner pairs run along an inner dimension of 2
+    (8 against 24 ms for the bench batch's 56 boxes x 68k anchors, one thread).
     """
     b, m, _ = gt_boxes.shape
-    iou = box_iou(gt_boxes.reshape(b * m, 4), anchors).view(b, m, -1)
+    gx1, gy1, gx2, gy2 = gt_boxes.reshape(b * m, 4).t().unsqueeze(-1)  # [B*M, 1] each
+    ax1, ay1, ax2, ay2 = anchors.t().contiguous()  # [N] each
+    inter = _overlap(gx1, gx2, ax1, ax2).mul_(_overlap(gy1, gy2, ay1, ay2))  # [B*M, N]
+    union = ((gx2 - gx1) * (gy2 - gy1) + (ax2 - ax1) * (ay2 - ay1)).sub_(inter)
+    iou = inter.div_(union).view(b, m, -1)
     return iou.masked_fill_(~gt_valid[..., None], -1.0)
+
+
+def _overlap(g1: Tensor, g2: Tensor, a1: Tensor, a2: Tensor) -> Tensor:
+    """Length of the overlap of intervals [g1, g2] ([P, 1] each) and [a1, a2] ([N] each): [P, N], >= 0."""
+    return torch.minimum(g2, a2).sub_(torch.maximum(g1, a1)).clamp_(min=0)
 
 
 def match_anchors(iou: Tensor, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
@@ -45,13 +58,14 @@ def match_anchors(iou: Tensor, fg_iou_thresh: float = 0.5, bg_iou_thresh: float 
     overlap most (as torchvision's Matcher does), so that no object goes without an anchor.
     """
     best_iou, best_gt = iou.max(dim=1)  # [B, N]
-    matched = best_gt.clone()
-    matched[best_iou < fg_iou_thresh] = IGNORED
-    matched[best_iou < bg_iou_thresh] = BACKGROUND
+    matched = best_gt.masked_fill(best_iou < fg_iou_thresh, IGNORED)
+    matched.masked_fill_(best_iou < bg_iou_thresh, BACKGROUND)
     if allow_low_quality:
         best_per_gt = iou.amax(dim=2, keepdim=True)  # [B, M, 1]
-        is_best = (iou == best_per_gt) & (best_per_gt > 0)  # [B, M, N]
-        low_quality = is_best.any(dim=1)  # [B, N]
+        # A box that overlaps nothing (0) or a padding row (-1) has no best anchor: compared as +inf,
+        # its row matches no IoU, one [B, M, 1] op instead of a mask over [B, M, N].
+        best_per_gt.masked_fill_(best_per_gt <= 0, float("inf"))
+        low_quality = (iou == best_per_gt).any(dim=1)  # [B, N]
         matched = torch.where(low_quality, best_gt, matched)
     return matched
 

@@ -1,18 +1,30 @@
 """Speed and memory of ablate's hot path against torchvision 0.29's RetinaNet, in one run.
 
     .venv/bin/python benchmarks/bench.py                 # all cases, CPU
+    .venv/bin/python benchmarks/bench.py --only loss,step-tiny --pairs 5
     .venv/bin/python benchmarks/bench.py --only loss,post --device cuda
 
-Each case runs in its own process (spawned), so that one case's memory does not hide another's;
-peak memory is the process's resident set sampled every 2 ms during the timed region, above what
-it held before. Times are medians of the repeats after one warm-up. Cases:
+Every measurement runs in its own fresh (spawned) process, so that one side's or case's memory
+and warm caches do not flatter another's. A compared case (loss, post, step-tiny, step-r50) runs
+its two sides in alternating processes, ours then torchvision's, `--pairs` times: one process per
+side hides the spread between processes (the loss case once measured 2.6x, 3.8x and 5.1x in three
+runs of one process per side). Within a process, a side's time is the median of `--repeats`
+timings after one warm-up. A case's ratio is the median over the pairs of torchvision_i / ours_i,
+with its min-max; each side's seconds are the median (min-max) over its processes. Peak memory is
+a process's resident set sampled every 2 ms during the timed region, above what it held before; a
+side's is the highest of its processes'. Every process runs `--threads` torch threads (default:
+torch's default, printed). A table at the end gives each ratio against its goal. Cases:
 
   loss   matching + classification (focal) + box loss, forward and backward: 8 images of 600x600,
-         80 classes (67,995 anchors each), 7 boxes per image
+         80 classes (67,995 anchors each), 7 boxes per image (goal: 5x torchvision)
   post   post-processing of the same batch: threshold, top-k per level, decode, NMS, 100 per image
-  step   a whole training step (network, loss, SGD) at the tiny preset and at ResNet-50-FPN 600 px
+         (goal: 5x)
+  step   a whole training step (network, loss, SGD) at the tiny preset (step-tiny, goal: 1.5x)
+         and at ResNet-50-FPN 600 px (step-r50, half the repeats)
   over   the share of a tiny-preset training step spent outside the network's forward and backward
-  eval   COCO evaluation of 5,000 images' detections: pycocotools against faster-coco-eval
+         (one process)
+  eval   COCO evaluation of 5,000 images' detections: pycocotools against faster-coco-eval (one
+         process, one timing each)
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
+import queue
 import statistics
 import sys
 import threading
@@ -159,7 +173,7 @@ def case_post(device: torch.device, repeats: int) -> dict:
 
     with torch.no_grad():
         result = compare("post-processing (8 x 600 px, 80 classes)", ours, theirs, device, repeats)
-        if SIDE["only"] == "ours":  # the check needs both: done once, in ours' process
+        if SIDE["only"] == "ours" and SIDE["first"]:  # the check needs both: once, in ours' first process
             a, b = ours(), theirs()
             result["identical detections"] = all(
                 torch.equal(x["labels"], y["labels"]) and torch.equal(x["scores"], y["scores"])
@@ -168,12 +182,15 @@ def case_post(device: torch.device, repeats: int) -> dict:
     return result
 
 
-SIDE = {"only": None}  # set per process by main(): "ours" or "torchvision" (None: both here)
+# Set per process by run_case(): the side it times ("ours" or "torchvision"; None: both here) and
+# whether it is the case's first process of that side (one-off checks run there only).
+SIDE = {"only": None, "first": True}
 
 
 def compare(name: str, ours, theirs, device: torch.device, repeats: int) -> dict:
-    """Time the side this process is for; main() runs each side in a fresh process and merges, so
-    that neither side's allocations (or warm caches) flatter the other's peak memory or time."""
+    """Time the side this process is for; run_case() runs the sides in alternating fresh processes
+    and merges, so that neither side's allocations (or warm caches) flatter the other's peak memory
+    or time."""
     result = {"case": name}
     for side, fn in (("ours", ours), ("torchvision", theirs)):
         if SIDE["only"] in (None, side):
@@ -322,34 +339,109 @@ COMPARED = {"loss", "post", "step-tiny", "step-r50"}
 CASES = {"loss": case_loss, "post": case_post,
          "step-tiny": lambda d, r: case_step(d, r, "tiny"), "step-r50": lambda d, r: case_step(d, max(1, r // 2), "r50"),
          "over": case_overhead, "eval": case_eval}
+# The speed-up over torchvision each compared case should reach (the median of its pairs' ratios);
+# a case missing here has no goal.
+GOALS = {"loss": 5.0, "post": 5.0, "step-tiny": 1.5}
 
 
-def _run_case(name: str, side: str | None, device: str, repeats: int, threads: int, out) -> None:
+def _run_case(name: str, side: str | None, first: bool, device: str, repeats: int, threads: int, out) -> None:
     torch.manual_seed(0)
-    SIDE["only"] = side
-    if threads:
-        torch.set_num_threads(threads)
+    SIDE["only"], SIDE["first"] = side, first
+    torch.set_num_threads(threads)
     out.put(CASES[name](torch.device(device), repeats))
 
 
-def run_case(ctx, name: str, args) -> dict:
-    """One case: each side of a comparison in a fresh process; the ratios computed here."""
+def run_process(ctx, name: str, side: str | None, first: bool, args) -> dict:
+    """The result of one fresh process running case `name` for `side` (None: an uncompared case)."""
+    out = ctx.Queue()
+    proc = ctx.Process(target=_run_case, args=(name, side, first, args.device, args.repeats, args.threads, out))
+    proc.start()
+    while True:  # a process that dies (killed for memory, an exception) must not hang the run
+        try:
+            result = out.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                try:
+                    result = out.get(timeout=1.0)  # put just before it ended
+                    break
+                except queue.Empty:
+                    raise RuntimeError(f"case {name} ({side or 'one process'}) ended without a result, "
+                                       f"exit code {proc.exitcode}") from None
+    proc.join()
+    return result
+
+
+def spread(values: list[float]) -> tuple[float, list[float]]:
+    """(median, [min, max]) of a side's or a ratio's values over the pairs."""
+    return statistics.median(values), [min(values), max(values)]
+
+
+def run_compared(ctx, name: str, args) -> dict:
+    """A compared case over `args.pairs` pairs of fresh processes, ours then torchvision's in each.
+
+    Alternating the sides spreads slow phases of the machine (other load, frequency) over both;
+    a ratio per pair compares processes that ran next to each other.
+    """
     merged: dict = {}
-    for side in (("ours", "torchvision") if name in COMPARED else (None,)):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_run_case, args=(name, side, args.device, args.repeats, args.threads, queue))
-        proc.start()
-        merged.update(queue.get())
-        proc.join()
-    if "ours_s" in merged and "torchvision_s" in merged:
-        merged["speedup"] = merged["torchvision_s"] / merged["ours_s"]
+    pairs = []
+    for i in range(args.pairs):
+        pair = {}
+        for side in ("ours", "torchvision"):
+            result = run_process(ctx, name, side, i == 0, args)
+            pair[f"{side}_s"], pair[f"{side}_peak_mb"] = result.pop(f"{side}_s"), result.pop(f"{side}_peak_mb")
+            for key, value in result.items():  # the case's name, image count, one-off checks
+                merged.setdefault(key, value)
+        pair["speedup"] = pair["torchvision_s"] / pair["ours_s"]
+        pairs.append(pair)
+        print(f"  {name} pair {i + 1}/{args.pairs}: ours {pair['ours_s']:.4g} s, "
+              f"torchvision {pair['torchvision_s']:.4g} s, {pair['speedup']:.2f}x", flush=True)
     for side in ("ours", "torchvision"):
-        if merged.get("images") and f"{side}_s" in merged:
+        merged[f"{side}_s"], merged[f"{side}_s_range"] = spread([p[f"{side}_s"] for p in pairs])
+        merged[f"{side}_peak_mb"] = max(p[f"{side}_peak_mb"] for p in pairs)
+        if merged.get("images"):
             merged[f"{side}_img_per_s"] = merged["images"] / merged[f"{side}_s"]
+    merged["speedup"], merged["speedup_range"] = spread([p["speedup"] for p in pairs])
+    if name in GOALS:
+        merged["goal"] = GOALS[name]
+        merged["goal_met"] = merged["speedup"] >= GOALS[name]
+        merged["pairs_meeting_goal"] = sum(p["speedup"] >= GOALS[name] for p in pairs)
+    merged["pairs"] = pairs
     return merged
 
 
-def machine(device: str) -> str:
+def run_case(ctx, name: str, args) -> dict:
+    """One case: paired processes for a comparison, a single process otherwise."""
+    result = run_compared(ctx, name, args) if name in COMPARED else run_process(ctx, name, None, True, args)
+    return {"name": name, **result}
+
+
+def summary(results: list[dict]) -> str:
+    """The table printed at the end: per case with a speed-up, both sides' median seconds (min-max),
+    the median ratio [min-max] and its goal. COCO eval's sides are faster-coco-eval and pycocotools."""
+    def seconds(r: dict, side: str) -> str:
+        low, high = r.get(f"{side}_s_range", [None, None])
+        return f"{r[f'{side}_s']:.3g}" + (f" ({low:.3g}-{high:.3g})" if low is not None else "")
+
+    rows = [("case", "ours s", "torchvision s", "ratio [min-max]", "goal", "met?")]
+    for r in results:
+        if "speedup" not in r:
+            continue
+        if r["name"] == "eval":
+            ours, theirs = f"{r['faster_s']:.3g}", f"{r['pycocotools_s']:.3g} (pycocotools)"
+        else:
+            ours, theirs = seconds(r, "ours"), seconds(r, "torchvision")
+        low, high = r.get("speedup_range", [None, None])
+        ratio = f"{r['speedup']:.2f}x" + (f" [{low:.2f}-{high:.2f}]" if low is not None else " (1 run)")
+        goal = f">= {r['goal']:g}x" if "goal" in r else "-"
+        met = (f"{'yes' if r['goal_met'] else 'no'} ({r['pairs_meeting_goal']}/{len(r['pairs'])} pairs)"
+               if "goal" in r else "-")
+        rows.append((r["name"], ours, theirs, ratio, goal, met))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def machine(device: str, threads: int) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -360,26 +452,43 @@ def machine(device: str) -> str:
         pass
     gpu = f", {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else ""
     return (f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB{gpu}; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {threads} threads")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per process after its warm-up (median)")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="fresh processes per side of a compared case, alternating ours and torchvision's")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads in every process (default: %(default)s, torch's default here)")
+    parser.add_argument("--json", type=Path, help="also write the results here, with every pair's figures")
     args = parser.parse_args()
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown or args.pairs < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error(f"unknown case(s) {unknown}" if unknown else "--pairs, --repeats and --threads must be >= 1")
     ctx = mp.get_context("spawn")
-    print(f"machine: {machine(args.device)}")
+    load_before = os.getloadavg()
+    print(f"machine: {machine(args.device, args.threads)}")
+    print(f"pairs {args.pairs}, repeats {args.repeats}, threads {args.threads}; "
+          f"load average {load_before[0]:.2f} (1 min) before")
     results = []
-    for name in args.only.split(","):
+    for name in names:
         result = run_case(ctx, name, args)
         results.append(result)
-        print(json.dumps(result, indent=1, default=float))
+        print(json.dumps({k: v for k, v in result.items() if k != "pairs"}, indent=1, default=float), flush=True)
+    load_after = os.getloadavg()
+    print(f"\nload average {load_after[0]:.2f} (1 min) after; "
+          f"a load above {args.threads} while measuring means other work shared the cores\n")
+    print(summary(results))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(args.device), "results": results}, indent=1))
+        args.json.write_text(json.dumps({
+            "machine": machine(args.device, args.threads), "threads": args.threads, "pairs": args.pairs,
+            "repeats": args.repeats, "load_average_1min": [load_before[0], load_after[0]], "results": results,
+        }, indent=1))
 
 
 if __name__ == "__main__":

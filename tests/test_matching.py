@@ -34,6 +34,26 @@ def test_batched_iou_by_hand_with_padding_row():
     torch.testing.assert_close(iou, expected)
 
 
+def _grid_boxes(g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """Boxes [*shape, 4] on a coarse integer grid, so that equal IoUs (ties) and touching edges occur."""
+    xy = torch.randint(0, 40, (*shape, 2), generator=g).float()
+    return torch.cat([xy, xy + torch.randint(1, 20, (*shape, 2), generator=g).float()], -1)
+
+
+def test_batched_iou_equals_torchvision_box_iou_to_the_bit():
+    from torchvision.ops import box_iou
+
+    g = torch.Generator().manual_seed(0)
+    anchors = torch.cat([_grid_boxes(g, (500,)), torch.rand(500, 4, generator=g).sort(-1).values * 60])
+    gt = torch.cat([_grid_boxes(g, (3, 4)), anchors[:12].view(3, 4, 4)], 1)  # some identical to anchors
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    valid[1, 5:] = False
+    iou = batched_iou(gt, valid, anchors)
+    for b in range(3):
+        assert torch.equal(iou[b][valid[b]], box_iou(gt[b][valid[b]], anchors))
+        assert bool((iou[b][~valid[b]] == -1).all())
+
+
 # ----------------------------------------------------------------------------- match_anchors
 
 PAD = [-1.0] * 6
@@ -196,6 +216,27 @@ def test_decode_clamps_huge_scale_deltas():
     # the clamp applies after dividing by the weight: 5 * MAX_LOG_SCALE is the limit for ww = 5
     weighted = decode_boxes(torch.tensor([[0.0, 0.0, 1e3, 1e3]]), anchor, (10.0, 10.0, 5.0, 5.0))
     torch.testing.assert_close(weighted, boxes)
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_match_anchors_equals_torchvision_matcher_per_image(low_quality):
+    from torchvision.models.detection._utils import Matcher as TvMatcher
+    from torchvision.ops import box_iou
+
+    g = torch.Generator().manual_seed(1)
+    anchors = _grid_boxes(g, (400,))
+    gt = _grid_boxes(g, (4, 6))
+    valid = torch.rand(4, 6, generator=g) < 0.8
+    valid[:, 0] = True
+    matched = match_anchors(batched_iou(gt, valid, anchors), 0.5, 0.4, low_quality)
+    tv = TvMatcher(0.5, 0.4, allow_low_quality_matches=low_quality)  # same -1 / -2 codes as ours
+    for b in range(4):
+        quality = box_iou(gt[b][valid[b]], anchors)
+        assert bool((quality.amax(1) > 0).all())  # torchvision also makes a box that overlaps nothing match
+        expected = tv(quality)
+        rows = valid[b].nonzero().squeeze(1)  # torchvision's index among the valid boxes -> ours among all rows
+        expected = torch.where(expected >= 0, rows[expected.clamp(min=0)], expected)
+        assert torch.equal(matched[b], expected)
 
 
 # ----------------------------------------------------------------------------- Matcher / BoxCoder
