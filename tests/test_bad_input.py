@@ -9,6 +9,8 @@ The same cases write the README's "Bad input" table, so its messages are the rea
 and `test_the_readme_table_is_the_real_output` fails when the table and the outputs part.
 Commands run in a scratch folder with relative paths, so the messages are the same on every machine.
 Cases that need a trained model share one, trained once (2 iterations on a 4-image COCO set).
+The cases' processes run side by side, one per core (`run_cases`): each costs seconds of start-up
+and imports, and one after another they took minutes. Each case is still its own test.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,11 @@ class Case:
     only_line: bool = True  # the error line is the whole output
     needs_model: bool = False
     max_seconds: float | None = None
+    # The folder (relative to the scratch folder) the command writes into, or whose contents its
+    # outcome depends on. Cases naming the same folder run one after another, in CASES order, as
+    # they did when every case ran alone; the others run at once. Found by listing the files each
+    # case left behind; a new case that writes must say where.
+    writes: str | None = None
 
 
 TRAIN = ["train", "smoke", "--no-progress"]
@@ -138,11 +146,11 @@ CASES = [
          ("in.png", "overwrite"), needs_model=True),
     Case("infer-same-stem", "two inputs with the same stem", ["infer", "model.pt", "a/img.png", "b/img.jpg",
                                                               "--out", "drawn"],
-         ("a/img.png", "b/img.jpg", "drawn/img.png"), needs_model=True),
+         ("a/img.png", "b/img.jpg", "drawn/img.png"), needs_model=True, writes="drawn"),
     Case("infer-missing-image", "missing input image", ["infer", "model.pt", "nothere.png", "--out", "drawn"],
-         ("nothere.png",), needs_model=True),
+         ("nothere.png",), needs_model=True, writes="drawn"),
     Case("infer-not-image", "input that is no image", ["infer", "model.pt", "notimage.png", "--out", "drawn"],
-         ("notimage.png",), needs_model=True),
+         ("notimage.png",), needs_model=True, writes="drawn"),  # creates drawn/
     Case("loss-cdf-out-file", "loss-cdf `--out` naming a file", ["analyze", "loss-cdf", "model.pt", "--out", "afile"],
          ("--out", "afile"), needs_model=True),
     Case("findings-reports-file", "findings `--reports` naming a file", ["findings", "--reports", "afile"],
@@ -161,20 +169,20 @@ CASES = [
     Case("store-under-file", "sqlite store under a file", ["show", "smoke"], ("tracking store", "afile"),
          env={"MLFLOW_TRACKING_URI": "sqlite:///afile/mlflow.db"}),
     Case("artifacts-file", "./mlartifacts is a file (checked before training)", ["run", "smoke", "--no-progress"],
-         ("artifact store", "mlartifacts"), cwd="artifacts-file"),
+         ("artifact store", "mlartifacts"), cwd="artifacts-file", writes="artifacts-file"),
     Case("queue-folder-file", "./.ablate is a file", ["run", "smoke", "--no-progress"], ("queue folder", ".ablate"),
-         cwd="queue-file"),
+         cwd="queue-file", writes="queue-file"),
     Case("queue-unreachable", "unreachable queue server",
          ["run", "smoke", "--storage", f"postgresql://ablate:{SECRET}@127.0.0.1:9/queue"], ("--storage", "127.0.0.1:9"),
          max_seconds=20),
     Case("grid-out-dir-file", "a grid's `train.out_dir` under a file (checked before any cell)",
          ["run", "smoke", "--no-progress", "--set", "train.out_dir=../afile/runs"], ("train.out_dir", "afile"),
-         cwd="grid-out", only_line=False),
+         cwd="grid-out", only_line=False, writes="grid-out"),
     Case("checkpoint-every", "negative `--checkpoint-every`", ["run", "smoke", "--checkpoint-every", "-1"],
          ("--checkpoint-every",)),
     # --- a grid whose cell fails: the grid goes on, and the reason is printed, not only stored
     Case("grid-cell-fails", "a grid cell that fails (a corrupt image)", ["run", "../fail-cell.toml", "--no-progress"],
-         ("fail-cell", "failed", "000000000001.png"), cwd="grid", exit_code=4, only_line=False),
+         ("fail-cell", "failed", "000000000001.png"), cwd="grid", exit_code=4, only_line=False, writes="grid"),
 ]
 
 
@@ -254,6 +262,69 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> su
                           capture_output=True, text=True, timeout=300)
 
 
+@dataclass
+class Outcome:
+    """What one case's command did: the finished process and its wall seconds."""
+
+    result: subprocess.CompletedProcess
+    seconds: float
+
+
+def run_case(case: Case, root: Path) -> Outcome:
+    t0 = time.monotonic()
+    result = run_cli(case.args, root / case.cwd, case.env)
+    return Outcome(result, time.monotonic() - t0)
+
+
+def run_cases(cases: list[Case], root: Path) -> dict[str, Outcome | Exception]:
+    """Run `cases` in the scratch folder `root` (make_workspace's), as many at once as the machine
+    has cores; case id -> its Outcome, or the exception that kept it from one (its test raises it,
+    the other cases go on).
+
+    The model is trained in the pool beside the cases that do not need it (none of those reads
+    model-run/, model.pt or noclass.pt); the cases that need it start once it is written."""
+    outcomes: dict[str, Outcome | Exception] = {}
+    chains: dict[tuple[str, str], list[Case]] = {}  # cases writing one folder: one chain, run in order
+    for case in cases:
+        chains.setdefault(("writes", case.writes) if case.writes else ("case", case.id), []).append(case)
+
+    def run_chain(chain: list[Case], trained) -> None:
+        for case in chain:
+            try:
+                if case.needs_model:
+                    trained.result()  # the training's own error, if it failed, is this case's
+                outcomes[case.id] = run_case(case, root)
+            except Exception as e:  # noqa: BLE001 (reported by the case's test)
+                outcomes[case.id] = e
+
+    # The threads only wait on their subprocesses: one per core keeps every core busy.
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        trained = pool.submit(train_model, root) if any(c.needs_model for c in cases) else None
+        # Submitted in this order and started first come, first served: the chains that need the model
+        # start after every other one, by when the training (submitted first) is long done.
+        ordered = sorted(chains.values(), key=lambda chain: any(c.needs_model for c in chain))
+        try:
+            for future in [pool.submit(run_chain, chain, trained) for chain in ordered]:
+                future.result()
+        except BaseException:  # Ctrl-C: the cases not yet started never start
+            pool.shutdown(cancel_futures=True)
+            raise
+
+    # A case's max_seconds bounds how long the CLI takes to give up on a server that does not answer
+    # (seconds, where retrying would take minutes). Its start-up alone is seconds of CPU, which the
+    # pool's concurrency can stretch to twice that and past the bound. Sharing the CPU only ever adds
+    # time, so a case within its bound in the pool is within it alone; one that went over runs again
+    # alone, now that the pool is done, and that run is the one checked. So the bound means what it
+    # meant when every case ran alone, and only the cases that need it pay for a second run. (A case
+    # that writes keeps its first run: a second would find that run's files.)
+    for case in cases:
+        outcome = outcomes[case.id]
+        if (case.max_seconds is not None and case.writes is None and isinstance(outcome, Outcome)
+                and outcome.seconds >= case.max_seconds):
+            outcomes[case.id] = run_case(case, root)
+    return outcomes
+
+
 # ----------------------------------------------------------------------------- the checks
 
 
@@ -286,19 +357,34 @@ def workspace(tmp_path_factory) -> Path:
     return make_workspace(tmp_path_factory.mktemp("bad-input"))
 
 
+def checked(case: Case, outcome: Outcome | Exception) -> str:
+    """`check` of a case's outcome from run_cases (re-raising what kept it from running)."""
+    if isinstance(outcome, Exception):
+        raise outcome
+    return check(case, outcome.result, outcome.seconds)
+
+
+def _case_of(item: pytest.Item) -> Case | None:
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get("case") if callspec else None
+    return case if isinstance(case, Case) else None
+
+
 @pytest.fixture(scope="module")
-def model(workspace: Path) -> Path:
-    train_model(workspace)
-    return workspace / "model.pt"
+def outcomes(request, workspace: Path) -> dict[str, Outcome | Exception]:
+    """The cases of this session's tests (all, or those -k picked), run at once before the first
+    test checks its own; the model is trained only if one of them needs it."""
+    cases = [case for case in map(_case_of, request.session.items) if case is not None]
+    with pytest.MonkeyPatch.context() as mp:
+        # conftest's one_worker_by_default is set per test, after module fixtures like this one: set here
+        # too, so the grid cases run their cells in their own process as they did inside their tests.
+        mp.setenv("ABLATE_JOBS", "1")
+        return run_cases(cases, workspace)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line(case: Case, workspace: Path, request):
-    if case.needs_model:
-        request.getfixturevalue("model")
-    t0 = time.monotonic()
-    result = run_cli(case.args, workspace / case.cwd, case.env)
-    MESSAGES[case.id] = check(case, result, time.monotonic() - t0)
+def test_bad_input_is_one_line(case: Case, outcomes: dict[str, Outcome | Exception]):
+    MESSAGES[case.id] = checked(case, outcomes[case.id])
 
 
 def test_list_still_lists_the_good_experiments(workspace: Path):
@@ -390,17 +476,16 @@ def test_the_readme_table_is_the_real_output():
 
 
 def write_readme_table() -> None:
-    """Run every case (as the tests do) and put their table between the README's markers."""
+    """Run every case (as the tests do, at once) and put their table between the README's markers."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("ABLATE_CACHE", str(Path(tmp) / "cache"))
         root = make_workspace(Path(tmp) / "work")
-        train_model(root)
+        outcomes = run_cases(CASES, root)
         messages = {}
         for case in CASES:
-            t0 = time.monotonic()
-            messages[case.id] = check(case, run_cli(case.args, root / case.cwd, case.env), time.monotonic() - t0)
+            messages[case.id] = checked(case, outcomes[case.id])
             print(f"{case.id}: {messages[case.id]}")
     text = README.read_text()
     head, tail = text[:text.index(START) + len(START)], text[text.index(END):]
