@@ -30,22 +30,32 @@ def batched_iou(gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor) -> Tensor:
     anchors: float [N, 4]. Returns float [B, M, N], -1 on padding rows.
 
     The same arithmetic, in the same order, as torchvision's box_iou (equal to the bit), but with
-    each coordinate as its own vector: every op is a broadcast of [B*M, 1] against [N], vectorised
-    along N, where box_iou's ops on [B*M, N, 2] corner pairs run along an inner dimension of 2
-    (8 against 24 ms for the bench batch's 56 boxes x 68k anchors, one thread).
+    each coordinate as its own vector, so that every op is a broadcast of [M, 1] against [N]
+    vectorised along N (box_iou's ops on [M, N, 2] corner pairs run along an inner dimension of 2),
+    and image by image into the output and two [M, N] scratch planes: fresh [B*M, N] temporaries
+    cost more in page faults than in arithmetic. 7 against 24 ms for the bench batch (8 images x 7
+    boxes, 68k anchors; one thread).
     """
     b, m, _ = gt_boxes.shape
-    gx1, gy1, gx2, gy2 = gt_boxes.reshape(b * m, 4).t().unsqueeze(-1)  # [B*M, 1] each
-    ax1, ay1, ax2, ay2 = anchors.t().contiguous()  # [N] each
-    inter = _overlap(gx1, gx2, ax1, ax2).mul_(_overlap(gy1, gy2, ay1, ay2))  # [B*M, N]
-    union = ((gx2 - gx1) * (gy2 - gy1) + (ax2 - ax1) * (ay2 - ay1)).sub_(inter)
-    iou = inter.div_(union).view(b, m, -1)
+    dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
+    ax1, ay1, ax2, ay2 = anchors.t().to(dtype).contiguous()  # [N] each
+    area_a = (ax2 - ax1) * (ay2 - ay1)  # [N]
+    iou = gt_boxes.new_empty(b, m, len(area_a), dtype=dtype)
+    height, scratch = iou.new_empty(2, m, len(area_a))  # [M, N] each
+    for image in range(b):
+        gx1, gy1, gx2, gy2 = gt_boxes[image].t().to(dtype).unsqueeze(-1)  # [M, 1] each
+        width = _overlap(gx1, gx2, ax1, ax2, iou[image], scratch)
+        inter = width.mul_(_overlap(gy1, gy2, ay1, ay2, height, scratch))
+        union = torch.add((gx2 - gx1) * (gy2 - gy1), area_a, out=height).sub_(inter)
+        inter.div_(union)
     return iou.masked_fill_(~gt_valid[..., None], -1.0)
 
 
-def _overlap(g1: Tensor, g2: Tensor, a1: Tensor, a2: Tensor) -> Tensor:
-    """Length of the overlap of intervals [g1, g2] ([P, 1] each) and [a1, a2] ([N] each): [P, N], >= 0."""
-    return torch.minimum(g2, a2).sub_(torch.maximum(g1, a1)).clamp_(min=0)
+def _overlap(g1: Tensor, g2: Tensor, a1: Tensor, a2: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """Length of the overlap of intervals [g1, g2] ([M, 1] each) and [a1, a2] ([N] each), >= 0,
+    written to out [M, N] (scratch [M, N] is overwritten). Returns out."""
+    torch.minimum(g2, a2, out=out)
+    return out.sub_(torch.maximum(g1, a1, out=scratch)).clamp_(min=0)
 
 
 def match_anchors(iou: Tensor, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
