@@ -1,7 +1,7 @@
 """Where a grid's wall time goes, and its peak memory per worker: `ablate run` timed end to end.
 
-    .venv/bin/python benchmarks/grid_time.py                          # gamma-sweep, one seed
-    .venv/bin/python benchmarks/grid_time.py gamma-sweep --seeds 3 --jobs 1
+    .venv/bin/python benchmarks/grid_time.py                          # gamma-sweep, its own seeds
+    .venv/bin/python benchmarks/grid_time.py gamma-sweep --seeds 1 --jobs 1
     .venv/bin/python benchmarks/grid_time.py --family --json out.json # + the Table 1 family estimate
 
 Runs `ablate run NAME` as a user would (a fresh process, default jobs unless --jobs) in a scratch
@@ -142,7 +142,7 @@ def family_estimate(per_run: float, seeds: int = 3) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", nargs="?", default="gamma-sweep")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the experiment file's seeds)")
     parser.add_argument("--jobs", type=int, help="workers (default: ablate's own default)")
     parser.add_argument("--set", action="append", default=[], help="key=value, passed to ablate run")
     parser.add_argument("--family", action="store_true", help="estimate the Table 1 family (gamma-sweep only)")
@@ -156,8 +156,9 @@ def main() -> None:
     cli = [sys.executable, str(REPO / "cli.py")]
     subprocess.run([*cli, "data", "synth", "--no-progress"], cwd=folder, env=env, capture_output=True)  # the set exists before the clock
     experiment_file = str(REPO / "experiments" / f"{args.experiment}.toml")
-    command = [*cli, "run", experiment_file, "--seeds", str(args.seeds),
-               "--no-progress", *[a for kv in args.set for a in ("--set", kv)]]
+    command = [*cli, "run", experiment_file, "--no-progress", *[a for kv in args.set for a in ("--set", kv)]]
+    if args.seeds is not None:
+        command += ["--seeds", str(args.seeds)]
     if args.jobs is not None:
         command += ["--jobs", str(args.jobs)]
     start, peak, output = timed_command(command, folder, env)
