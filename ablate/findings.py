@@ -213,12 +213,12 @@ def _alpha_quarter_worse(r: Reports) -> tuple[str, bool | None]:
     return f"{quarter.text()}; best {best.text()}", disjoint(best, quarter)
 
 
-def _focal_leads_by_two(fl: CellStats, ce: CellStats) -> tuple[str, bool | None]:
-    """FL at least 2 AP above alpha-CE, with disjoint CIs; the text gives the Welch p too."""
+def _focal_leads_by_two(fl: CellStats, ce: CellStats, other: str = "alpha-CE") -> tuple[str, bool | None]:
+    """FL at least 2 AP above `other` (alpha-CE), with disjoint CIs; the text gives the Welch p too."""
     gap = fl.mean - ce.mean
     p = welch((fl.mean, fl.std, fl.n), (ce.mean, ce.std, ce.n)).p
     test = f" (Welch t-test p = {p:.3f})" if math.isfinite(p) else ""
-    return f"FL {fl.text()}; alpha-CE {ce.text()}; {gap:+.1f}{test}", False if gap < 2.0 else disjoint(fl, ce)
+    return f"FL {fl.text()}; {other} {ce.text()}; {gap:+.1f}{test}", False if gap < 2.0 else disjoint(fl, ce)
 
 
 def _focal_beats_alpha_ce(r: Reports) -> tuple[str, bool | None]:
@@ -292,12 +292,28 @@ def _focal_lead_needs_seeds(r: Reports) -> tuple[str, bool | None]:
     return ours, holds if min(fl.n, ce.n) >= 5 else None
 
 
+def _budget_focal_beats(loss: Values, label: str) -> Judge:
+    """budget-curves (3 seeds per budget): FL (gamma 2, alpha 0.25) beats `loss` at pi = 0.01 by the
+    1b rule. Judged on its x1 report, and by `ablate findings` at every budget it was run at."""
+    def judge(r: Reports) -> tuple[str, bool | None]:
+        fl = r.cell("budget-curves", {**FOCAL, "loss.gamma": 2.0, "loss.alpha": 0.25, "model.prior": 0.01})
+        return _focal_leads_by_two(fl, r.cell("budget-curves", {**loss, "model.prior": 0.01}), label)
+    return judge
+
+
 # (hypothesis with its pass rule, the finding it would explain, judge)
 FOLLOW_UPS: tuple[tuple[str, str, Judge], ...] = (
     ("CE at pi = 0.01 is only slow: its AP rises with the schedule (800 < 1600 < 3200 iterations) "
      "and is above 5 at 3200, every seed finishing", "Prior: with pi = 0.01 both CE and FL train", _ce_prior_is_slow),
     ("FL's lead over the best alpha-CE (alpha 0.9) is real, 3 seeds were too few to show it: with 5 seeds "
      "it is >= 2 AP and the CIs are disjoint", "1b: FL beats the best alpha-CE, CIs disjoint", _focal_lead_needs_seeds),
+    # budget-curves: fixed (with experiments/budget-curves.toml) before its runs. Expected: yes at
+    # x1, no at x4 (prior-schedule had CE ahead at 3200 iterations); the alpha-CE one is open.
+    ("Budget curves, pi = 0.01, 3 seeds per budget: FL (gamma 2, alpha 0.25) beats CE by >= 2 AP, CIs disjoint",
+     "Prior: with pi = 0.01 both CE and FL train", _budget_focal_beats(CE, "CE")),
+    ("Budget curves, pi = 0.01, 3 seeds per budget: FL (gamma 2, alpha 0.25) beats alpha-CE (alpha 0.9) by >= 2 AP, "
+     "CIs disjoint", "1b: FL beats the best alpha-CE, CIs disjoint",
+     _budget_focal_beats({**ALPHA_CE, "loss.alpha": 0.9}, "alpha-CE")),
 )
 
 

@@ -169,6 +169,29 @@ def test_follow_up_focal_lead_over_five_seeds(reports):
     assert three.holds is None and "(n=3)" in three.ours  # 3 seeds do not test a 5-seed hypothesis
 
 
+def test_follow_up_budget_curves_judged_at_every_budget(reports):
+    def budget(root: Path, name: str, focal: float, ce: float, alpha_ce_ap: float) -> None:
+        rows = [gamma(2.0, focal, ci=1.0, **{"model.prior": 0.01}),
+                {"cell": "ce", "loss.cls": "ce", "model.prior": 0.01, "AP": ce, "ci": 1.0},
+                alpha_ce(0.9, alpha_ce_ap, ci=1.0, **{"model.prior": 0.01})]
+        write(root, name, rows)  # root/name/results.csv
+
+    budget(reports, "budget-curves", 31.0, 3.0, 28.5)  # x1 as the report's own results.csv
+    for multiple, (focal, ce, a) in {1: (31.0, 3.0, 28.5), 2: (50.0, 48.0, 45.0), 4: (66.0, 70.0, 60.0)}.items():
+        budget(reports / "budget-curves" / "budgets", f"x{multiple}", focal, ce, a)
+    verdicts = {v.finding: v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "Budget curves" in v.finding}
+    over_ce, over_alpha = verdicts.values()
+    assert "beats CE" in over_ce.finding and over_ce.holds is True and "; CE ce: 3.0" in over_ce.ours
+    assert over_alpha.holds is True and "+2.5" in over_alpha.ours  # 31 vs 28.5, CIs [30, 32] and [27.5, 29.5]
+    follow_ups = [v.finding for v in findings.evaluate(reports, findings.FOLLOW_UPS)]
+    across = dict(zip(follow_ups, findings.across_budgets(reports, findings.FOLLOW_UPS)))
+    # x2: FL +2.0 over CE, but the CIs [49, 51] and [47, 49] touch; x4: CE ahead
+    assert across[over_ce.finding].text() == "no at x2, x4; yes at x1"
+    assert across[over_alpha.finding].text() == "yes at x1, x2, x4"
+    # the other follow-ups have no budget reports
+    assert all(a.holds is None for f, a in across.items() if "Budget curves" not in f)
+
+
 # ----------------------------------------------------------------------------- cells by config values
 
 
