@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -120,9 +121,15 @@ def set_text(value: Any) -> str:
     return json.dumps(value)
 
 
-def reproduce_command(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame) -> str:
-    """The commands that regenerate the runs and this report."""
+def reproduce_command(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame, max_seeds: int | None = None,
+                      budgets: Sequence[float] = ()) -> str:
+    """The commands that regenerate the runs and this report. max_seeds: the runs were added by
+    `--until-settled` up to that many seeds (the rule, not a seed count, decides how many ran);
+    budgets: the multiples `--budgets` recorded."""
     seeds = sorted(runs["seed"].unique())
     seed_arg = f" --seeds {len(seeds)}" if seeds != exp.seeds and seeds == list(range(len(seeds))) else ""
+    if max_seeds is not None:
+        seed_arg = f" --until-settled --max-seeds {max_seeds}"
+    budget_arg = f" --budgets {','.join(f'{b:g}' for b in budgets)}" if budgets else ""
     sets = command_flags(extra)
-    return f"ablate run {exp.name}{seed_arg}{sets}\nablate report {exp.name}{sets}"
+    return f"ablate run {exp.name}{seed_arg}{budget_arg}{sets}\nablate report {exp.name}{sets}"

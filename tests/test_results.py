@@ -100,3 +100,14 @@ def test_reproduce_command_carries_the_flags(exp):
     runs = tracked(exp, COCO, seeds=(0, 1))
     assert reproduce_command(exp, COCO, runs) == ("ablate run smoke --seeds 2 --data 'coco:/data/coco 2017'\n"
                                                   "ablate report smoke --data 'coco:/data/coco 2017'")
+
+
+def test_reproduce_command_names_until_settled_and_budgets(exp):
+    # Seeds added by --until-settled: the rule decided how many, so the command repeats the rule.
+    runs = tracked(exp, {}, seeds=(0, 1, 2, 3, 4))
+    assert reproduce_command(exp, {}, runs, max_seeds=8) == ("ablate run smoke --until-settled --max-seeds 8\n"
+                                                              "ablate report smoke")
+    assert reproduce_command(exp, SHORT, runs, budgets=[1.0, 2.0, 4.0]) == (
+        "ablate run smoke --seeds 5 --budgets 1,2,4 --set train.iterations=50\n"
+        "ablate report smoke --set train.iterations=50")
+    assert reproduce_command(exp, {}, runs, budgets=[0.5, 1.0]).startswith("ablate run smoke --seeds 5 --budgets 0.5,1\n")

@@ -48,12 +48,18 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
     if runs.empty:
         raise AblateError(f"no tracked run matches the cells of {exp.path}: run `ablate run {exp.name}` first")
     histories = tracker.load_histories(runs["run_id"].tolist())
-    spec = report_spec(exp, command or reproduce_command(exp, chosen, runs))
+    from ablate import adaptive
+
+    recorded = adaptive.recorded_rule(exp, tracker.parent_tags(adaptive.RULE_TAG))
+    budgets = adaptive.recorded_budgets(tracker.parent_tags(adaptive.BUDGETS_TAG))
+    max_seeds = recorded[0].max_seeds if recorded else None
+    spec = report_spec(exp, command or reproduce_command(exp, chosen, runs, max_seeds, budgets))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, skipped = loss_cdf_figure(exp, runs, out_dir)
     written = write_report(runs, histories, spec, out_dir, {**figure1(out_dir), **figures}, skipped)
-    written = {**written, **adaptive_sections(exp, chosen, tracker, runs, spec, out_dir, written["readme"])}
+    written = {**written, **adaptive_sections(exp, chosen, tracker, runs, spec, out_dir, written["readme"],
+                                              recorded, budgets)}
     parent = attach_to_parent(tracker, exp.name, runs, written)
     if parent and say:
         say(f"attached to MLflow run {parent} (the grid's parent run; `ablate ui {exp.name}` browses it)")
@@ -61,19 +67,18 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
 
 
 def adaptive_sections(exp: Experiment, overrides: dict[str, Any], tracker: tracking.Tracker, runs: pd.DataFrame,
-                      spec: ReportSpec, out_dir: Path, readme: Path) -> dict[str, Path]:
+                      spec: ReportSpec, out_dir: Path, readme: Path, recorded, budgets: list[float]) -> dict[str, Path]:
     """The adaptive-seeds verdicts and the budget curves, when the experiment's parent runs
-    recorded a rule or budgets (`ablate run --until-settled` / `--budgets`), appended to the README."""
+    recorded a rule (`recorded`: adaptive.recorded_rule's) or budgets (`ablate run --until-settled`
+    / `--budgets`), appended to the README."""
     from ablate import adaptive
     from ablate.report.adaptive import write_budgets, write_sequential
 
     paths, sections = {}, []
-    recorded = adaptive.recorded_rule(exp, tracker.parent_tags(adaptive.RULE_TAG))
     if recorded is not None:
         written, text = write_sequential(*recorded, runs, out_dir)
         paths.update(written)
         sections.append(text)
-    budgets = adaptive.recorded_budgets(tracker.parent_tags(adaptive.BUDGETS_TAG))
     per_budget = adaptive.budget_runs(exp, overrides, tracker.load_runs(), budgets) if budgets else {}
     if per_budget:
         written, text = write_budgets(per_budget, spec, out_dir)
