@@ -126,7 +126,10 @@ class AcrossBudgets:
     holds: bool | None  # False if it fails at any budget; True if it holds wherever measured; None if measured nowhere
 
     def text(self) -> str:
-        """"yes at x1, x2; not measured at x4", "no at x4 (yes at x1, x2)"."""
+        """"yes at x1, x2; not measured at x4", "no at x4; yes at x1, x2", "no budget measured" (no
+        report of its experiment was run at several budgets)."""
+        if all(verdict is None for verdict in self.per_budget.values()):
+            return "no budget measured"
         groups = {v: [budget_label(b) for b, verdict in self.per_budget.items() if verdict is v]
                   for v in (True, False, None)}
         parts = {True: "yes at ", False: "no at ", None: "not measured at "}

@@ -389,7 +389,7 @@ FOLLOW_UP_HEADER = "| hypothesis (pass rule) | for the failing finding | ours | 
 
 def markdown(verdicts: list[Verdict], header: str = FINDING_HEADER, across: list[AcrossBudgets] | None = None) -> str:
     """The verdicts as a Markdown table; with `across`, a column for whether each holds at every budget."""
-    lines = [header + (" at every budget |" if across else ""), "|:---|:---|:---|:---|" + ("|:---" if across else "")]
+    lines = [header + (" at every budget |" if across else ""), "|:---|:---|:---|:---|" + (":---|" if across else "")]
     for i, v in enumerate(verdicts):
         mark = {True: "yes", False: "**no**", None: "not measured"}[v.holds]
         budgets = f" {across[i].text()} |" if across else ""

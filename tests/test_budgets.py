@@ -89,4 +89,5 @@ def test_holds_at_every_budget():
 
     partial = holds_at_every_budget(judge, {1.0: {"gap": 28.1}, 2.0: {"gap": None}, 4.0: {}})
     assert partial.holds is True and partial.text() == "yes at x1; not measured at x2, x4"
-    assert holds_at_every_budget(judge, {1.0: {}}).holds is None
+    nowhere = holds_at_every_budget(judge, {1.0: {}, 2.0: {}})
+    assert nowhere.holds is None and nowhere.text() == "no budget measured"

@@ -190,6 +190,13 @@ def test_follow_up_budget_curves_judged_at_every_budget(reports):
     assert across[over_alpha.finding].text() == "yes at x1, x2, x4"
     # the other follow-ups have no budget reports
     assert all(a.holds is None for f, a in across.items() if "Budget curves" not in f)
+    # the Markdown table gets the column, its separator row one cell per column
+    table = findings.markdown(findings.evaluate(reports, findings.FOLLOW_UPS), findings.FOLLOW_UP_HEADER,
+                              findings.across_budgets(reports, findings.FOLLOW_UPS)).splitlines()
+    assert table[0].endswith("| at every budget |") and table[1] == "|:---|:---|:---|:---|:---|"
+    assert all(line.count("|") == 6 for line in table if line.startswith("|"))
+    assert table[2].endswith("| no budget measured |")
+    assert next(line for line in table if "beats CE" in line).endswith("| yes | no at x2, x4; yes at x1 |")
 
 
 # ----------------------------------------------------------------------------- cells by config values

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("*/runs.csv"))
 # Tags and run info that tracking.Tracker.load_runs reads as they are (not JSON-parsed params).
 INTEGERS = ("cell_index", "seed", "start_time")
-STRINGS = ("run_id", "run_name", "status", "cell", "outcome", "config_hash", "run_dir")
+STRINGS = ("run_id", "run_name", "status", "cell", "outcome", "config_hash", "run_dir", "parent_run_id")
 
 
 def _param(text: str) -> Any:
