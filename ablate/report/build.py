@@ -12,7 +12,7 @@ imported only when a report is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -22,6 +22,9 @@ from ablate.experiments import Experiment
 from ablate.report.spec import ReportSpec
 from ablate.report.write import write_report
 from ablate.results import command_flags, reproduce_command, resolve_overrides, select_runs
+
+if TYPE_CHECKING:
+    from ablate.sequential import SequentialRule
 from ablate.runs import Outcome
 
 FIGURE1_CAPTION = "the loss family (paper's Figure 1)"
@@ -67,7 +70,9 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
 
 
 def adaptive_sections(exp: Experiment, overrides: dict[str, Any], tracker: tracking.Tracker, runs: pd.DataFrame,
-                      spec: ReportSpec, out_dir: Path, readme: Path, recorded, budgets: list[float]) -> dict[str, Path]:
+                      spec: ReportSpec, out_dir: Path, readme: Path,
+                      recorded: tuple[SequentialRule, list[tuple[str, str]]] | None,
+                      budgets: list[float]) -> dict[str, Path]:
     """The adaptive-seeds verdicts and the budget curves, when the experiment's parent runs
     recorded a rule (`recorded`: adaptive.recorded_rule's) or budgets (`ablate run --until-settled`
     / `--budgets`), appended to the README."""
