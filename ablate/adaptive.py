@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablate.budgets import budget_overrides
+from ablate.budgets import budget_overrides, budgets_text
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
 from ablate.results import select_runs
@@ -209,7 +209,7 @@ def run_budgets(exp: Experiment, extra: dict[str, Any], budgets: Sequence[float]
     for multiple in budgets:
         budget_groups(exp, extra, multiple)  # every budget checked before the first run
     outcomes: Counter = Counter()
-    recorded = ",".join(f"{b:g}" for b in budgets)
+    recorded = budgets_text(budgets)
     for multiple in budgets:
         for overrides, cells in budget_groups(exp, extra, multiple):
             outcomes += run_group({**extra, **overrides}, cells, {BUDGETS_TAG: recorded, BUDGET_TAG: f"{multiple:g}"})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,6 +49,11 @@ def parse_budgets(text: str) -> tuple[float, ...]:
     if len(set(values)) != len(values):
         raise ConfigError(f"--budgets: '{text}' lists a multiple twice")
     return tuple(sorted(values))
+
+
+def budgets_text(budgets: Sequence[float]) -> str:
+    """(1.0, 2.0, 4.0) -> "1,2,4": the --budgets value parse_budgets reads back."""
+    return ",".join(f"{b:g}" for b in budgets)
 
 
 def budget_label(multiple: float) -> str:

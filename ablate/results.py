@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablate.budgets import budgets_text
 from ablate.errors import AblateError
 from ablate.experiments import Experiment, data_overrides
 from ablate.runs import DONE
@@ -130,6 +131,6 @@ def reproduce_command(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame
     seed_arg = f" --seeds {len(seeds)}" if seeds != exp.seeds and seeds == list(range(len(seeds))) else ""
     if max_seeds is not None:
         seed_arg = f" --until-settled --max-seeds {max_seeds}"
-    budget_arg = f" --budgets {','.join(f'{b:g}' for b in budgets)}" if budgets else ""
+    budget_arg = f" --budgets {budgets_text(budgets)}" if budgets else ""
     sets = command_flags(extra)
     return f"ablate run {exp.name}{seed_arg}{budget_arg}{sets}\nablate report {exp.name}{sets}"

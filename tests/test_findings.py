@@ -179,20 +179,19 @@ def test_follow_up_budget_curves_judged_at_every_budget(reports):
     budget(reports, "budget-curves", 31.0, 3.0, 28.5)  # x1 as the report's own results.csv
     for multiple, (focal, ce, a) in {1: (31.0, 3.0, 28.5), 2: (50.0, 48.0, 45.0), 4: (66.0, 70.0, 60.0)}.items():
         budget(reports / "budget-curves" / "budgets", f"x{multiple}", focal, ce, a)
-    verdicts = {v.finding: v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "Budget curves" in v.finding}
-    over_ce, over_alpha = verdicts.values()
+    verdicts = findings.evaluate(reports, findings.FOLLOW_UPS)
+    over_budgets = findings.across_budgets(reports, findings.FOLLOW_UPS)
+    over_ce, over_alpha = [v for v in verdicts if "Budget curves" in v.finding]
     assert "beats CE" in over_ce.finding and over_ce.holds is True and "; CE ce: 3.0" in over_ce.ours
     assert over_alpha.holds is True and "+2.5" in over_alpha.ours  # 31 vs 28.5, CIs [30, 32] and [27.5, 29.5]
-    follow_ups = [v.finding for v in findings.evaluate(reports, findings.FOLLOW_UPS)]
-    across = dict(zip(follow_ups, findings.across_budgets(reports, findings.FOLLOW_UPS)))
+    across = {v.finding: a for v, a in zip(verdicts, over_budgets)}
     # x2: FL +2.0 over CE, but the CIs [49, 51] and [47, 49] touch; x4: CE ahead
     assert across[over_ce.finding].text() == "no at x2, x4; yes at x1"
     assert across[over_alpha.finding].text() == "yes at x1, x2, x4"
     # the other follow-ups have no budget reports
     assert all(a.holds is None for f, a in across.items() if "Budget curves" not in f)
     # the Markdown table gets the column, its separator row one cell per column
-    table = findings.markdown(findings.evaluate(reports, findings.FOLLOW_UPS), findings.FOLLOW_UP_HEADER,
-                              findings.across_budgets(reports, findings.FOLLOW_UPS)).splitlines()
+    table = findings.markdown(verdicts, findings.FOLLOW_UP_HEADER, over_budgets).splitlines()
     assert table[0].endswith("| at every budget |") and table[1] == "|:---|:---|:---|:---|:---|"
     assert all(line.count("|") == 6 for line in table if line.startswith("|"))
     assert table[2].endswith("| no budget measured |")
