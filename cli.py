@@ -272,18 +272,24 @@ CheckpointDirOption = Annotated[Path | None, typer.Option(
     "(default: $ABLATE_CHECKPOINT_DIR, else ./.ablate/checkpoints)")]
 CheckpointEveryOption = Annotated[int | None, typer.Option(
     "--checkpoint-every", help="Iterations between resume checkpoints (default: a tenth of the run, 50-1000; 0: none)")]
+StallOption = Annotated[float | None, typer.Option(
+    "--stall-timeout", help="Seconds a run may go without progress (an iteration, an evaluated batch, a checkpoint) "
+    "before it counts as stalled, is ended and resumes on another worker (default: $ABLATE_STALL_TIMEOUT, else 50 "
+    "of its own steps, at least 120 s; 0: never)")]
 GpusOption = Annotated[int, typer.Option("--gpus-per-cell", help="GPUs each worker process gets (CUDA_VISIBLE_DEVICES; "
                                           "at least --nproc)")]
 
 
 def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_every: int | None,
-                   nproc: int | None = None):
+                   nproc: int | None = None, stall_timeout: float | None = None):
     """The settings every worker of a grid shares: tracking URI (checked now), queue, checkpoints,
     processes per run."""
     check_checkpoint_every(checkpoint_every)
-    from ablate import builders, distributed, scheduling, tracking
+    from ablate import builders, distributed, lease, scheduling, tracking
     from ablate.errors import AblateError
     from ablate.workers import WorkerOptions
+
+    lease.configured_stall_timeout(stall_timeout)  # a bad value is one line now, not in every worker
 
     if distributed.from_env() is not None:
         raise AblateError("a grid's workers start each run's processes themselves: run `ablate run/worker "
@@ -296,7 +302,7 @@ def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_
         scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
     return WorkerOptions(tracking_uri=tracking.init_store(), storage=url,
                          checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every,
-                         nproc=nproc or 1)
+                         nproc=nproc or 1, stall_timeout=stall_timeout)
 
 
 def check_checkpoint_every(checkpoint_every: int | None) -> None:
@@ -330,6 +336,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         preset: Annotated[str | None, typer.Option(help="Budget preset instead of the file's (e.g. paper).")] = None,
         storage: StorageOption = None, checkpoint_dir: CheckpointDirOption = None,
         checkpoint_every: CheckpointEveryOption = None, gpus_per_cell: GpusOption = 1, nproc: NprocOption = None,
+        stall_timeout: StallOption = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, run nothing.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
         until_settled: Annotated[bool, typer.Option(
@@ -361,7 +368,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     from ablate.budgets import parse_budgets
 
     multiples = parse_budgets(budgets) if budgets is not None else None
-    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
+    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc, stall_timeout)
     common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}
     if until_settled:
@@ -380,7 +387,8 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
            jobs: Annotated[int | None, typer.Option(
                help="Worker processes on this machine (default: one per core, or per --gpus-per-cell GPUs)")] = None,
            checkpoint_dir: CheckpointDirOption = None, checkpoint_every: CheckpointEveryOption = None,
-           gpus_per_cell: GpusOption = 1, nproc: NprocOption = None, progress: ProgressOption = True) -> None:
+           gpus_per_cell: GpusOption = 1, nproc: NprocOption = None, stall_timeout: StallOption = None,
+           progress: ProgressOption = True) -> None:
     """Pull runs of a planned grid from the queue and train them until the queue is empty (any number
     of workers, on any machine sharing the queue, the tracking server and the checkpoint folder)."""
     from ablate import grid
@@ -388,7 +396,7 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
     if jobs is not None and jobs < 1:
         raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     name = Path(experiment).stem if experiment.endswith(".toml") else experiment
-    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
+    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc, stall_timeout)
     # A worker process sees only its own GPUs: a cell on --nproc N processes needs N of them.
     outcomes = grid.run_worker(name, options, jobs=jobs, gpus_per_cell=max(gpus_per_cell, options.nproc),
                                show_progress=progress)

@@ -26,7 +26,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from ablate import builders
+from ablate import builders, lease
 from ablate.config import Config, apply_overrides, from_dict, to_dict, trunk_norm
 from ablate.errors import AblateError
 from ablate.model.retinanet import RetinaNet
@@ -62,6 +62,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, class_names
     atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "config": to_dict(cfg),
                                              "class_names": class_names, "category_ids": category_ids,
                                              "iteration": iteration}, f))
+    lease.advance()  # a checkpoint on disk is progress
 
 
 def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[RetinaNet, Config, dict]:
@@ -146,6 +147,7 @@ def save_resume(spec: ResumeSpec, iteration: int, config: Config, config_hash: s
     atomic_write(path, lambda f: torch.save({**head, "config": to_dict(config), **parts}, f))
     side = {**head, "checkpoint": path.name, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(side, indent=2).encode()))
+    lease.advance()  # a checkpoint on disk is progress
     if spec.on_saved:
         spec.on_saved(iteration)
 

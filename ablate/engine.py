@@ -21,6 +21,7 @@ from ablate.data.coco import Batch, CocoDetection
 from ablate.distributed import SINGLE, Ranks
 from ablate.evaluation import coco_evaluate, detections_to_coco
 from ablate.postprocess import Postprocess
+from ablate import lease
 from ablate.runs import Outcome
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -121,7 +122,8 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
         state.interval_seconds += now - interval_start
         interval_start = now
 
-    with progress_task(progress, "train", iterations, show_progress) as (bar, task):
+    # Judged by the run's lease: every iteration is progress, and none for its stall timeout is a stall.
+    with progress_task(progress, "train", iterations, show_progress) as (bar, task), lease.judged():
         bar.update(task, completed=state.iteration)
         for it in range(state.iteration, iterations):
             t0 = time.perf_counter()
@@ -152,6 +154,8 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
                 state.sums[key] = state.sums.get(key, 0.0) + values[key]
             state.images += len(batch.images) * ranks.world_size
             state.iteration = done = it + 1
+            lease.advance()
+            lease.hang_here_if_asked(done, ranks.rank)
             if done % log_every == 0 or done == iterations:
                 clock()
                 metrics = interval_metrics(state, optimizer.param_groups[0]["lr"])
@@ -222,7 +226,7 @@ def evaluate(model: torch.nn.Module, loader, dataset: CocoDetection, postprocess
     """
     records: list[dict] = []
     seconds, num_images = 0.0, 0
-    with progress_task(progress, "eval", len(loader), show_progress) as (bar, task):
+    with progress_task(progress, "eval", len(loader), show_progress) as (bar, task), lease.judged():
         for batch in loader:
             t0 = time.perf_counter()
             dets = predict(model, batch, postprocess, device, amp)
@@ -236,6 +240,7 @@ def evaluate(model: torch.nn.Module, loader, dataset: CocoDetection, postprocess
                 torch.cat([d["labels"] for d in dets]).cpu(),
                 torch.repeat_interleave(batch.image_ids, torch.tensor(counts)), dataset.category_ids)
             bar.advance(task)
+            lease.advance()
     metrics = coco_evaluate(dataset.coco, records, image_ids=dataset.image_ids, category_ids=dataset.category_ids)
     metrics["infer_ms_per_img"] = 1000 * seconds / max(1, num_images)
     return metrics, records

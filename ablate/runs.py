@@ -10,16 +10,11 @@ metrics, the files written and, once tracked, the tracking run id.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-import psutil
-
 from ablate.config import Config, apply_overrides, config_hash, flatten
-from ablate.errors import AblateError
 
 
 class Outcome(StrEnum):
@@ -30,6 +25,9 @@ class Outcome(StrEnum):
     FAILED = "failed"  # crashed (bad data, a bug, out of memory): rerun by the next `ablate run`
     INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM or a vanished process: rerun
     PRUNED = "pruned"  # a search trial the pruner stopped early
+    # No progress for its stall timeout (a stuck kernel, a deadlocked loader, a hung collective):
+    # its process was ended and the run goes back to the queue, resumed from its last checkpoint.
+    STALLED = "stalled"
 
     @property
     def is_done(self) -> bool:
@@ -94,46 +92,18 @@ class PlannedRun:
 @dataclass
 class RunResult:
     """What one run ended with: its outcome, final metrics (fractions in [0, 1]), the files it wrote
-    (name -> path), the tracking run id once tracked, and the error line of a failed run."""
+    (name -> path), the tracking run id once tracked, the error line of a failed run, and
+    `retry`: a failure that another attempt may not meet (a rank of the run died), so the run
+    goes back to the queue at once, to resume from its checkpoint."""
 
     outcome: Outcome
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     run_id: str | None = None
     error: str | None = None
+    retry: bool = False
 
     @property
     def value(self) -> float | None:
         """The AP of a finished run: what the queue's trial completes with."""
         return self.metrics.get("AP") if self.outcome is Outcome.FINISHED else None
-
-
-def process_owner(pid: int | None = None) -> str:
-    """'host:pid:start time' of a process (default: this one): who owns a running run or trial.
-    Pids are reused; the start time tells a new process from the one that took the work."""
-    proc = psutil.Process(pid)
-    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
-
-
-def owner_alive(owner: str | None) -> bool:
-    """Whether the process named by `owner` (process_owner's string) still runs. One on another
-    machine cannot be checked from here and counts as alive (heartbeats decide there); no owner
-    at all (work taken before owners were recorded) counts as gone."""
-    if not owner:
-        return False
-    host, pid, _ = owner.rsplit(":", 2)
-    if host != socket.gethostname():
-        return True
-    try:
-        return process_owner(int(pid)) == owner
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
-
-
-def heartbeat_seconds() -> int:
-    """Seconds between the heartbeats of running work (`ABLATE_HEARTBEAT`, default 10), in the
-    queue and in the tracking store alike; work is taken for dead after three missed beats."""
-    try:
-        return max(1, int(os.environ.get("ABLATE_HEARTBEAT", "10")))
-    except ValueError:
-        raise AblateError(f"ABLATE_HEARTBEAT: expected whole seconds, got {os.environ['ABLATE_HEARTBEAT']!r}") from None

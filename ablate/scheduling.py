@@ -9,8 +9,8 @@ Two storages: by default a journal file in the working folder (one machine, noth
 safe for parallel processes where SQLite is not), or an RDB URL (`--storage postgresql://...`,
 `ABLATE_STORAGE`) that workers on many machines share. On PostgreSQL a waiting trial is popped
 with SELECT ... FOR UPDATE, so two workers never take the same one; a running trial records a
-heartbeat, and one whose heartbeat stops is failed and enqueued again (Optuna's stale-trial
-retry) for another worker. `ablate search` runs TPE with a median pruner over a declared space.
+heartbeat while its run advances (ablate.lease), and one whose heartbeat stops is failed and
+enqueued again (Optuna's stale-trial retry) for another worker. `ablate search` runs TPE with a median pruner over a declared space.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,18 +33,23 @@ from optuna.trial import TrialState
 
 from ablate.errors import AblateError, mask_url
 from ablate.paths import check_writable_folder
-from ablate.runs import Outcome, PlannedRun, RunResult, heartbeat_seconds, owner_alive, process_owner
+from ablate import lease
+from ablate.lease import heartbeat_seconds, process_owner
+from ablate.runs import Outcome, PlannedRun, RunResult
 
 PLANNED_ATTR = "ablate_planned_run"  # user attribute: the PlannedRun (JSON) an enqueued trial stands for
 OUTCOME_ATTR = "outcome"  # user attribute: how the trial's run ended, for Optuna's dashboard
 OWNER_ATTR = "owner"  # user attribute: the worker process that pulled the trial (host:pid:start)
-# A stale trial is enqueued again at most this often: a cell that kills every worker that takes
-# it (out of memory, say) must not circle forever.
+RETRIES_ATTR = "retries"  # user attribute: failed attempts of its run before this trial (a lost rank)
+# A stale trial, or a run whose rank died, is enqueued again at most this often: a cell that kills
+# every worker that takes it (out of memory, say) must not circle forever.
 MAX_RETRIES = 3
+# Outcomes whose run goes back into the queue at once, to resume from its checkpoint.
+REQUEUED = frozenset({Outcome.INTERRUPTED, Outcome.STALLED})
 
 optuna.logging.set_verbosity(logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# Our workers pull with ask/tell and beat the heartbeat themselves (`heartbeat` below).
+# Our workers pull with ask/tell and beat the heartbeat themselves (`TrialClaim` below).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 # Runs one planned run; None when the tracking store said it is done or running elsewhere.
@@ -83,7 +87,7 @@ def storage(url_or_path: str | Path | None = None) -> BaseStorage:
     engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
     for attempt in range(3):
         try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=3 * beat,
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=lease.grace_seconds(),
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
         except ImportError:
             raise AblateError(f"--storage {shown}: no database driver for this URL is installed "
@@ -166,7 +170,8 @@ def fail_dead_trials(study: optuna.Study) -> int:
     """Fail the running trials whose worker is gone, and enqueue their planned runs again.
 
     On an RDB storage, Optuna's heartbeats decide (`fail_stale_trials` with the retry callback);
-    on the journal, a trial's worker is a process on this machine, checked by its owner attribute.
+    on the journal, a trial's worker is a process on this machine, checked by its owner attribute
+    (lease.is_alive: one rule for both stores).
     Returns how many were failed.
     """
     if is_shared(study._storage):
@@ -175,7 +180,7 @@ def fail_dead_trials(study: optuna.Study) -> int:
         return before - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     # A trial is RUNNING a moment before its worker writes its owner: no owner is no verdict.
     dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if OWNER_ATTR in t.user_attrs and not owner_alive(t.user_attrs[OWNER_ATTR])]
+            if OWNER_ATTR in t.user_attrs and not lease.is_alive(t.user_attrs[OWNER_ATTR])]
     failed = 0
     for trial in dead:
         try:  # another worker may fail it first
@@ -194,29 +199,24 @@ def pending(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
 
 
-@contextlib.contextmanager
-def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat every interval while its run trains (RDB storages only:
-    `study.optimize` would do this, but a grid worker pulls with ask/tell)."""
-    store = _rdb(study._storage)
-    if store is None or not store.get_heartbeat_interval():
-        yield
-        return
-    stop = threading.Event()
+class TrialClaim:
+    """A running trial's claim in this process's lease (ablate.lease): beaten while its run
+    advances (RDB storages: Optuna's heartbeat table; the journal has none, its trials' owners are
+    checked as processes), failed and enqueued again when its run stalls."""
 
-    def beat() -> None:
-        while not stop.wait(store.get_heartbeat_interval() or 10):
-            with contextlib.suppress(Exception):  # a lost connection must not kill the training
-                store.record_heartbeat(trial._trial_id)
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, planned: PlannedRun):
+        self.study, self.trial, self.planned = study, trial, planned
+        self._store = _rdb(study._storage)
+        self.renew()  # the first beat, as the trial is taken
 
-    store.record_heartbeat(trial._trial_id)
-    thread = threading.Thread(target=beat, name="ablate-trial-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    def renew(self) -> None:
+        if self._store is not None and self._store.get_heartbeat_interval():
+            self._store.record_heartbeat(self.trial._trial_id)
+
+    def give_back_stalled(self, idle: float) -> None:
+        retries = self.trial.user_attrs.get(RETRIES_ATTR, 0)
+        if _tell(self.study, self.trial, RunResult(Outcome.STALLED)) and retries < MAX_RETRIES:
+            enqueue(self.study, [self.planned], retries=retries + 1)
 
 
 def reset_queue(study: optuna.Study) -> int:
@@ -226,7 +226,7 @@ def reset_queue(study: optuna.Study) -> int:
     Returns how many were cleared."""
     cleared = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if owner_alive(trial.user_attrs.get(OWNER_ATTR)):
+        if lease.is_alive(trial.user_attrs.get(OWNER_ATTR)):
             continue
         study.tell(trial.number, state=TrialState.FAIL)
         cleared += 1
@@ -245,10 +245,12 @@ def trial_params(values: dict[str, Any]) -> dict[str, int | float]:
     return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def enqueue(study: optuna.Study, runs: list[PlannedRun]) -> None:
-    """One waiting trial per planned run; the cell's numeric values become the trial's params."""
+def enqueue(study: optuna.Study, runs: list[PlannedRun], retries: int = 0) -> None:
+    """One waiting trial per planned run; the cell's numeric values become the trial's params.
+    `retries`: how many failed attempts came before (kept on the trial, bounded by MAX_RETRIES)."""
+    attrs = {RETRIES_ATTR: retries} if retries else {}
     for run in runs:
-        study.enqueue_trial(trial_params(run.values), user_attrs={PLANNED_ATTR: run.to_json()})
+        study.enqueue_trial(trial_params(run.values), user_attrs={PLANNED_ATTR: run.to_json(), **attrs})
 
 
 def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlanned,
@@ -284,16 +286,21 @@ def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlann
             else:
                 trial.suggest_float(key, value, value)
         try:
-            with heartbeat(study, trial):
+            with lease.LEASE.hold(TrialClaim(study, trial, planned)):
                 result = run_planned(planned)
         except BaseException:
             if _tell(study, trial, RunResult(Outcome.INTERRUPTED)):
                 enqueue(study, [planned])
             raise
-        # An interrupted run goes back into the queue, unless its trial was failed as stale
-        # meanwhile: the stale-trial retry has enqueued it already.
-        if _tell(study, trial, result) and result is not None and result.outcome is Outcome.INTERRUPTED:
-            enqueue(study, [planned])
+        # An interrupted or stalled run goes back into the queue, unless its trial was failed as
+        # stale meanwhile: the stale-trial retry has enqueued it already.
+        # A run whose rank died goes back too, at most MAX_RETRIES times.
+        told = _tell(study, trial, result)
+        retries = trial.user_attrs.get(RETRIES_ATTR, 0)
+        if told and result is not None and result.outcome in REQUEUED:
+            enqueue(study, [planned], retries=retries)
+        elif told and result is not None and result.retry and retries < MAX_RETRIES:
+            enqueue(study, [planned], retries=retries + 1)
         pulled += 1
     return pulled
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ from mlflow.entities import Metric, Param, RunTag
 
 from ablate.errors import AblateError, mask_url, mask_urls
 from ablate.paths import check_writable_folder
-from ablate.runs import DONE, Outcome, PlannedRun, heartbeat_seconds, owner_alive, process_owner
+from ablate import lease
+from ablate.lease import process_owner
+from ablate.runs import DONE, Outcome, PlannedRun
 
 # MLflow announces its schema migrations at INFO level on every fresh store: keep the terminal for
 # the progress bars.
@@ -91,7 +94,7 @@ TAKEOVER_SETTLE_SECONDS = 1.0
 
 # The MLflow run status each outcome closes a run with; the outcome tag tells FAILED ones apart.
 RUN_STATUS = {Outcome.FINISHED: "FINISHED", Outcome.DIVERGED: "FAILED", Outcome.FAILED: "FAILED",
-              Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED"}
+              Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED", Outcome.STALLED: "KILLED"}
 
 
 def tracking_uri() -> str:
@@ -272,6 +275,11 @@ class Tracker:
         if self.is_running(run_id):
             self.client.set_terminated(run_id, status=status)
 
+    def patiently(self, call, what: str):
+        """`call()`, waiting for a tracking server that went away (tracking.patiently); at once on
+        a local store."""
+        return patiently(call, self.uri, what) if self.uri.startswith(("http://", "https://")) else call()
+
     def start_child(self, planned: PlannedRun, parent_id: str) -> ChildRun:
         """A RUNNING child run for `planned`: its config as params, its identity and owner as tags."""
         tags = {"cell": planned.cell, "cell_index": planned.cell_index, "seed": planned.seed,
@@ -280,7 +288,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=planned.name, tags={
             "mlflow.parentRunId": parent_id, f"{TAG}git_commit": git_commit(), f"{TAG}command": command_line(),
             **{f"{TAG}{k}": str(v) for k, v in tags.items()}})
-        child = ChildRun(self.client, run.info.run_id, tags["owner"])
+        child = ChildRun(self.client, run.info.run_id, tags["owner"], self.uri)
         items = [Param(k, param_value(v)) for k, v in planned.config.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(child.run_id, params=items[i:i + 100])
@@ -347,7 +355,7 @@ class Tracker:
         time.sleep(TAKEOVER_SETTLE_SECONDS)
         if self.client.get_run(run_id).data.tags.get(f"{TAG}owner") != owner:
             return None
-        return ChildRun(self.client, run_id, owner)
+        return ChildRun(self.client, run_id, owner, self.uri)
 
     def _rivals(self, config_hash: str) -> list:
         """The child runs with this config hash that are done or still owned by a live process."""
@@ -445,17 +453,15 @@ def is_done(run) -> bool:
 
 
 def run_owner_alive(run) -> bool:
-    """Whether the process that owns a RUNNING run is still at work: its process exists (checked
-    on this machine only) and its heartbeat is younger than three intervals (clocks synchronised,
-    as NTP keeps them). A stopped or hung process misses its beats and counts as gone."""
+    """Whether the process that owns a RUNNING run is still at work (lease.is_alive on its owner
+    and heartbeat tags). A process that stopped, or whose run stopped advancing, misses its beats
+    and counts as gone."""
     tags = run.data.tags
-    if not owner_alive(tags.get(f"{TAG}owner")):
-        return False
-    beat = tags.get(f"{TAG}heartbeat")
     try:
-        return beat is None or time.time() - float(beat) < 3 * heartbeat_seconds()
+        beat = float(tags[f"{TAG}heartbeat"]) if f"{TAG}heartbeat" in tags else None
     except ValueError:
         return False
+    return lease.is_alive(tags.get(f"{TAG}owner"), beat)
 
 
 def _parse_param(text: str) -> Any:
@@ -471,33 +477,198 @@ class LostClaim(Exception):
     over: whatever it still computes must not be recorded."""
 
 
+class TrackingUnreachable(AblateError):
+    """The tracking server did not answer for `tracking_patience()` seconds: the run is left for
+    another attempt (its checkpoint kept, its cell back in the queue)."""
+
+
+def tracking_patience() -> float:
+    """Seconds a worker waits for a tracking server that went away before it leaves the run to
+    resume ($ABLATE_TRACKING_PATIENCE, default 300: a server restart or a short network cut costs
+    no training)."""
+    text = os.environ.get("ABLATE_TRACKING_PATIENCE", "").strip() or "300"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise AblateError(f"ABLATE_TRACKING_PATIENCE: expected seconds >= 0, got {text!r}")
+    return value
+
+
+# A worker's MLflow client asks once or twice and gives up within seconds (MLflow's own default is
+# 7 retries with exponential backoff and 120 s timeouts: minutes of silence per call); the retrying
+# that matters is ours, per batch and per call, bounded by tracking_patience().
+CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+RETRY_SECONDS = 2.0  # between two tries of a call or batch the server did not take
+
+
+def bound_client_retries() -> None:
+    """MLflow's client retries bounded as CLIENT_RETRIES says, unless the user set them."""
+    for key, value in CLIENT_RETRIES.items():
+        os.environ.setdefault(key, value)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether `error` says the server could not be reached or was unavailable (connection refused,
+    timeout, a 5xx), as opposed to an answer that refuses the request."""
+    if not isinstance(error, MlflowException):
+        return isinstance(error, (ConnectionError, TimeoutError))
+    text = str(error)
+    if text.startswith("API request to") and ("failed with exception" in text or "failed with timeout" in text):
+        return True
+    with contextlib.suppress(Exception):
+        return error.get_http_status_code() in (408, 429, 500, 502, 503, 504)
+    return False
+
+
+def patiently(call, uri: str, what: str, patience: float | None = None):
+    """`call()`, tried again every RETRY_SECONDS while the server is unreachable, for at most
+    `patience` seconds (default tracking_patience()); then TrackingUnreachable naming `what`."""
+    patience = tracking_patience() if patience is None else patience
+    start = time.monotonic()
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if not is_unreachable(e):
+                raise
+            waited = time.monotonic() - start
+            if waited >= patience:
+                raise TrackingUnreachable(f"tracking server {mask_url(uri)} unreachable for {waited:.0f} s "
+                                          f"({_store_error(e)}) while {what}") from None
+            time.sleep(min(RETRY_SECONDS, max(0.0, patience - waited)))
+
+
+class Outbox:
+    """What a run sends to the tracking store without making training wait: batches of step
+    metrics, in order, and the heartbeat, on a thread of its own. A batch the server does not
+    take is tried again, with the same timestamps (the store keeps one copy of a metric sent
+    twice), until it does; training meanwhile goes on and its metrics wait here."""
+
+    def __init__(self, run: ChildRun):
+        self.run = run
+        self._pending: deque[list[Metric]] = deque()
+        self._beat_wanted = False
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self.unreachable_since: float | None = None
+        self._thread = threading.Thread(target=self._work, name="ablate-tracking-outbox", daemon=True)
+        self._thread.start()
+
+    def send(self, metrics: list[Metric]) -> None:
+        with self._cond:
+            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics per batch
+                self._pending.append(metrics[i:i + 1000])
+            self._cond.notify_all()
+
+    def beat(self) -> None:
+        with self._cond:
+            self._beat_wanted = True
+            self._cond.notify_all()
+
+    def drain(self, patience: float) -> bool:
+        """Wait until every batch is sent (True), or `patience` seconds (False)."""
+        deadline = time.monotonic() + patience
+        with self._cond:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._pending or self._beat_wanted or self._closed):
+                    self._cond.wait()
+                if self._closed and not self._pending:
+                    return
+                beat, self._beat_wanted = self._beat_wanted, False
+                batch = self._pending[0] if self._pending else None
+                self._busy = True
+            ok = self._try(beat, batch)
+            with self._cond:
+                self._busy = False
+                if ok and batch is not None and self._pending and self._pending[0] is batch:
+                    self._pending.popleft()
+                if self.run.lost:  # the run is another process's now: nothing more goes out from here
+                    self._pending.clear()
+                self._cond.notify_all()
+            if not ok:
+                time.sleep(RETRY_SECONDS)
+
+    def _try(self, beat: bool, batch: list[Metric] | None) -> bool:
+        try:
+            if beat:
+                self.run.check_claim()
+                if not self.run.lost:
+                    self.run.client.set_tag(self.run.run_id, f"{TAG}heartbeat", f"{time.time():.0f}")
+            if batch is not None and not self.run.lost:
+                self.run.client.log_batch(self.run.run_id, metrics=batch)
+        except Exception:  # unreachable (or refused): kept, and tried again
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+            return False
+        self.unreachable_since = None
+        return True
+
+
 class ChildRun:
-    """One cell x seed, owned by this process. Step metrics are buffered and sent with log_batch
-    (a single log_metric costs 10-20 ms on sqlite; a batch of 1,000 values ~0.2 s). A thread beats
-    the run's heartbeat tag and checks that the run is still this process's; once it is not, every
-    write raises LostClaim."""
+    """One cell x seed, owned by this process, and its claim in the process's lease.
+
+    Step metrics are buffered and handed to the run's Outbox in batches (a single log_metric costs
+    10-20 ms on sqlite; a batch of 1,000 values ~0.2 s), which sends them while training goes on;
+    the lease's beats go out the same way. Once the store says the run is another process's,
+    every write raises LostClaim. The calls that close the run wait for an unreachable server for
+    up to tracking_patience() seconds, then raise TrackingUnreachable."""
 
     FLUSH_VALUES = 500
     FLUSH_SECONDS = 20.0
 
-    def __init__(self, client: MlflowClient, run_id: str, owner: str):
-        self.client, self.run_id, self.owner = client, run_id, owner
+    def __init__(self, client: MlflowClient, run_id: str, owner: str, uri: str = "", holder: lease.Lease = lease.LEASE):
+        self.client, self.run_id, self.owner, self.uri = client, run_id, owner, uri
         self.lost = False
         # With resumable checkpoints, step metrics go out only when a checkpoint is written, so
         # that a resumed run never logs a step twice (see flush_on_checkpoint).
         self.flush_on_checkpoint = False
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
-        self._stop = threading.Event()
-        self._beat_thread = threading.Thread(target=self._beat, name="ablate-run-heartbeat", daemon=True)
-        self._beat_thread.start()
+        self._outbox = Outbox(self)
+        self._lease = holder
+        holder.add(self)
 
-    def _beat(self) -> None:
-        while not self._stop.wait(heartbeat_seconds()):
-            with contextlib.suppress(Exception):  # an unreachable server must not kill the training
-                self.check_claim()
-                if not self.lost:
-                    self.client.set_tag(self.run_id, f"{TAG}heartbeat", f"{time.time():.0f}")
+    # ------------------------------------------------------------------ the lease's claim
+
+    def renew(self) -> None:
+        self._outbox.beat()
+
+    def give_back_stalled(self, idle: float) -> None:
+        """Close the run KILLED with outcome `stalled`, its metrics so far sent, unless another
+        process owns it by now; the next worker takes it over from its checkpoint."""
+        self._outbox.drain(patience=min(10.0, tracking_patience()))
+        self.check_claim()
+        if self.lost:
+            return
+        self.client.log_batch(self.run_id, tags=[RunTag(f"{TAG}outcome", str(Outcome.STALLED)),
+                                                 RunTag(f"{TAG}stalled_after_seconds", f"{idle:.0f}")])
+        self.client.set_terminated(self.run_id, status=RUN_STATUS[Outcome.STALLED])
+        self.lost = True  # nothing more from this process
+
+    # ------------------------------------------------------------------ writes
+
+    def _patiently(self, call, what: str):
+        if not self.uri.startswith(("http://", "https://")):
+            return call()
+        return patiently(call, self.uri, what)
 
     def check_claim(self) -> None:
         """Ask the store whether the run is still this process's; remember when it is not."""
@@ -506,7 +677,7 @@ class ChildRun:
 
     def _guard(self) -> None:
         if self.lost:
-            self._stop.set()
+            self.release()
             raise LostClaim(f"run {self.run_id} was taken over by another worker")
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -518,38 +689,64 @@ class ChildRun:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the buffered step metrics to the outbox (returns at once)."""
         self._guard()
-        for i in range(0, len(self._buffer), 1000):  # MLflow takes at most 1,000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+        self._outbox.send(self._buffer)
         self._buffer = []
         self._last_flush = time.monotonic()
+
+    def log_missing_steps(self, lines: list[dict[str, float]]) -> None:
+        """Send the step metrics of `lines` (metrics.jsonl's, each with its `iteration`) that the
+        store lacks, by step: what a killed attempt had not sent yet arrives once, and nothing
+        arrives twice."""
+        have = {key: {m.step for m in self._patiently(lambda key=key: self.client.get_metric_history(self.run_id, key),
+                                                       "reading the run's metrics")}
+                for key in STEP_METRICS}
+        now = int(time.time() * 1000)
+        missing = [Metric(k, float(line[k]), now, int(line["iteration"])) for line in lines for k in STEP_METRICS
+                   if k in line and int(line["iteration"]) not in have[k]]
+        for i in range(0, len(missing), 1000):
+            self._patiently(lambda i=i: self.client.log_batch(self.run_id, metrics=missing[i:i + 1000]),
+                            "sending the run's metrics")
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self._guard()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._patiently(lambda: self.client.log_batch(self.run_id, metrics=batch), "sending the run's metrics")
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._guard()
-        self.client.log_batch(self.run_id, tags=[RunTag(f"{TAG}{k}", str(v)) for k, v in tags.items()])
+        items = [RunTag(f"{TAG}{k}", str(v)) for k, v in tags.items()]
+        self._patiently(lambda: self.client.log_batch(self.run_id, tags=items), "tagging the run")
 
     def log_artifacts(self, folder: Path) -> None:
         files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith("checkpoint")]
         for path in files:
-            self.client.log_artifact(self.run_id, str(path))
+            self._patiently(lambda path=path: self.client.log_artifact(self.run_id, str(path)), "uploading its files")
 
-    def end(self, outcome: Outcome) -> None:
+    def end(self, outcome: Outcome, history: list[dict[str, float]] | None = None) -> None:
         """Close the run: FINISHED for a finished cell, FAILED for diverged or crashed, KILLED for
         an interruption or a search trial the pruner stopped; the `outcome` tag tells them apart.
-        Raises LostClaim, recording nothing, when another process owns the run by now."""
+        `history` (metrics.jsonl's lines): step metrics the store must hold, sent where missing.
+        Raises LostClaim, recording nothing, when another process owns the run by now, and
+        TrackingUnreachable when the server stays away for tracking_patience() seconds."""
         try:
-            self.check_claim()
+            self._patiently(self.check_claim, "closing the run")
             self.flush()
+            if not self._outbox.drain(tracking_patience()):
+                raise TrackingUnreachable(f"tracking server {mask_url(self.uri)} unreachable for "
+                                          f"{tracking_patience():.0f} s while sending the run's metrics")
+            if history:
+                self.log_missing_steps(history)
             self.set_tags({"outcome": str(outcome)})
-            self.client.set_terminated(self.run_id, status=RUN_STATUS[Outcome(outcome)])
+            self._patiently(lambda: self.client.set_terminated(self.run_id, status=RUN_STATUS[Outcome(outcome)]),
+                            "closing the run")
         finally:
-            self._stop.set()
+            self.release()
 
     def release(self) -> None:
-        """Stop the heartbeat without closing the run (its claim was lost, or it is left for a resume)."""
-        self._stop.set()
+        """Give the run's claim up without closing the run (its claim was lost, or it is left for a
+        resume): no more beats from this process."""
+        self._lease.remove(self)
+        self._outbox.close()

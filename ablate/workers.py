@@ -25,10 +25,11 @@ from pathlib import Path
 from rich.markup import escape
 from rich.progress import Progress
 
-from ablate import scheduling, signals, tracking
+from ablate import lease, scheduling, signals, tracking
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_urls, one_line
+from ablate.distributed import RankLost
 from ablate.runner import WorldSizeMismatch, run_training
 from ablate.runs import Outcome, PlannedRun, RunResult
 
@@ -54,6 +55,7 @@ class WorkerOptions:
     threads: int | None = None  # torch threads of this worker (None: torch's default)
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of this worker (None: leave it)
     nproc: int = 1  # processes training each run together (DDP; train.nproc)
+    stall_timeout: float | None = None  # seconds without progress before a run counts as stalled (lease)
 
 
 def auto_checkpoint_every(iterations: int) -> int:
@@ -90,8 +92,8 @@ def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, 
         every = options.checkpoint_every or auto_checkpoint_every(cfg.train.iterations)
         resume = ResumeSpec(path=path, every=every, meta={})
     previous = resumable_run_id(resume.path) if resume else None
-    child = (tracker.claim(planned, parent_id, resume_run_id=previous) if claim
-             else tracker.start_child(planned, parent_id))
+    child = tracker.patiently(lambda: tracker.claim(planned, parent_id, resume_run_id=previous) if claim
+                              else tracker.start_child(planned, parent_id), "claiming the run")
     if child is None:
         return None
     try:
@@ -127,6 +129,10 @@ def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress:
         return record(child, summary, resume)
     except tracking.LostClaim:  # taken for dead and taken over: the other worker records the run
         return None
+    except tracking.TrackingUnreachable as e:  # the checkpoint stays; the cell goes back to the queue
+        print(f"error: {planned.experiment}: run '{planned.name}' left to resume: {one_line(e)}", file=sys.stderr,
+              flush=True)
+        return RunResult(Outcome.INTERRUPTED, run_id=child.run_id, error=one_line(e))
     except KeyboardInterrupt:
         with contextlib.suppress(tracking.LostClaim):
             child.end(Outcome.INTERRUPTED)
@@ -134,15 +140,19 @@ def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress:
     except Exception as e:  # one failing cell must never lose the others: record it and go on
         error = mask_urls(one_line(e))
         # The rerun starts afresh: a checkpoint that cannot be read must not block it. One written by
-        # another number of processes is good: it waits for a worker with as many (--nproc).
-        if resume is not None and not isinstance(e, WorldSizeMismatch):
+        # another number of processes is good: it waits for a worker with as many (--nproc), and so
+        # is the checkpoint of a run whose rank died: it goes back to the queue to resume from it.
+        retry = isinstance(e, RankLost)
+        if resume is not None and not isinstance(e, (WorldSizeMismatch, RankLost)):
             discard_resume(resume.path)
         try:
             child.set_tags({"error": error[:500]})
             child.end(Outcome.FAILED)
         except tracking.LostClaim:
             return None
-        return RunResult(Outcome.FAILED, run_id=child.run_id, error=error)
+        except tracking.TrackingUnreachable:
+            pass  # the failure is said on the console; the cell is rerun
+        return RunResult(Outcome.FAILED, run_id=child.run_id, error=error, retry=retry)
 
 
 def record(child: tracking.ChildRun, summary: dict, resume: ResumeSpec | None) -> RunResult:
@@ -161,10 +171,18 @@ def record(child: tracking.ChildRun, summary: dict, resume: ResumeSpec | None) -
         child.log_metrics(final, summary["iterations"])
         child.set_tags({"run_dir": summary["run_dir"]})
         child.log_artifacts(Path(summary["run_dir"]))
-    child.end(result.outcome)
+    child.end(result.outcome, history=read_history(Path(summary["run_dir"]) / "metrics.jsonl"))
     if resume is not None and result.outcome is not Outcome.INTERRUPTED:
         discard_resume(resume.path)
     return result
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The logged lines of a run (metrics.jsonl; a resumed run's hold the whole run, each once)."""
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
 
 
 def result_of(summary: dict, run_id: str | None = None) -> RunResult:
@@ -200,15 +218,27 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
     """Pull and train runs of grid `name` until its queue is empty or `stop()`; returns the count
     of outcomes. `on_start(planned)`, `on_step(iteration)`, `on_end(key)` report progress."""
     study, parent_id = open_queue(name, options.storage)
+    tracking.bound_client_retries()
     tracker = tracking.Tracker(name, options.tracking_uri)
+    lease.LEASE.stall_timeout = lease.configured_stall_timeout(options.stall_timeout)
     outcomes: Counter = Counter()
+    unreachable = False
 
     def run(planned: PlannedRun) -> RunResult | None:
+        nonlocal unreachable
+        lease.LEASE.label = f"{planned.experiment}: run '{planned.name}' ({planned.config_hash})"
         if on_start:
             on_start(planned)
-        result = run_tracked(planned, tracker, parent_id, progress, options=options, stop=stop,
-                             on_log=(lambda step, _m: on_step(step)) if on_step else None,
-                             claim=not planned.force)
+        try:
+            result = run_tracked(planned, tracker, parent_id, progress, options=options, stop=stop,
+                                 on_log=(lambda step, _m: on_step(step)) if on_step else None,
+                                 claim=not planned.force)
+        except tracking.TrackingUnreachable as e:  # before the run was claimed: it waits in the queue
+            print(f"error: {planned.experiment}: run '{planned.name}' left in the queue: {one_line(e)}",
+                  file=sys.stderr, flush=True)
+            result = RunResult(Outcome.INTERRUPTED, error=one_line(e))
+        if result is not None and result.outcome is Outcome.INTERRUPTED and result.error:
+            unreachable = True  # this worker stops: the next cell would wait for the server as long
         if result is not None and result.outcome is Outcome.FAILED:
             report_failure(planned, result)
         outcomes[count_key(result)] += 1
@@ -216,8 +246,9 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
             on_end(count_key(result))
         return result
 
-    scheduling.work_grid(study, None, run, stop=stop)
-    close_parent_if_over(study, tracker, parent_id, name)
+    scheduling.work_grid(study, None, run, stop=lambda: stop() or unreachable)
+    if not unreachable:
+        close_parent_if_over(study, tracker, parent_id, name)
     return outcomes
 
 
@@ -359,17 +390,21 @@ def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, sho
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
     messages = ctx.Queue()
-    procs = [ctx.Process(target=_process_main, daemon=False,
-                         args=(target, name, replace(options, threads=threads, gpus=gpus[w]), os.getcwd(),
-                               messages, w, extra))
-             for w in range(jobs)]
+    args = [(target, name, replace(options, threads=threads, gpus=gpus[w]), os.getcwd(), messages, w, dict(extra))
+            for w in range(jobs)]
+    procs = [ctx.Process(target=_process_main, daemon=False, args=args[w]) for w in range(jobs)]
     for p in procs:
         p.start()
     outcomes: Counter = Counter()
-    with signals.forward_to(procs) as _stop, progress_bar(show_progress) as progress:
+    with signals.forward_to(procs) as stop, progress_bar(show_progress) as progress:
         grid_task = progress.add_task(escape(name), total=total, info="")
         tasks = {w: progress.add_task(f"worker {w}", total=None, info="") for w in range(jobs)}
         while any(p.is_alive() for p in procs) or not messages.empty():
+            for w, p in enumerate(procs):  # a process ended for a stalled run: a fresh one takes its place
+                if p.exitcode == lease.STALLED_EXIT and not stop():
+                    outcomes[str(Outcome.STALLED)] += 1
+                    procs[w] = ctx.Process(target=_process_main, daemon=False, args=args[w])
+                    procs[w].start()
             try:
                 worker, kind, value = messages.get(timeout=0.5)
             except queue_lib.Empty:
@@ -384,7 +419,7 @@ def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, sho
                 progress.update(grid_task, advance=1, info=escape(counts_text(outcomes)))
     for p in procs:
         p.join()
-    crashed = sum(1 for p in procs if p.exitcode not in (0, 130, -signal.SIGTERM))
+    crashed = sum(1 for p in procs if p.exitcode not in (0, 130, -signal.SIGTERM, lease.STALLED_EXIT))
     if crashed:
         outcomes[WORKER_CRASHED] += crashed
     return outcomes

@@ -6,7 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablate import scheduling
+from ablate import lease, scheduling
 from ablate.experiments import load_experiment
 from ablate.runs import Outcome, PlannedRun, RunResult
 
@@ -68,7 +68,7 @@ def test_a_worker_waits_for_running_trials_and_takes_a_dead_worker_s_run(study, 
     scheduling.enqueue(study, [planned])
     dead = study.ask()
     dead.set_user_attr(scheduling.OWNER_ATTR, "this-host-is-gone:1:1.00")
-    monkeypatch.setattr(scheduling, "owner_alive", lambda owner: not owner.startswith("this-host-is-gone"))
+    monkeypatch.setattr(lease, "owner_alive", lambda owner: not owner.startswith("this-host-is-gone"))
     ran = []
     assert scheduling.work_grid(study, None, lambda p: ran.append(p) or RunResult(Outcome.FINISHED, {"AP": 0.2})) == 1
     assert ran == [planned]

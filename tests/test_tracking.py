@@ -12,7 +12,8 @@ import time
 
 from ablate import tracking
 from ablate.experiments import load_experiment
-from ablate.runs import Outcome, owner_alive, process_owner
+from ablate.lease import owner_alive, process_owner
+from ablate.runs import Outcome
 
 TAG = tracking.TAG
 
@@ -161,7 +162,7 @@ def test_end_maps_outcomes_to_mlflow_statuses(tracker):
         child.end(outcome)
         statuses[outcome] = tracker.client.get_run(child.run_id).info.status
     assert statuses == {Outcome.FINISHED: "FINISHED", Outcome.DIVERGED: "FAILED", Outcome.FAILED: "FAILED",
-                        Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED"}
+                        Outcome.INTERRUPTED: "KILLED", Outcome.PRUNED: "KILLED", Outcome.STALLED: "KILLED"}
 
 
 def test_experiments_open_as_model_training_and_their_urls_land_on_the_runs_table(tracker):
