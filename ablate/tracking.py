@@ -519,7 +519,7 @@ def is_unreachable(error: BaseException) -> bool:
     if text.startswith("API request to") and ("failed with exception" in text or "failed with timeout" in text):
         return True
     with contextlib.suppress(Exception):
-        return error.get_http_status_code() in (408, 429, 500, 502, 503, 504)
+        return error.get_http_status_code() in (408, 429, 502, 503, 504)  # not 500: also what a bug answers
     return False
 
 

@@ -86,35 +86,62 @@ def postgres() -> Iterator[Postgres]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class MlflowServer:
+    """`mlflow server` over `backend_uri` with proxied artifacts in `artifacts`, on one port for its
+    whole life: stop() and start() it again (a tracking server that goes away mid-grid)."""
+
+    def __init__(self, backend_uri: str, artifacts: Path, timeout: float = 120):
+        self.backend_uri, self.artifacts, self.timeout = backend_uri, artifacts, timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = artifacts.parent / f"mlflow-server-{self.port}.log"
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                          self.backend_uri, "--artifacts-destination", str(self.artifacts),
+                                          "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, 15)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.proc = None
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, timeout: float = 120) -> Iterator[str]:
     """`mlflow server` over `backend_uri` with proxied artifacts in `artifacts`; yields its URL."""
-    port = free_port()
-    log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-                             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    with restartable_mlflow_server(backend_uri, artifacts, timeout) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def restartable_mlflow_server(backend_uri: str, artifacts: Path, timeout: float = 120) -> Iterator[MlflowServer]:
+    """An MlflowServer, started; stopped on exit."""
+    server = MlflowServer(backend_uri, artifacts, timeout)
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(artifacts.parent / log.name).read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
+        server.start()
+        yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+        server.stop()

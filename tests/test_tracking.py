@@ -185,3 +185,82 @@ def test_experiments_open_as_model_training_and_their_urls_land_on_the_runs_tabl
     assert tracking.ui_url(base + "/", "3", "abc") == f"{base}/#/experiments/3/runs/abc?workflowType=machine_learning"
     with pytest.raises(tracking.AblateError, match="no experiment 'nope'.*run `ablate run nope` first"):
         tracking.experiment_links(base, "nope", tracker.uri)
+
+
+# ----------------------------------------------------------------------------- a server that goes away
+
+
+class FlakyClient:
+    """An MLflow client whose server is unreachable for its first `failures` writes."""
+
+    def __init__(self, owner: str, failures: int):
+        self.owner, self.failures, self.batches, self.calls = owner, failures, [], 0
+
+    def log_batch(self, run_id, metrics=(), tags=()):
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise tracking.MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch "
+                                           "failed with exception HTTPConnectionPool: Max retries exceeded")
+        self.batches.append([(m.key, m.step, m.timestamp) for m in metrics])
+
+    def get_run(self, run_id):
+        class Run:
+            class data:
+                tags = {f"{TAG}owner": self.owner}
+        return Run
+
+    def set_tag(self, run_id, key, value):
+        self.log_batch(run_id)
+
+
+def test_step_metrics_wait_for_a_server_that_went_away_and_arrive_once_in_order(monkeypatch):
+    """Training never waits: flush() returns at once while the server is away; each batch is tried
+    again with the same timestamps until the server takes it, in the order logged."""
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.01)
+    client = FlakyClient(process_owner(), failures=5)
+    run = tracking.ChildRun(client, "r1", process_owner(), "http://me:pw@127.0.0.1:9",
+                            holder=tracking.lease.Lease(on_stalled=pytest.fail))
+    sent = []
+    for step in (5, 10, 15):
+        run.log_step(step, {"loss": 1.0 / step, "lr": 0.01})
+        sent.append([(key, step, m.timestamp) for key, m in zip(("loss", "lr"), run._buffer)])
+        run.flush()
+    assert run._outbox.drain(patience=30)
+    assert client.batches == sent  # each batch once, in order, its timestamps as logged
+    assert client.calls == 3 + 5  # the five failed tries were tries of the first batch
+    run.release()
+
+
+def test_closing_a_run_waits_for_the_server_then_says_so_in_one_error(monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.01)
+    monkeypatch.setenv("ABLATE_TRACKING_PATIENCE", "0.2")
+    client = FlakyClient(process_owner(), failures=10**9)
+    run = tracking.ChildRun(client, "r1", process_owner(), "http://me:pw@127.0.0.1:9",
+                            holder=tracking.lease.Lease(on_stalled=pytest.fail))
+    run.log_step(5, {"loss": 1.0})
+    with pytest.raises(tracking.TrackingUnreachable, match=r"tracking server http://me:\*\*\*@127.0.0.1:9 unreachable"):
+        run.end(Outcome.FINISHED)
+
+
+def test_tracking_patience_is_checked(monkeypatch):
+    monkeypatch.setenv("ABLATE_TRACKING_PATIENCE", "-3")
+    with pytest.raises(tracking.AblateError, match="ABLATE_TRACKING_PATIENCE: expected seconds >= 0, got '-3'"):
+        tracking.tracking_patience()
+
+
+def test_a_refusal_is_not_waited_for():
+    assert tracking.is_unreachable(tracking.MlflowException("API request to http://h/api failed with exception x"))
+    assert not tracking.is_unreachable(tracking.MlflowException("Invalid value for param 'x'"))
+
+
+def test_closing_a_run_sends_the_steps_the_store_lacks_by_step(tracker, planned):
+    """What a killed attempt logged but never sent arrives once, by step; nothing arrives twice."""
+    parent = tracker.start_parent("run")
+    child = tracker.claim(planned, parent)
+    child.log_step(5, {"loss": 1.0, "lr": 0.1})
+    child.flush()
+    history = [{"iteration": 5, "loss": 1.0, "lr": 0.1}, {"iteration": 10, "loss": 0.5, "lr": 0.1}]
+    child.end(Outcome.FINISHED, history=history)
+    for key, values in {"loss": [(5, 1.0), (10, 0.5)], "lr": [(5, 0.1), (10, 0.1)]}.items():
+        assert [(m.step, m.value) for m in tracker.client.get_metric_history(child.run_id, key)] == values
