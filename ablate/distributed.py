@@ -49,6 +49,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 # a loaded machine) and for its first, autotuned steps; short enough that a run whose rank died or
 # hangs frees its machine within minutes.
 COLLECTIVE_TIMEOUT_SECONDS = 600.0
+RENDEZVOUS_SECONDS = 600.0  # how long the ranks may take to meet (start-up), whatever the collective bound
 PARENT_CHECK_SECONDS = 1.0  # how often a started rank checks that rank 0, its parent, still lives
 
 
@@ -257,8 +258,11 @@ def joined(ranks: Ranks, backend: str, init_method: str = "env://") -> Iterator[
     collectives bounded by collective_timeout() and its progress watched by a watchdog with the
     same bound: a rank stuck in a kernel, or waiting on a dead or stuck peer, ends within it."""
     limit = collective_timeout()
+    # Meeting takes longer than a step (each rank imports torch and builds its data first): the
+    # group is made with room for that, then its collectives get the bound.
     dist.init_process_group(backend, init_method=init_method, rank=ranks.rank, world_size=ranks.world_size,
-                            timeout=datetime.timedelta(seconds=limit))
+                            timeout=datetime.timedelta(seconds=max(limit, RENDEZVOUS_SECONDS)))
+    dist.set_timeout(datetime.timedelta(seconds=limit))
     try:
         with lease.watchdog(limit, f"rank {ranks.rank} of {ranks.world_size}"):
             yield ranks
@@ -322,7 +326,7 @@ def helper_states(helpers: list) -> str:
             return "still running"
         return f"exited (signal {-code})" if code < 0 else f"exited ({code})"
 
-    return ", ".join(f"{helper.name.removeprefix('ablate-')} {state(helper)}" for helper in helpers)
+    return ", ".join(f"{helper.name.removeprefix('ablate-').replace('-', ' ')} {state(helper)}" for helper in helpers)
 
 
 def _leave_with_parent(rank: int) -> None:

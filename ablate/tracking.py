@@ -513,8 +513,10 @@ def bound_client_retries() -> None:
 def is_unreachable(error: BaseException) -> bool:
     """Whether `error` says the server could not be reached or was unavailable (connection refused,
     timeout, a 5xx), as opposed to an answer that refuses the request."""
-    if not isinstance(error, MlflowException):
-        return isinstance(error, (ConnectionError, TimeoutError))
+    if not isinstance(error, MlflowException):  # artifact uploads raise the HTTP stack's own errors
+        import requests
+
+        return isinstance(error, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
     text = str(error)
     if text.startswith("API request to") and ("failed with exception" in text or "failed with timeout" in text):
         return True
