@@ -27,9 +27,9 @@ from rich.progress import Progress
 
 from ablate import lease, scheduling, signals, tracking
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
+from ablate.distributed import RankLost
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_urls, one_line
-from ablate.distributed import RankLost
 from ablate.runner import WorldSizeMismatch, run_training
 from ablate.runs import Outcome, PlannedRun, RunResult
 
