@@ -286,3 +286,43 @@ def test_a_tracking_server_away_for_a_minute_costs_no_training_and_no_metric_twi
         assert during, "no step was trained while the server was away"
         print(f"\ntracking outage: server away {started_at - stopped_at:.0f} s; {len(during)} of {len(stamps)} logged "
               f"steps trained meanwhile; every step once (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+
+
+def test_a_tracking_server_away_longer_than_the_patience_leaves_the_cell_to_resume(tmp_path, env):
+    """The server stops mid-cell and stays away past ABLATE_TRACKING_PATIENCE (5 s here): the worker
+    says so in one line and stops (exit 130), its cell back in the queue with its checkpoint; once
+    the server is back, the next worker resumes the same run and every step metric is there once."""
+    path = tmp_path / "onecell.toml"
+    path.write_text(GRID.replace("[0.0, 1.0, 2.0]", "[2.0]"))
+    (tmp_path / "artifacts").mkdir()
+    worker_args = [*CLI, "worker", "onecell", "--jobs", "1", "--checkpoint-every", "20", "--no-progress"]
+    with servers.restartable_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts") as server:
+        env = {**env, "MLFLOW_TRACKING_URI": server.url, "ABLATE_TRACKING_PATIENCE": "5"}
+        assert ablate("run", str(path), "--jobs", "0", cwd=tmp_path, env=env).returncode == 0
+        worker = subprocess.Popen(worker_args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        try:
+            client = MlflowClient(server.url)
+            sidecar = wait_for(lambda: next((p for p in (tmp_path / ".ablate" / "checkpoints").glob("*/resume.json")
+                                             if json.loads(p.read_text()).get("iteration", 0) >= 20), None),
+                               timeout=600)
+            assert sidecar is not None, "the cell never reached its first checkpoint"
+            server.stop()
+            output = worker.communicate(timeout=600)[0]
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        assert worker.returncode == 130, output
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "left to resume" in errors[0] and "unreachable" in errors[0], output
+        assert "Traceback" not in output, output
+        assert sidecar.is_file()  # the checkpoint stays for the next attempt
+        server.start()
+        again = subprocess.run(worker_args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout + again.stderr
+        experiment = client.get_experiment_by_name("onecell").experiment_id
+        [run] = client.search_runs([experiment], filter_string="tags.`ablate.cell` != ''")
+        assert run.info.status == "FINISHED" and int(run.data.tags["ablate.resumed_from"]) >= 20
+        for key in STEP_METRICS:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == list(range(5, 101, 5)), (key, steps)  # every step once
