@@ -19,6 +19,14 @@ def one_worker_by_default(monkeypatch):
     monkeypatch.setenv("ABLATE_JOBS", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_from_another_test(monkeypatch):
+    """MLflow's set_tracking_uri (tracking.init_store) writes MLFLOW_TRACKING_URI into this
+    process's environment, where every later test's subprocesses would inherit it: each test
+    starts without it, and it is restored afterwards."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 # ----------------------------------------------------------------------------- tiny_coco
 
 # Non-contiguous category ids, listed out of order: labels must follow the sorted ids
