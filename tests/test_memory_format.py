@@ -101,8 +101,8 @@ def _train_narrow(tmp_path: Path, threads: int, channels_last: bool) -> dict:
         proc = subprocess.run([sys.executable, "-c", _TRAIN_NARROW, str(threads), str(int(channels_last)), str(out)],
                               capture_output=True, text=True, timeout=180, env=env)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the narrow model's training hung ({threads} threads, channels_last={channels_last}): "
-                    f"{(e.stderr or b"").decode(errors="replace")[-2000:]}")
+        stderr = (e.stderr or b"").decode(errors="replace")[-2000:]
+        pytest.fail(f"the narrow model's training hung ({threads} threads, channels_last={channels_last}): {stderr}")
     assert proc.returncode == 0, f"exit {proc.returncode} ({threads} threads): {proc.stderr[-2000:]}"
     return torch.load(out)
 
