@@ -22,9 +22,11 @@ def one_worker_by_default(monkeypatch):
 @pytest.fixture(autouse=True)
 def no_tracking_uri_from_another_test(monkeypatch):
     """MLflow's set_tracking_uri (tracking.init_store) writes MLFLOW_TRACKING_URI into this
-    process's environment, where every later test's subprocesses would inherit it: each test
-    starts without it, and it is restored afterwards."""
+    process's environment, and a grid worker its client's retry bounds, where every later test's
+    subprocesses would inherit them: each test starts without them, restored afterwards."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)  # what a grid run in this process bounds (tracking.CLIENT_RETRIES)
 
 
 # ----------------------------------------------------------------------------- tiny_coco

@@ -3,7 +3,8 @@ and resumed on another worker; a stuck or killed rank ends every rank of its run
 server that goes away for a minute costs no training and no metric twice.
 
 Each test prints the time it measures (run with -s to see it): the figures in docs/liveness.md
-come from these lines. Nothing here asserts a time: a loaded machine fails no test.
+come from these lines. Nothing here asserts a time: a loaded machine fails no test (the timeouts
+only turn a hang of the test itself into a red test).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def hang_mark(path: Path) -> tuple[int, float] | None:
         return None
 
 
+@pytest.mark.timeout(1200)  # several processes training on two shared cores, and servers
 def test_a_hung_run_is_recorded_stalled_ended_and_resumed_on_another_worker(tmp_path, env):
     """Three workers on a PostgreSQL queue and an MLflow server, two cells: the first cell to reach
     iteration 40 hangs there (the test hook blocks its main thread; the lease's and tracking's
@@ -197,6 +199,7 @@ def _rank_one(parent: psutil.Process) -> psutil.Process | None:
     return None
 
 
+@pytest.mark.timeout(900)  # several processes training on two shared cores, and servers
 def test_a_killed_rank_fails_the_attempt_and_the_grid_cell_resumes(tmp_path, env):
     """A grid cell on 2 processes, rank 1 SIGKILLed after the first checkpoint: rank 0 leaves its
     collective at once, the attempt is recorded failed (error naming the ranks), the cell goes back
@@ -238,6 +241,7 @@ def test_a_killed_rank_fails_the_attempt_and_the_grid_cell_resumes(tmp_path, env
     assert [r.info.run_id for r in children] == [run_id]
 
 
+@pytest.mark.timeout(1200)  # several processes training on two shared cores, and servers
 def test_a_tracking_server_away_for_a_minute_costs_no_training_and_no_metric_twice(tmp_path, env):
     """One worker trains a cell while its MLflow server is stopped for 60 s and started again on
     the same port: training goes on (metrics logged during the outage carry its timestamps), the
@@ -288,6 +292,7 @@ def test_a_tracking_server_away_for_a_minute_costs_no_training_and_no_metric_twi
               f"steps trained meanwhile; every step once (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 
+@pytest.mark.timeout(1200)  # several processes training on two shared cores, and servers
 def test_a_tracking_server_away_longer_than_the_patience_leaves_the_cell_to_resume(tmp_path, env):
     """The server stops mid-cell and stays away past ABLATE_TRACKING_PATIENCE (5 s here): the worker
     says so in one line and stops (exit 130), its cell back in the queue with its checkpoint; once
