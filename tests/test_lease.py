@@ -136,3 +136,27 @@ def test_the_rank_watchdog_ends_a_process_whose_loop_stopped_advancing():
         while not said and time.monotonic() < deadline:
             time.sleep(0.05)
     assert len(said) == 1 and said[0].startswith("error: rank 1 of 2 made no progress")
+
+
+def test_a_bad_stall_timeout_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    done = subprocess.run([sys.executable, str(cli), "worker", "smoke", "--stall-timeout", "-1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "--stall-timeout: expected seconds >= 0 (0: never), got -1.0" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_bad_collective_timeout_is_one_error(monkeypatch):
+    from ablate import distributed
+    from ablate.errors import ConfigError
+
+    monkeypatch.setenv("ABLATE_COLLECTIVE_TIMEOUT", "0")
+    with pytest.raises(ConfigError, match="ABLATE_COLLECTIVE_TIMEOUT: expected seconds > 0, got '0'"):
+        distributed.collective_timeout()
+    monkeypatch.setenv("ABLATE_COLLECTIVE_TIMEOUT", "7.5")
+    assert distributed.collective_timeout() == 7.5
