@@ -399,12 +399,14 @@ def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, sho
     with signals.forward_to(procs) as stop, progress_bar(show_progress) as progress:
         grid_task = progress.add_task(escape(name), total=total, info="")
         tasks = {w: progress.add_task(f"worker {w}", total=None, info="") for w in range(jobs)}
-        while any(p.is_alive() for p in procs) or not messages.empty():
+        while True:
             for w, p in enumerate(procs):  # a process ended for a stalled run: a fresh one takes its place
                 if p.exitcode == lease.STALLED_EXIT and not stop():
                     outcomes[str(Outcome.STALLED)] += 1
                     procs[w] = ctx.Process(target=_process_main, daemon=False, args=args[w])
                     procs[w].start()
+            if not any(p.is_alive() for p in procs) and messages.empty():
+                break
             try:
                 worker, kind, value = messages.get(timeout=0.5)
             except queue_lib.Empty:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ablate import workers
+from ablate import lease, workers
 from ablate.errors import AblateError
 from ablate.experiments import load_experiment
 
@@ -73,6 +73,43 @@ def test_worker_processes_get_disjoint_gpus_and_a_share_of_the_threads(monkeypat
     options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
     workers.run_processes("grid", "g", 2, options, show_progress=False, total=4, gpus_per_cell=2)
     assert [(a[2].gpus, a[2].threads) for a in started] == [("0,1", 4), ("2,3", 4)]
+
+
+def test_a_process_ended_for_a_stalled_run_is_replaced(monkeypatch):
+    """A worker process that ends with lease.STALLED_EXIT (its run stalled) gets a fresh one in its
+    place, with the same settings; the stall is counted, not as a crash."""
+    exits = iter([lease.STALLED_EXIT, 0, 0])  # worker 0 stalls once, then its replacement and worker 1 finish
+    started = []
+
+    class FakeProcess:
+        def __init__(self, target, args, daemon):
+            self.args, self.exitcode = args, None
+            started.append(args)
+
+        def start(self):
+            self.exitcode = next(exits)
+
+        def is_alive(self):
+            return False
+
+        def join(self):
+            pass
+
+    class FakeContext:
+        Process = FakeProcess
+
+        def Queue(self):  # noqa: N802
+            import queue
+
+            return queue.Queue()
+
+    monkeypatch.setattr(workers.mp, "get_context", lambda kind: FakeContext())
+    monkeypatch.setattr(workers, "visible_gpus", lambda: [])
+    options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
+    outcomes = workers.run_processes("grid", "g", 2, options, show_progress=False, total=2)
+    assert [a[5] for a in started] == [0, 1, 0]  # worker 0 started again
+    assert started[2] == started[0]
+    assert outcomes == {"stalled": 1}
 
 
 GIB = 2**30
