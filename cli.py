@@ -361,6 +361,8 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     from ablate.budgets import parse_budgets
 
     multiples = parse_budgets(budgets) if budgets is not None else None
+    if until_settled:
+        adaptive.rule_of(exp, max_seeds)  # a bad --max-seeds in one line, before any store is opened
     options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
     common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}

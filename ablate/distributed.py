@@ -273,6 +273,7 @@ def _rank_entry(target: Callable[..., Any], rank: int, nproc: int, backend: str,
     group; rank 0 stops every rank at the same iteration through the training loop's step sync)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal's SIGHUP: rank 0 handles it like SIGTERM
     torch.set_num_threads(threads)
     try:
         target(rank, nproc, backend, init_method, *args)

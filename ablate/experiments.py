@@ -249,20 +249,40 @@ def experiments_dirs() -> list[Path]:
 
 
 def list_experiments() -> list[Path]:
+    """The experiment files (*.toml that are files: not a folder, nor a link to none) of
+    experiments_dirs(), one per name, the first folder's first."""
     seen: dict[str, Path] = {}
     for folder in experiments_dirs():
-        for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
-            seen.setdefault(path.stem, path)
+        for path in sorted(folder.glob("*.toml")) if _is_dir(folder) else []:
+            if _is_file(path):
+                seen.setdefault(path.stem, path)
     return [seen[k] for k in sorted(seen)]
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for a link loop or a name too long, as for a missing file."""
+    try:
+        return path.is_file()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, RuntimeError):
+        return False
 
 
 def find_experiment(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix == ".toml" and path.is_file():
+    if path.suffix == ".toml" and _is_file(path):
         return path
+    if path.suffix == ".toml" and path.exists():
+        raise ConfigError(f"{path}: not a file")
     for folder in experiments_dirs():
         candidate = folder / f"{name_or_path}.toml"
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     known = [p.stem for p in list_experiments()]
     raise ConfigError(f"unknown experiment '{name_or_path}' (known: {', '.join(known) or 'none'})")
@@ -385,17 +405,42 @@ def _parse_sequential(path: Path, table: Any) -> dict[str, Any]:
     return fields
 
 
-def load_experiment(name_or_path: str) -> Experiment:
-    path = find_experiment(name_or_path)
+# Bytes of an experiment file read at most: the shipped ones are ~1-3 kB; a bigger file is no experiment.
+MAX_FILE_BYTES = 1 << 20
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document of an experiment file; anything wrong with it is one ConfigError naming it."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes; an experiment file is a few lines of TOML")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ConfigError(f"{path}: starts with a byte-order mark (BOM), which TOML does not allow; save it as "
+                          "UTF-8 without BOM")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     except UnicodeDecodeError as e:  # TOML files are UTF-8 by definition
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                           "save it as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed TOML: arrays or tables nested too deeply") from None
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    path = find_experiment(name_or_path)
+    if not path.stem.isprintable() or path.stem != path.stem.encode("utf-8", "replace").decode("utf-8"):
+        # The name goes into the tracking store, plot titles and cell names: it must be plain text.
+        raise ConfigError(f"{path}: the file name is not printable UTF-8 text; rename the file")
+    data = read_toml(path)
+    if not data:
+        raise ConfigError(f"{path}: declares nothing (an empty file); an experiment needs at least a preset, "
+                          "e.g. preset = \"tiny\"")
     unknown = set(data) - TOP_LEVEL_KEYS
     moved = sorted(unknown & REPORT_KEYS)
     if moved:
@@ -410,6 +455,9 @@ def load_experiment(name_or_path: str) -> Experiment:
             raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers")
         for seed in seeds:
             check_seed(seed, str(path), "seeds")
+        if len(set(seeds)) < len(seeds):
+            duplicate = next(seed for seed in seeds if seeds.count(seed) > 1)
+            raise ConfigError(f"{path}: 'seeds' lists seed {duplicate} twice (a seed's run is the same run)")
         exp.seeds = seeds
     if "report" in data:
         exp.report = _parse_report(path, data["report"])

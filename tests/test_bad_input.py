@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import write_tiny_coco  # noqa: E402
 
+from ablate.errors import printable  # noqa: E402
+
 README = REPO / "README.md"
 START, END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
 SECRET = "s3cret"  # the password of the URLs below: it must never be printed
@@ -56,6 +58,9 @@ class Case:
     # they did when every case ran alone; the others run at once. Found by listing the files each
     # case left behind; a new case that writes must say where.
     writes: str | None = None
+    # Files (relative to the scratch folder) the user had before the command, which it must leave
+    # byte for byte as they were (KEPT holds their contents).
+    keeps: tuple[str, ...] = ()
 
 
 TRAIN = ["train", "smoke", "--no-progress"]
@@ -180,6 +185,35 @@ CASES = [
          cwd="grid-out", only_line=False, writes="grid-out"),
     Case("checkpoint-every", "negative `--checkpoint-every`", ["run", "smoke", "--checkpoint-every", "-1"],
          ("--checkpoint-every",)),
+    # --- issue 21, first group: these lost data or gave a wrong result without a word
+    Case("infer-user-file", "infer `--out` holding a file of the user's named like an output",
+         ["infer", "model.pt", "photos/photo.jpg", "--out", "photos"], ("photos/photo.png", "exists", "kept"),
+         needs_model=True, keeps=("photos/photo.png",)),
+    Case("infer-out-link", "infer `--out` holding a link to a file outside it",
+         ["infer", "model.pt", "in.png", "--out", "trap"], ("trap/in.png", "link"), needs_model=True,
+         keeps=("outside.png",)),
+    Case("val-split-is-train", "`data.val_split` naming the train split (split files)",
+         [*TRAIN, "--data", "coco:train=tiny/annotations/instances_train2017.json@tiny/train2017,"
+          "val=tiny/annotations/instances_val2017.json@tiny/val2017", "--set", "data.val_split=train"],
+         ("data.val_split", "'train'")),
+    Case("name-not-utf8-train", "experiment file whose name is not UTF-8 (train)", ["train", "caf\udce9.toml"],
+         ("caf\\udce9.toml", "not printable UTF-8")),
+    Case("name-not-utf8-show", "experiment file whose name is not UTF-8 (show)", ["show", "caf\udce9.toml"],
+         ("caf\\udce9.toml", "not printable UTF-8")),
+    Case("storage-device", "`--storage` naming a device", ["run", "smoke", "--storage", "/dev/full"],
+         ("--storage", "/dev/full", "URL")),
+    Case("storage-not-url", "`--storage` neither URL nor journal", ["run", "smoke", "--storage", "not a url"],
+         ("--storage", "'not a url'", "URL")),
+    Case("max-seeds-huge", "`--max-seeds 1000`", ["run", "smoke", "--until-settled", "--max-seeds", "1000", "--dry-run"],
+         ("--max-seeds 1000", "max_seeds must be <= 32", "1000")),
+    Case("max-seeds-zero", "`--max-seeds 0` (refused before any store opens)",
+         ["run", "smoke", "--until-settled", "--max-seeds", "0"], ("--max-seeds 0", "max_seeds=0"),
+         env={"MLFLOW_TRACKING_URI": DEAD_SERVER}),
+    Case("infer-bomb", "a 20000x20000 px PNG of 60 bytes (infer)", ["infer", "model.pt", "bomb.png", "--out", "drawn"],
+         ("bomb.png", "decompression-bomb"), needs_model=True, writes="drawn"),
+    Case("train-bomb", "a 20000x20000 px PNG in a training set, images cached",
+         [*TRAIN, "--data", "coco:bombset", "--set", "data.cache_images=true"],
+         ("bombset/train2017/000000000001.png", "decompression-bomb")),
     # --- a grid whose cell fails: the grid goes on, and the reason is printed, not only stored
     Case("grid-cell-fails", "a grid cell that fails (a corrupt image)", ["run", "../fail-cell.toml", "--no-progress"],
          ("fail-cell", "failed", "000000000001.png"), cwd="grid", exit_code=4, only_line=False, writes="grid"),
@@ -214,6 +248,17 @@ def make_workspace(root: Path) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     (root / "latin1.toml").write_bytes('description = "caf\u00e9"\npreset = "tiny"\n'.encode("latin-1"))
+    (root / os.fsdecode(b"caf\xe9.toml")).write_text('preset = "tiny"\n')  # a Latin-1 file name
+    for name, data in KEPT.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    Image.new("RGB", (64, 48), (90, 140, 60)).save(root / "photos" / "photo.jpg")
+    (root / "trap").mkdir()
+    (root / "trap" / "in.png").symlink_to(Path("..") / "outside.png")
+    (root / "bomb.png").write_bytes(png_header(20000, 20000))
+    write_tiny_coco(root / "bombset")
+    (root / "bombset" / "train2017" / "000000000001.png").write_bytes(png_header(20000, 20000))
+    _edit_annotations(root / "bombset", "train", lambda d: d["images"][0].update(width=20000, height=20000))
     (root / "grid").mkdir(exist_ok=True)
     (root / "grid-out").mkdir(exist_ok=True)
     for name in ("tiny", "noimages", "nocats", "othercats", "truncated", "badbox", "corrupt"):
@@ -230,6 +275,34 @@ def make_workspace(root: Path) -> Path:
         (root / folder).mkdir(exist_ok=True)
         Image.new("RGB", (64, 48), (90, 40, 160)).save(root / folder / name)
     return root
+
+
+def _png(size: tuple[int, int], color: tuple[int, int, int], **params) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG", **params)
+    return buffer.getvalue()
+
+
+# The user's files that cases must keep (Case.keeps): their photo beside a JPEG of the same stem, and
+# a file outside --out that a link in --out points to.
+KEPT = {"photos/photo.png": _png((32, 24), (200, 30, 30)), "outside.png": _png((16, 16), (10, 10, 10))}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels and holds none (its data chunk is empty): a
+    decoder that believed it would allocate 3 * width * height bytes; here it costs nothing."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
 def _edit_annotations(root: Path, split: str, edit) -> None:
@@ -383,8 +456,10 @@ def outcomes(request, workspace: Path) -> dict[str, Outcome | Exception]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line(case: Case, outcomes: dict[str, Outcome | Exception]):
+def test_bad_input_is_one_line(case: Case, outcomes: dict[str, Outcome | Exception], workspace: Path):
     MESSAGES[case.id] = checked(case, outcomes[case.id])
+    for name in case.keeps:  # nothing the user had is lost
+        assert (workspace / name).read_bytes() == KEPT[name], f"{name} was changed"
 
 
 def test_list_still_lists_the_good_experiments(workspace: Path):
@@ -420,6 +495,115 @@ def test_two_fresh_stores_at_once(tmp_path: Path):
     assert all(out.strip() == "ok" for out, _ in outputs), outputs
 
 
+# ----------------------------------------------------------------------------- issue 21: nothing lost
+
+
+def test_detections_json_is_written_atomically(tmp_path: Path):
+    """A write that fails half-way (a full disk; here a record that cannot be serialised) leaves the
+    previous detections.json whole, and no temporary file, as eval.json's writer does."""
+    from ablate.evaluation import save_results
+
+    path = tmp_path / "detections.json"
+    save_results([{"image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 0.5}], path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        save_results([{"image_id": 1, "score": 0.5}, {"image_id": 2, "score": object()}], path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["detections.json"]
+
+
+def test_sighup_is_a_polite_stop_like_sigterm():
+    """A closed terminal or SSH session (SIGHUP) asks for the same polite stop; a second signal interrupts."""
+    import signal
+
+    from ablate import signals
+
+    before = signal.getsignal(signal.SIGHUP)
+    with signals.graceful_stop() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler raises at once; never reached
+    assert signal.getsignal(signal.SIGHUP) == before
+
+
+@pytest.mark.slow
+def test_ablate_train_stopped_by_sighup_keeps_its_resume_checkpoint(tmp_path: Path):
+    """`ablate train` whose terminal closes: exit 130, a resume checkpoint, no traceback (it used to die
+    at once, with no checkpoint)."""
+    import signal
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "cli.py"), "train", "smoke", "--out", str(out), "--no-progress",
+           "--set", "train.iterations=400", "--checkpoint-every", "5"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        while not list(out.glob("resume-*.json")):  # the first checkpoint: training is under way
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "interrupted at iteration" in output and "Traceback" not in output, output
+    (sidecar,) = out.glob("resume-*.json")
+    assert 5 <= json.loads(sidecar.read_text())["iteration"] < 400
+
+
+@pytest.mark.slow
+def test_a_failing_plot_never_costs_the_checkpoint(tmp_path: Path, monkeypatch):
+    """The loss-curve plot raised (a non-UTF-8 experiment name broke matplotlib's font code) before
+    checkpoint.pt was written: the model is saved first, and the plot's failure is a warning."""
+    from ablate import runner
+    from ablate.config import build_config
+    from ablate.runs import Outcome
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("FT2Font: cannot draw this title")
+
+    monkeypatch.setattr(runner, "loss_curve_png", broken_plot)
+    root = write_tiny_coco(tmp_path / "tiny")
+    cfg = build_config("tiny", {"data.source": "coco", "data.root": str(root), "data.cache_images": False,
+                                "data.min_size": 64, "data.max_size": 64, "train.batch_size": 2,
+                                "train.iterations": 2, "train.log_every": 1, "train.out_dir": str(tmp_path / "runs")})
+    with pytest.warns(UserWarning, match="loss_curve.png not drawn"):
+        summary = runner.run_training(cfg, name="plot", console=None, show_progress=False)
+    assert summary["status"] is Outcome.FINISHED
+    assert (Path(summary["run_dir"]) / "checkpoint.pt").is_file()
+    assert (Path(summary["run_dir"]) / "eval.json").is_file()
+
+
+def test_an_animated_gif_decodes_to_its_first_frame(tmp_path: Path):
+    """torchvision decodes an animated GIF to [frames, 3, H, W], which the resize and the decoded-image
+    store refused; PIL shows the first frame, and so does decode_image now."""
+    from PIL import Image
+
+    from ablate.data.coco import decode_image
+
+    frames = [Image.new("RGB", (20, 10), color) for color in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    image = decode_image(tmp_path / "anim.gif")
+    assert image.shape == (3, 10, 20)
+    assert image[:, 5, 10].tolist() == [255, 0, 0]
+
+
+def test_the_thin_image_rule_matches_torchvision_resize():
+    """too_thin says 0 px exactly where torchvision's resize would make a side of 0 px."""
+    from torchvision.transforms.v2.functional._geometry import _compute_resized_output_size
+
+    from ablate.data.coco import too_thin
+
+    for (h, w, min_size, max_size) in [(20, 20000, 128, 128), (20000, 20, 128, 128), (20, 2560, 128, 128),
+                                       (20, 2561, 128, 128), (1, 1333, 800, 1333), (1, 1334, 800, 1333),
+                                       (48, 64, 64, 64)]:
+        size = min_size if max_size > min_size else None
+        out = _compute_resized_output_size((h, w), size=size, max_size=max_size)
+        assert bool(too_thin(h, w, max_size)) == (min(out) == 0), (h, w, out)
+
+
 def test_credentials_are_masked_in_mlflow_logs():
     """MLflow's own log lines (retries quote the request URL) pass through the mask, and its
     'View run at URL' lines are switched off."""
@@ -442,7 +626,7 @@ def readme_table(messages: dict[str, str]) -> str:
     for i, case in enumerate((c for c in CASES if c.id in messages), 1):
         env = "".join(f"{k}={v} " for k, v in case.env.items())
         where = f"(in {case.cwd}/) " if case.cwd != "." else ""
-        command = f"{where}{env}ablate {' '.join(_quote(a) for a in case.args)}"
+        command = printable(f"{where}{env}ablate {' '.join(_quote(a) for a in case.args)}")
         rows.append(f"| {i} | {case.kind} | `{command}` | {case.exit_code} | {_cell(messages[case.id])} |")
     return "\n".join(rows) + "\n"
 
