@@ -2,9 +2,9 @@
 subprocess): each must end with exit code != 0, no traceback, and exactly one `error:` line that
 names the file, key or value at fault.
 
-The same cases write the README's "Bad input" table, so its messages are the real ones:
+The same cases write the table of docs/bad-input.md, so its messages are the real ones:
 
-    .venv/bin/python tests/test_bad_input.py          # rewrites the table in README.md
+    .venv/bin/python tests/test_bad_input.py          # rewrites the table in docs/bad-input.md
 
 and `test_the_readme_table_is_the_real_output` fails when the table and the outputs part.
 Commands run in a scratch folder with relative paths, so the messages are the same on every machine.
@@ -33,7 +33,7 @@ from conftest import write_tiny_coco  # noqa: E402
 
 from ablate.errors import printable  # noqa: E402
 
-README = REPO / "README.md"
+TABLE_DOC = REPO / "docs" / "bad-input.md"  # the bad-input table (README.md points to it)
 START, END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
 SECRET = "s3cret"  # the password of the URLs below: it must never be printed
 DEAD_SERVER = f"http://ablate:{SECRET}@127.0.0.1:9"  # nothing listens on port 9 (discard)
@@ -44,7 +44,7 @@ class Case:
     """One bad input: the command, the text its one error line must hold, and what else to check."""
 
     id: str
-    kind: str  # the README's description
+    kind: str  # its description in the table
     args: list[str]
     needles: tuple[str, ...]
     cwd: str = "."  # relative to the scratch folder
@@ -422,7 +422,7 @@ def check(case: Case, result: subprocess.CompletedProcess, seconds: float) -> st
     return errors[0][len("error: "):]
 
 
-MESSAGES: dict[str, str] = {}  # case id -> message, filled by the tests, read by the README check
+MESSAGES: dict[str, str] = {}  # case id -> message, filled by the tests, read by the table check
 
 
 @pytest.fixture(scope="module")
@@ -617,7 +617,7 @@ def test_credentials_are_masked_in_mlflow_logs():
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
 
 
-# ----------------------------------------------------------------------------- the README table
+# ----------------------------------------------------------------------------- the table of docs/bad-input.md
 
 
 def readme_table(messages: dict[str, str]) -> str:
@@ -641,26 +641,26 @@ def _cell(message: str) -> str:
 
 
 def readme_rows() -> dict[str, str]:
-    """The README table's rows, by the command column (the table between the markers)."""
-    text = README.read_text()
+    """The table's rows, by the command column (the table between the markers)."""
+    text = TABLE_DOC.read_text()
     block = text[text.index(START) + len(START):text.index(END)]
     return {line.split(" | ")[2]: line for line in block.strip().splitlines()[2:]}
 
 
 def test_the_readme_table_is_the_real_output():
-    """Every case that ran in this session has its row in README.md, with the message it printed."""
+    """Every case that ran in this session has its row in docs/bad-input.md, with the message it printed."""
     assert MESSAGES, "no case ran"
     assert len(CASES) >= 40
     documented = readme_rows()
     for line in readme_table(MESSAGES).splitlines()[2:]:
         command = line.split(" | ")[2]
-        assert command in documented, f"README.md has no row for {command}; run python tests/test_bad_input.py"
+        assert command in documented, f"docs/bad-input.md has no row for {command}; run python tests/test_bad_input.py"
         expected = documented[command].split(" | ", 1)[1]
-        assert line.split(" | ", 1)[1] == expected, "README.md's row differs; run python tests/test_bad_input.py"
+        assert line.split(" | ", 1)[1] == expected, "docs/bad-input.md's row differs; run python tests/test_bad_input.py"
 
 
 def write_readme_table() -> None:
-    """Run every case (as the tests do, at once) and put their table between the README's markers."""
+    """Run every case (as the tests do, at once) and put their table between the markers of docs/bad-input.md."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -671,9 +671,9 @@ def write_readme_table() -> None:
         for case in CASES:
             messages[case.id] = checked(case, outcomes[case.id])
             print(f"{case.id}: {messages[case.id]}")
-    text = README.read_text()
+    text = TABLE_DOC.read_text()
     head, tail = text[:text.index(START) + len(START)], text[text.index(END):]
-    README.write_text(f"{head}\n{readme_table(messages)}{tail}")
+    TABLE_DOC.write_text(f"{head}\n{readme_table(messages)}{tail}")
 
 
 if __name__ == "__main__":
