@@ -40,7 +40,7 @@ def one_line(error: BaseException) -> str:
 
 # C0 and C1 control characters but tab: an escape sequence in a name or value would be run by the terminal.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-MAX_MESSAGE = 1000  # characters of a message shown; a 5 MB value quoted whole buried the line
+MAX_MESSAGE = 600  # characters of a message shown; a 5 MB value quoted whole buried the line
 
 
 def printable(text: str) -> str:

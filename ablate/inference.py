@@ -14,8 +14,15 @@ from ablate import builders
 from ablate.config import Config
 from ablate.data.coco import collate, decode_image, make_transform, thin_image_error, too_thin
 from ablate.engine import predict
+from ablate.errors import ConfigError
 from ablate.paths import output_paths
 from ablate.visualize import draw_detections, save_png
+
+
+def check_score_min(score_min: float) -> None:
+    """--score-min is a score, in [0, 1]; NaN drew nothing and said nothing."""
+    if not 0.0 <= score_min <= 1.0:
+        raise ConfigError(f"--score-min: must be a score in [0, 1], got {score_min}")
 
 
 def detect_files(model: torch.nn.Module, cfg: Config, class_names: Sequence[str], paths: Sequence[Path],

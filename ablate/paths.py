@@ -9,6 +9,7 @@ these checks answer in a fraction of a second.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -16,17 +17,39 @@ from typing import IO
 from ablate.errors import AblateError, DataError
 
 
+# Bytes of one file or folder name on every common file system (ext4, XFS, APFS, NTFS in UTF-16 units).
+NAME_MAX = 255
+
+
+def check_name_lengths(path: str | Path, what: str) -> Path:
+    """`path` as a Path, once no part of it is longer than NAME_MAX bytes (the file system refuses
+    such a name: OSError 'File name too long' wherever it was first used); else one AblateError."""
+    path = Path(path).expanduser()
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise AblateError(f"{what}: the name '{part[:40]}...' is {size} bytes long, more than a file system "
+                              f"allows ({NAME_MAX})")
+    return path
+
+
 def check_writable_folder(path: str | Path, what: str) -> Path:
     """`path` as a Path, once it is (or can be created as) a folder this process may write into;
-    else one AblateError naming `what` (the option or key that set it) and the path at fault."""
-    path = Path(path).expanduser()
+    else one AblateError naming `what` (the option or key that set it) and the path at fault.
+    The nearest existing folder is asked by creating (and at once removing) a nameless file in it:
+    permission bits say yes to root on /sys or a read-only mount, where creating anything fails."""
+    path = check_name_lengths(path, what)
     for existing in (path, *path.parents):
         if not existing.exists():
             continue
         if not existing.is_dir():
-            raise AblateError(f"{what}: {existing} is a file, not a folder")
+            raise AblateError(f"{what}: {existing} is {'a file, not' if existing.is_file() else 'not'} a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise AblateError(f"{what}: {existing} is not writable (permission denied)")
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as e:
+            raise AblateError(f"{what}: cannot create files in {existing} ({e.strerror})") from None
         return path
     return path
 

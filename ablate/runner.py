@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import time
 import warnings
@@ -33,7 +34,7 @@ from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states
 from ablate.config import Config, config_hash, from_dict, to_dict
 from ablate.errors import AblateError, DataError, one_line
 from ablate.evaluation import save_results
-from ablate.paths import check_writable_folder
+from ablate.paths import NAME_MAX, check_writable_folder
 from ablate.runs import Outcome
 
 
@@ -61,6 +62,8 @@ class Phases:
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    # The folder's name holds the stamp, the name and a suffix: the name is cut to fit NAME_MAX bytes.
+    name = os.fsencode(name)[:NAME_MAX - len(stamp) - 8].decode("utf-8", "ignore")
     path = Path(out_dir) / f"{stamp}-{name}"
     suffix = 1
     while path.exists():

@@ -214,6 +214,121 @@ CASES = [
     Case("train-bomb", "a 20000x20000 px PNG in a training set, images cached",
          [*TRAIN, "--data", "coco:bombset", "--set", "data.cache_images=true"],
          ("bombset/train2017/000000000001.png", "decompression-bomb")),
+    # --- issue 21: COCO files
+    Case("coco-id-huge", "an image `id` above 2**63", [*TRAIN, "--data", "coco:hugeid"],
+         ("hugeid/annotations/instances_train2017.json", "image id", "'id'", "64-bit")),
+    Case("coco-category-id-huge", "a `category_id` above 2**63", [*TRAIN, "--data", "coco:hugecat"],
+         ("hugecat/annotations/instances_train2017.json", "annotation id 1", "'category_id'", "64-bit")),
+    Case("coco-iscrowd-yes", '`iscrowd: "yes"`', [*TRAIN, "--data", "coco:crowdyes"],
+         ("crowdyes/annotations/instances_train2017.json", "annotation id 1", "'iscrowd'", "'yes'")),
+    Case("coco-width-nan", "image `width` NaN", [*TRAIN, "--data", "coco:nanwidth"],
+         ("nanwidth/annotations/instances_train2017.json", "image id 1", "'width'", "nan")),
+    Case("coco-height-inf", "image `height` Infinity", [*TRAIN, "--data", "coco:infheight"],
+         ("infheight/annotations/instances_train2017.json", "image id 1", "'height'", "inf")),
+    Case("coco-deep", "a JSON nested 100,000 deep", [*TRAIN, "--data", "coco:deepjson"],
+         ("deepjson/annotations/instances_train2017.json", "nested too deeply")),
+    Case("coco-duplicate-category", "a category id listed twice", [*TRAIN, "--data", "coco:dupcat"],
+         ("dupcat/annotations/instances_train2017.json", "category id 3", "twice")),
+    # --- issue 21: images
+    Case("train-thin-image", "a 20000x20 px image in a training set", [*TRAIN, "--data", "coco:thinset"],
+         ("thinset/train2017/000000000001.png", "20000x20", "data.max_size=128", "0 px", "image id 1")),
+    Case("eval-thin-image", "a 20000x20 px image in the val split (eval)",
+         ["eval", "model.pt", "--no-progress", "--data", "coco:thinval"],
+         ("thinval/val2017/000000000010.png", "20000x20", "0 px"), needs_model=True),
+    Case("infer-thin-image", "a 20x20000 px image (infer)", ["infer", "model.pt", "tall.png", "--out", "drawn"],
+         ("tall.png", "20x20000", "0 px"), needs_model=True, writes="drawn"),
+    # --- issue 21: Pascal VOC
+    Case("voc-box-inf", "a VOC box with an `inf` corner", [*TRAIN, "--data", "voc:vocinf"],
+         ("vocinf/Annotations/000005.xml", "object #1", "<xmin>", "'inf'")),
+    Case("voc-box-nan", "a VOC box with a `nan` corner", [*TRAIN, "--data", "voc:vocnan"],
+         ("vocnan/Annotations/000005.xml", "object #1", "<ymax>", "'nan'")),
+    Case("voc-split-folder", "`ImageSets/Main/val.txt` a folder", [*TRAIN, "--data", "voc:vocdir"],
+         ("vocdir/ImageSets/Main/val.txt", "a folder")),
+    Case("voc-split-latin1", "a VOC split file in Latin-1", [*TRAIN, "--data", "voc:voclatin"],
+         ("voclatin/ImageSets/Main/train.txt", "UTF-8")),
+    Case("voc-split-traversal", "a VOC split line `../Annotations/000005`", [*TRAIN, "--data", "voc:voctrav"],
+         ("voctrav/ImageSets/Main/train.txt", "'../Annotations/000005'", "holds a path")),
+    Case("voc-size-names-xml", "a VOC image of another size than its XML says", [*TRAIN, "--data", "voc:vocsize"],
+         ("vocsize/JPEGImages/000005.jpg", "vocsize/Annotations/000005.xml says 64x48")),
+    # --- issue 21: files and folders
+    Case("checkpoint-dir-file", "`--checkpoint-dir` naming a file", ["run", "smoke", "--checkpoint-dir", "afile"],
+         ("--checkpoint-dir", "afile is a file")),
+    Case("checkpoint-dir-device", "`--checkpoint-dir /dev/full`", ["run", "smoke", "--checkpoint-dir", "/dev/full"],
+         ("--checkpoint-dir", "/dev/full is not a folder")),
+    Case("infer-out-system", "infer `--out` under a system path no one may write", ["infer", "model.pt", "in.png",
+                                                                                     "--out", "/sys/ablate-out"],
+         ("--out", "/sys")),
+    Case("list-link-loop", "`./experiments` a link to itself (`ablate list`)", ["list"],
+         ("experiments", "link that leads to no folder"), cwd="loop"),
+    Case("experiment-is-folder", "`experiments/adir.toml` a folder", ["train", "adir"],
+         ("unknown experiment 'adir'",), cwd="adir"),
+    # --- issue 21: config values
+    Case("device-mps", "`train.device=mps` without MPS", [*TRAIN, "--set", "train.device=mps"],
+         ("train.device", "mps")),
+    Case("iterations-huge", "`train.iterations` 10**23", [*TRAIN, "--set", "train.iterations=100000000000000000000000"],
+         ("train.iterations", "1e+23")),
+    Case("toml-deep", "a TOML with arrays nested 1,000 deep", ["train", "deep.toml"], ("deep.toml", "nested too deeply")),
+    Case("gamma-huge", "`loss.gamma=1e308`", [*TRAIN, "--set", "loss.gamma=1e308"], ("loss.gamma", "1e+308")),
+    Case("iou-above-1", "IoU thresholds above 1 (no anchor can match)",
+         [*TRAIN, "--set", "matcher.fg_iou_thresh=1.5", "--set", "matcher.bg_iou_thresh=1.2"],
+         ("matcher.fg_iou_thresh", "1.5")),
+    Case("num-workers-negative", "`data.num_workers=-1`", [*TRAIN, "--set", "data.num_workers=-1"],
+         ("data.num_workers", "-1")),
+    Case("num-scales-huge", "`model.num_scales=1000`", [*TRAIN, "--set", "model.num_scales=1000"],
+         ("model.num_scales", "1000")),
+    Case("image-size-huge", "`data.min_size=data.max_size=100000`",
+         [*TRAIN, "--set", "data.min_size=100000", "--set", "data.max_size=100000"], ("data.min_size", "100000")),
+    Case("synth-size-huge", "`synth.image_size=100000`",
+         ["data", "synth", "--no-progress", "--set", "synth.image_size=100000"], ("synth.image_size", "4096")),
+    Case("synth-objects-huge", "`synth.max_objects=100000`",
+         ["data", "synth", "--no-progress", "--set", "synth.max_objects=100000"], ("synth.max_objects", "100")),
+    # --- issue 21: scale
+    Case("show-million-cells", "`ablate show` of a grid of 10**6 cells", ["show", "million.toml"],
+         ("million.toml", "1,000,000 cells")),
+    Case("show-many-variants", "`ablate show` of 30,000 variants (a file of 100,000 passes 1 MiB: refused as such)",
+         ["show", "variants.toml"], ("variants.toml", "30,000 cells")),
+    Case("show-seeds-10000", "`ablate show smoke --seeds 10000`", ["show", "smoke", "--seeds", "10000"],
+         ("--seeds", "10,000 seeds", "runs")),
+    # --- issue 21: names and ports
+    Case("out-name-too-long", "an `--out` name of 300 bytes (train)", [*TRAIN, "--out", "o" * 300],
+         ("--out", "300 bytes")),
+    Case("infer-out-name-too-long", "an `--out` name of 300 bytes (infer)",
+         ["infer", "model.pt", "in.png", "--out", "o" * 300], ("--out", "300 bytes")),
+    Case("report-out-name-too-long", "an `--out` name of 300 bytes (report)", ["report", "smoke", "--out", "o" * 300],
+         ("--out", "300 bytes")),
+    Case("experiment-name-too-long", "an experiment name of 300 bytes", ["train", "e" * 300],
+         ("unknown experiment 'eeee",)),
+    Case("data-name-too-long", "a `--data` folder name of 300 bytes", [*TRAIN, "--data", "coco:" + "d" * 300],
+         ("data.root", "300 bytes")),
+    Case("port-too-big", "`ablate ui --port 70000`", ["ui", "--port", "70000"], ("--port", "70000")),
+    Case("port-negative", "`ablate ui --port -1`", ["ui", "--port", "-1"], ("--port", "-1")),
+    Case("port-zero", "`ablate ui --port 0`", ["ui", "--port", "0"], ("--port", "got 0")),
+    # --- issue 21: search
+    Case("search-seed-negative", "`ablate search --seed -1`", ["search", "smoke", "--seed", "-1"], ("--seed", "-1")),
+    Case("search-low-above-high", "a search space with low > high", ["search", "lowhigh.toml"],
+         ("lowhigh.toml", "search.space.loss.gamma", "above high")),
+    Case("search-metric", 'search `metric = "XP"`', ["search", "metric.toml"], ("metric.toml", "search.metric", "'XP'")),
+    Case("search-trials-negative", "`ablate search --trials -1`", ["search", "smoke", "--trials", "-1"],
+         ("--trials", "-1")),
+    Case("search-jobs-negative", "`ablate search --jobs -3`", ["search", "smoke", "--jobs", "-3"], ("--jobs", "-3")),
+    # --- issue 21: silently accepted before
+    Case("experiment-empty", "a 0-byte experiment file", ["train", "empty.toml"], ("empty.toml", "declares nothing")),
+    Case("seeds-duplicate", "`seeds = [0, 0]`", ["train", "seeds-dup.toml"], ("seeds-dup.toml", "'seeds'", "twice")),
+    Case("gpus-per-cell-negative", "`--gpus-per-cell -1`", ["run", "smoke", "--gpus-per-cell", "-1"],
+         ("--gpus-per-cell", "-1")),
+    Case("gammas-nan", "`--gammas nan`", ["analyze", "loss-cdf", "model.pt", "--gammas", "nan"], ("--gammas", "nan")),
+    Case("score-min-nan", "`--score-min nan`", ["infer", "model.pt", "in.png", "--score-min", "nan"],
+         ("--score-min", "nan")),
+    # --- issue 21: messages
+    Case("toml-bom", "a TOML file starting with a UTF-8 BOM", ["train", "bom.toml"], ("bom.toml", "BOM")),
+    Case("value-big", "a 1 MB value in an experiment file (cut in the middle)", ["train", "big-value.toml"],
+         ("big-value.toml", "loss.cls", "characters cut")),
+    Case("cell-name-escape", "an escape sequence in a cell name", ["show", "escape.toml"],
+         ("escape.toml", "\\x1b", "control character")),
+    # --- issue 21: stores
+    Case("mlflow-postgres-closed", "tracking store on PostgreSQL, port closed", ["show", "smoke"],
+         ("tracking store", "127.0.0.1:9"), env={"MLFLOW_TRACKING_URI": f"postgresql://ablate:{SECRET}@127.0.0.1:9/mlflow"},
+         max_seconds=20),
     # --- a grid whose cell fails: the grid goes on, and the reason is printed, not only stored
     Case("grid-cell-fails", "a grid cell that fails (a corrupt image)", ["run", "../fail-cell.toml", "--no-progress"],
          ("fail-cell", "failed", "000000000001.png"), cwd="grid", exit_code=4, only_line=False, writes="grid"),
@@ -258,6 +373,7 @@ def make_workspace(root: Path) -> Path:
     (root / "bomb.png").write_bytes(png_header(20000, 20000))
     write_tiny_coco(root / "bombset")
     (root / "bombset" / "train2017" / "000000000001.png").write_bytes(png_header(20000, 20000))
+    make_issue_21_inputs(root)
     _edit_annotations(root / "bombset", "train", lambda d: d["images"][0].update(width=20000, height=20000))
     (root / "grid").mkdir(exist_ok=True)
     (root / "grid-out").mkdir(exist_ok=True)
@@ -303,6 +419,70 @@ def png_header(width: int, height: int) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def make_issue_21_inputs(root: Path) -> None:
+    """The bad inputs of issue 21's list, each small: nothing here is allocated at the size it declares."""
+    from PIL import Image
+
+    from test_data_voc import write_tiny_voc
+
+    edits = {
+        "hugeid": ("train", lambda d: d["images"][0].update(id=2**64)),
+        "hugecat": ("train", lambda d: d["annotations"][0].update(category_id=2**64)),
+        "crowdyes": ("train", lambda d: d["annotations"][0].update(iscrowd="yes")),
+        "nanwidth": ("train", lambda d: d["images"][0].update(width=float("nan"))),
+        "infheight": ("train", lambda d: d["images"][0].update(height=float("inf"))),
+        "dupcat": ("train", lambda d: d["categories"].append({"id": 3, "name": "cow"})),
+        "thinset": ("train", lambda d: d["images"][0].update(width=20000, height=20)),
+        "thinval": ("val", lambda d: d["images"][0].update(width=20000, height=20)),
+    }
+    for name, (split, edit) in edits.items():
+        write_tiny_coco(root / name)
+        _edit_annotations(root / name, split, edit)
+    Image.new("RGB", (20000, 20), (50, 50, 50)).save(root / "thinset" / "train2017" / "000000000001.png")
+    Image.new("RGB", (20000, 20), (50, 50, 50)).save(root / "thinval" / "val2017" / "000000000010.png")
+    Image.new("RGB", (20, 20000), (50, 50, 50)).save(root / "tall.png")
+    write_tiny_coco(root / "deepjson")
+    depth = 100_000
+    (root / "deepjson" / "annotations" / "instances_train2017.json").write_text(
+        '{"images": ' + "[" * depth + "]" * depth + ', "annotations": [], "categories": []}')
+    vocs = {}
+    for name in ("vocinf", "vocnan", "vocdir", "voclatin", "voctrav", "vocsize"):
+        voc = write_tiny_voc(root / f"{name}-devkit")
+        (root / name).symlink_to(voc.relative_to(root))  # a short name for the table
+        vocs[name] = voc
+    for name, tag in (("vocinf", "<xmin>5</xmin>"), ("vocnan", "<ymax>16</ymax>")):
+        xml = vocs[name] / "Annotations" / "000005.xml"
+        value = tag.replace("5", "inf").replace("16", "nan") if name == "vocinf" else tag.replace("16", "nan")
+        xml.write_text(xml.read_text().replace(tag, value, 1))
+    (vocs["vocdir"] / "ImageSets" / "Main" / "val.txt").unlink()
+    (vocs["vocdir"] / "ImageSets" / "Main" / "val.txt").mkdir()
+    (vocs["voclatin"] / "ImageSets" / "Main" / "train.txt").write_bytes("000005\ncaf\u00e9\n".encode("latin-1"))
+    (vocs["voctrav"] / "ImageSets" / "Main" / "train.txt").write_text("000005\n../Annotations/000005\n")
+    Image.new("RGB", (30, 30)).save(vocs["vocsize"] / "JPEGImages" / "000005.jpg")
+    (root / "loop").mkdir()
+    (root / "loop" / "experiments").symlink_to("experiments")
+    (root / "adir" / "experiments" / "adir.toml").mkdir(parents=True)
+    texts = {
+        "deep.toml": 'preset = "tiny"\n[config]\n"model.aspect_ratios" = ' + "[" * 1000 + "]" * 1000 + "\n",
+        "million.toml": 'preset = "tiny"\n[grid]\n' + "".join(
+            f'"{key}" = [{", ".join(str(v) for v in values)}]\n' for key, values in (
+                ("loss.gamma", range(100)), ("loss.alpha", [i / 100 for i in range(100)]), ("train.lr", [
+                    0.001 * (i + 1) for i in range(100)]))),
+        "variants.toml": 'preset = "tiny"\n' + '[[variants]]\n"loss.gamma" = 1\n' * 30_000,
+        "lowhigh.toml": 'preset = "tiny"\n[search]\nmetric = "AP"\n[search.space]\n'
+                        '"loss.gamma" = { low = 5.0, high = 1.0 }\n',
+        "metric.toml": 'preset = "tiny"\n[search]\nmetric = "XP"\n[search.space]\n'
+                       '"loss.gamma" = { low = 0.0, high = 5.0 }\n',
+        "empty.toml": "",
+        "big-value.toml": 'preset = "tiny"\n[config]\nloss.cls = "' + "x" * 1_000_000 + '"\n',
+        "seeds-dup.toml": 'preset = "tiny"\nseeds = [0, 0]\n',
+        "escape.toml": 'preset = "tiny"\n[[variants]]\nname = "\\u001b[31mred"\n"loss.gamma" = 1.0\n',
+    }
+    for name, text in texts.items():
+        (root / name).write_text(text)
+    (root / "bom.toml").write_bytes(b"\xef\xbb\xbf" + b'preset = "tiny"\n')
 
 
 def _edit_annotations(root: Path, split: str, edit) -> None:

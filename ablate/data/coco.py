@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 
 from ablate.data import decoded
 from ablate.errors import DataError
+from ablate.paths import check_name_lengths
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Annotations:
 
 def locate(root: str | Path, split: str) -> tuple[Path, Path]:
     """(annotation file, image folder) of `split` under `root`, both checked to exist."""
-    root = Path(root)
+    root = check_name_lengths(root, "data.root")
     ann_file = root / "annotations" / f"instances_{split}2017.json"
     img_dir = root / f"{split}2017"
     expected = f"expected annotations/instances_{split}2017.json and {split}2017/"
@@ -97,8 +98,8 @@ def locate(root: str | Path, split: str) -> tuple[Path, Path]:
 def check_files(ann_file: str | Path, img_dir: str | Path | None) -> tuple[Path, Path]:
     """(annotation file, image folder), both checked to exist; the folder defaults to the file's own
     (Roboflow exports keep them together)."""
-    ann_file = Path(ann_file).expanduser()
-    img_dir = Path(img_dir).expanduser() if img_dir else ann_file.parent
+    ann_file = check_name_lengths(ann_file, "annotation file")
+    img_dir = check_name_lengths(img_dir, "image folder") if img_dir else ann_file.parent
     if not ann_file.is_file():
         raise DataError(f"{ann_file}: annotation file not found")
     if not img_dir.is_dir():

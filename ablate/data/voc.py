@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ablate.data.coco import Annotations, inside_folder
 from ablate.errors import DataError
+from ablate.paths import check_name_lengths
 
 
 @dataclass
@@ -42,7 +43,7 @@ class VocImage:
 
 def locate(root: str | Path, split: str) -> tuple[Path, Path, Path]:
     """(Annotations/, JPEGImages/, ImageSets/Main/SPLIT.txt) under `root`, checked to exist."""
-    root = Path(root).expanduser()
+    root = check_name_lengths(root, "data.root")
     expected = "expected Annotations/, JPEGImages/ and ImageSets/Main/{train,val}.txt: the VOCdevkit/VOC2007 folder"
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found ({expected})")
