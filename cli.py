@@ -298,8 +298,10 @@ def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_
                           "--nproc N` without torchrun (torchrun is for `ablate train`)")
     if nproc is not None and nproc != 1:
         distributed.check_nproc(nproc, builders.resolve_device("auto"))
-    folder = checkpoint_dir or Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or Path.cwd() / ".ablate" / "checkpoints")
-    check_writable_folder(folder, "--checkpoint-dir")
+    given = checkpoint_dir or os.environ.get("ABLATE_CHECKPOINT_DIR")
+    if given:  # the default, under ./.ablate, is the queue folder's, checked with it
+        check_writable_folder(given, "--checkpoint-dir" if checkpoint_dir else "ABLATE_CHECKPOINT_DIR")
+    folder = given or Path.cwd() / ".ablate" / "checkpoints"
     url = scheduling.storage_url(storage)
     if url:
         scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
@@ -379,8 +381,8 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     multiples = parse_budgets(budgets) if budgets is not None else None
     if until_settled:
         adaptive.rule_of(exp, max_seeds)  # a bad --max-seeds in one line, before any store is opened
-    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
     check_count(gpus_per_cell, 1, "--gpus-per-cell")
+    options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc)
     common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}
     if until_settled:

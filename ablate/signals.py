@@ -33,7 +33,11 @@ def _handling(on_signal: Callable[[int, list[int]], None]) -> Iterator[Callable[
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    previous = {sig: signal.signal(sig, handle) for sig in HANDLED}
+    # A SIGHUP set to be ignored stays ignored: `nohup`, and a grid's worker processes, whose parent
+    # passes a hangup on as one SIGTERM (a closed terminal sends SIGHUP to the whole process group,
+    # and a second signal would stop a worker before its checkpoint).
+    handled = [sig for sig in HANDLED if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)]
+    previous = {sig: signal.signal(sig, handle) for sig in handled}
     try:
         yield lambda: bool(received)
     finally:
