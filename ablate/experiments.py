@@ -74,11 +74,11 @@ ALIASES = {"loss.cls": "", "loss.gamma": "g", "loss.alpha": "a", "loss.beta": "b
 
 # The most cells an experiment file may expand to, and runs (cells x seeds) one grid may plan: every
 # cell's config is built and checked when the file loads (~1 ms each), every run's when a grid is
-# planned (~10 ms each on this machine: `ablate show` of 4,000 runs took 53 s); a grid of 10**6 cells
-# or 40,000 runs gave no answer in minutes. Far past what the ablations here need (at most 12 cells x
-# 8 seeds).
+# planned (~25 ms each on this machine under load: `ablate show` of 2,000 runs took 53 s); a grid of
+# 10**6 cells or 20,000 runs gave no answer in minutes. Far past what the ablations here need (at most
+# 12 cells x 8 seeds).
 MAX_CELLS = 1000
-MAX_RUNS = 2000
+MAX_RUNS = 1000
 
 
 @dataclass

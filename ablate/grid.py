@@ -26,7 +26,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ablate import builders, scheduling, signals, tracking, workers
-from ablate.config import Config, check_seed
+from ablate.config import SEED_LIMIT, Config
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_url
 from ablate.experiments import Experiment
@@ -241,7 +241,8 @@ def check_search(exp: Experiment, trials: int, jobs: int, seed: int) -> None:
     """The arguments of a search, checked before any store opens: one AblateError naming the first bad one."""
     if exp.search is None or not exp.search.space:
         raise AblateError(f"{exp.path}: no [search.space] table: nothing to search")
-    check_seed(seed, "--seed", "the sampler's seed")
+    if not 0 <= seed < SEED_LIMIT:
+        raise AblateError(f"--seed: the sampler's seed must be in [0, 2**32), got {seed}")
     for option, value in (("--trials", trials), ("--jobs", jobs)):
         if value < 1:  # --trials -1 ran nothing and exited 0; --jobs -3 ran on one process
             raise AblateError(f"{option}: must be >= 1, got {value}")

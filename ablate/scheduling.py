@@ -68,8 +68,8 @@ def storage_url(option: str | None = None) -> str | None:
     url = option or os.environ.get("ABLATE_STORAGE") or None
     if url is not None and "://" not in url:
         source = "--storage" if option else "ABLATE_STORAGE"
-        raise AblateError(f"{source}: expected a database URL (postgresql://USER:PASSWORD@HOST:PORT/DB), got "
-                          f"{url!r}; leave it out for the local queue in ./.ablate")
+        raise AblateError(f"{source}: expected a database URL (postgresql://HOST:PORT/DB, with USER:PASSWORD@ "
+                          f"before HOST), got {url!r}; leave it out for the local queue in ./.ablate")
     return url
 
 
