@@ -868,6 +868,26 @@ def test_a_database_tracking_store_is_tried_once_with_a_10_s_budget(monkeypatch)
     assert seen == [{"connect_timeout": 10}] and created == []
 
 
+def test_running_out_of_memory_names_the_keys_to_lower():
+    """An allocation that fails while training (within the bounds: a big batch at 8192 px) is one
+    line naming data.max_size, train.batch_size and the anchor keys; other errors pass unchanged."""
+    import torch
+
+    from ablate.config import build_config
+    from ablate.errors import AblateError
+    from ablate.runner import out_of_memory_names_keys
+
+    cfg = build_config("tiny", {"data.max_size": 4096, "train.batch_size": 64})
+    for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+                  torch.OutOfMemoryError("CUDA out of memory")):
+        with pytest.raises(AblateError, match=r"out of memory .*data.max_size \(4096\), train.batch_size \(64\)"):
+            with out_of_memory_names_keys(cfg):
+                raise error
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with out_of_memory_names_keys(cfg):
+            raise RuntimeError("shape mismatch")
+
+
 def test_credentials_are_masked_in_mlflow_logs():
     """MLflow's own log lines (retries quote the request URL) pass through the mask, and its
     'View run at URL' lines are switched off."""
