@@ -40,7 +40,7 @@ def friendly_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from ablate.errors import AblateError, mask_urls, one_line
+        from ablate.errors import AblateError, mask_urls, one_line, printable
 
         try:
             return command(*args, **kwargs)
@@ -48,6 +48,11 @@ def friendly_errors(command):
             # Escaped: messages quote user input (names, paths, values) and forms like FILE[@IMAGES],
             # which are no markup; a password in a quoted URL is masked.
             console.print(f"[red]error:[/red] {escape(mask_urls(one_line(e)))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as e:  # the machine's answer about a file the checks could not foresee (a full disk)
+            where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+            line = printable(f"{where}{e.strerror or e}")
+            console.print(f"[red]error:[/red] {escape(mask_urls(line))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: files written so far are kept")
@@ -192,8 +197,9 @@ def infer(checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt writt
     check_writable_folder(out, "--out")
     output_paths(images, out)  # checked before the model loads: nothing overwritten, nothing missing
     from ablate.checkpoint import load_checkpoint
-    from ablate.inference import detect_files
+    from ablate.inference import check_score_min, detect_files
 
+    check_score_min(score_min)
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides_from(set_, None))
     out.mkdir(parents=True, exist_ok=True)
     for path, num in detect_files(model, cfg, ckpt["class_names"], images, out, score_min):
@@ -261,6 +267,7 @@ def seed_list(exp, seeds: int | None) -> list[int]:
         return exp.seeds
     if not 1 <= seeds <= 10_000:  # a grid of more seeds is a typo, and range() of it would fill the memory
         raise ConfigError(f"--seeds: the number of seeds must be in [1, 10000], got {seeds}")
+    exp.check_size(seeds, "--seeds")
     return list(range(seeds))
 
 
@@ -287,6 +294,7 @@ def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_
     check_checkpoint_every(checkpoint_every)
     from ablate import builders, distributed, lease, scheduling, tracking
     from ablate.errors import AblateError
+    from ablate.paths import check_writable_folder
     from ablate.workers import WorkerOptions
 
     lease.configured_stall_timeout(stall_timeout)  # a bad value is one line now, not in every worker
@@ -296,7 +304,10 @@ def worker_options(storage: str | None, checkpoint_dir: Path | None, checkpoint_
                           "--nproc N` without torchrun (torchrun is for `ablate train`)")
     if nproc is not None and nproc != 1:
         distributed.check_nproc(nproc, builders.resolve_device("auto"))
-    folder = checkpoint_dir or Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or Path.cwd() / ".ablate" / "checkpoints")
+    given = checkpoint_dir or os.environ.get("ABLATE_CHECKPOINT_DIR")
+    if given:  # the default, under ./.ablate, is the queue folder's, checked with it
+        check_writable_folder(given, "--checkpoint-dir" if checkpoint_dir else "ABLATE_CHECKPOINT_DIR")
+    folder = given or Path.cwd() / ".ablate" / "checkpoints"
     url = scheduling.storage_url(storage)
     if url:
         scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
@@ -310,6 +321,13 @@ def check_checkpoint_every(checkpoint_every: int | None) -> None:
 
     if checkpoint_every is not None and checkpoint_every < 0:
         raise AblateError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+
+
+def check_count(value: int, minimum: int, option: str) -> None:
+    from ablate.errors import AblateError
+
+    if value < minimum:
+        raise AblateError(f"{option}: must be >= {minimum}, got {value}")
 
 
 def report_outcomes(name: str, outcomes) -> None:
@@ -368,6 +386,9 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     from ablate.budgets import parse_budgets
 
     multiples = parse_budgets(budgets) if budgets is not None else None
+    if until_settled:
+        adaptive.rule_of(exp, max_seeds)  # a bad --max-seeds in one line, before any store is opened
+    check_count(gpus_per_cell, 1, "--gpus-per-cell")
     options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc, stall_timeout)
     common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}
@@ -396,6 +417,7 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
     if jobs is not None and jobs < 1:
         raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     name = Path(experiment).stem if experiment.endswith(".toml") else experiment
+    check_count(gpus_per_cell, 1, "--gpus-per-cell")
     options = worker_options(storage, checkpoint_dir, checkpoint_every, nproc, stall_timeout)
     # A worker process sees only its own GPUs: a cell on --nproc N processes needs N of them.
     outcomes = grid.run_worker(name, options, jobs=jobs, gpus_per_cell=max(gpus_per_cell, options.nproc),
@@ -415,7 +437,8 @@ def search(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
-    n = trials or (exp.search.trials if exp.search else 0)
+    n = trials if trials is not None else (exp.search.trials if exp.search else 0)
+    grid.check_search(exp, n, jobs, seed)
     options = worker_options(None, None, 0)
     best = grid.run_search(exp, n, overrides_from(set_, data), options=options, jobs=jobs, seed=seed,
                            console=console, show_progress=progress)
@@ -506,6 +529,7 @@ def ui(experiment: Annotated[str | None, typer.Argument(
     from ablate.tracking import experiment_links, init_store
 
     uri = init_store()
+    mlflow_ui.check_port(port)
     base = f"http://127.0.0.1:{port}"
     name = Path(experiment).stem if experiment and experiment.endswith(".toml") else experiment
     links = experiment_links(base, name, uri)
@@ -536,14 +560,10 @@ def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained 
                      set_: SetOption = None) -> None:
     """Figure 4: CDFs of the normalised focal loss of positive and negative examples, per gamma,
     for one trained model on the val split (loss_cdf.png and loss_cdf.csv)."""
-    from ablate.analysis import write_loss_cdf
-    from ablate.errors import ConfigError
+    from ablate.analysis import parse_gammas, write_loss_cdf
     from ablate.paths import check_writable_folder
 
-    try:
-        gamma_list = [float(g) for g in gammas.split(",")]
-    except ValueError:
-        raise ConfigError(f"--gammas: expected numbers separated by commas, got '{gammas}'") from None
+    gamma_list = parse_gammas(gammas)
     overrides = overrides_from(set_, None)
     if max_images:
         overrides["data.max_val_images"] = max_images

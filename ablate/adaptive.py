@@ -66,8 +66,7 @@ def rule_of(exp: Experiment, max_seeds: int | None = None) -> SequentialRule:
     try:
         return SequentialRule(**fields)
     except AblateError as e:
-        raise AblateError(f"{exp.path} with --max-seeds {max_seeds}: {e}" if max_seeds is not None else
-                          f"{exp.path}: {e}") from None
+        raise AblateError(f"--max-seeds {max_seeds}: {e}" if max_seeds is not None else f"{exp.path}: {e}") from None
 
 
 def recorded_rule(exp: Experiment, parents: Sequence[dict[str, str]]) -> tuple[SequentialRule, list[Pair]] | None:

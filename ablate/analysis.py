@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from ablate import builders
 from ablate.checkpoint import load_checkpoint
 from ablate.data.coco import CocoDetection, collate
+from ablate.errors import ConfigError
 from ablate.matching import BACKGROUND, IGNORED, Matcher
 from ablate.model.anchors import AnchorGenerator, feature_sizes_for
 
@@ -30,6 +32,18 @@ def anchor_balance(dataset: CocoDetection, anchor_generator: AnchorGenerator, ma
     fg, bg, ignored = (counts / max(1, seen)).tolist()
     return {"anchors_per_image": fg + bg + ignored, "fg_per_image": fg, "bg_per_image": bg,
             "ignored_per_image": ignored, "bg_per_fg": bg / max(fg, 1e-9)}
+
+
+def parse_gammas(text: str) -> list[float]:
+    """'0,0.5,1,2' (--gammas) as numbers, each finite and >= 0; else one ConfigError."""
+    try:
+        gammas = [float(g) for g in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--gammas: expected numbers separated by commas, got '{text}'") from None
+    bad = [g for g in gammas if not (math.isfinite(g) and g >= 0)]
+    if bad:
+        raise ConfigError(f"--gammas: each gamma must be a finite number >= 0, got {bad[0]}")
+    return gammas
 
 
 def loss_curve_png(history: list[dict[str, float]], path: Path, title: str = "") -> None:

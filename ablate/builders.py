@@ -276,4 +276,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: '{name}' asked for, but this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s), numbered from 0")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device: 'mps' asked for, but no Apple MPS device is available here")
     return torch.device(name)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,31 +29,10 @@ import torch
 from ablate import builders, lease
 from ablate.config import Config, apply_overrides, from_dict, to_dict, trunk_norm
 from ablate.errors import AblateError
+from ablate.paths import atomic_write  # noqa: F401  (imported from here by the runner)
 from ablate.model.retinanet import RetinaNet
 
 RESUME_KIND = "ablate resume checkpoint, format 1"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through `write(file)` into a temporary file of the same folder, flushed to disk,
-    then renamed over `path`: a writer that dies or fails mid-way leaves the previous file whole
-    (and, unless killed outright, no temporary file either)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, class_names: list[str],

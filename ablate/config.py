@@ -339,6 +339,16 @@ SEED_LIMIT = 2**32
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+# Upper bounds of what a key can make a run allocate or take, each far past any real setting, so that a
+# typo is one line naming the key, not an allocator traceback or a run of years:
+MAX_ITERATIONS = 10**8  # 1,100x the paper's 90k; 10**23 was accepted and trained
+MAX_GAMMA = 100.0  # the paper's range is 0-5; 1e308 overflowed in the loss
+MAX_ANCHOR_SHAPES = 16  # scales or ratios per location (the paper: 3 and 3); 1000 ended in an allocator error
+# Image sides in pixels (the paper: 600-800 px, 1333 at most). 8192 px: ~1.1M anchors per image
+# on P3-P7 with 9 shapes. 100000 px ended in an allocator error.
+MAX_IMAGE_SIDE = 8192
+
+
 def check_seed(seed: int, source: str, key: str = "train.seed") -> None:
     """A seed every RNG of a run accepts; else one ConfigError naming `key` and the value."""
     if not 0 <= seed < SEED_LIMIT:
@@ -360,6 +370,13 @@ def _check_ranges(cfg: Config, source: str) -> None:
         ("data.max_size", cfg.data.max_size >= 1, f">= 1, got {cfg.data.max_size}"),
         ("data.max_train_images", cfg.data.max_train_images >= 0, f">= 0 (0: all), got {cfg.data.max_train_images}"),
         ("data.max_val_images", cfg.data.max_val_images >= 0, f">= 0 (0: all), got {cfg.data.max_val_images}"),
+        ("data.num_workers", cfg.data.num_workers >= 0, f">= 0 (0: load in the training process), got "
+                                                        f"{cfg.data.num_workers}"),
+        ("data.val_split", cfg.data.val_split != cfg.data.train_split,
+         f"another split than data.train_split ('{cfg.data.train_split}'): evaluating on the training images "
+         "measures nothing"),
+        ("train.iterations", cfg.train.iterations <= MAX_ITERATIONS,
+         f"<= {MAX_ITERATIONS:,} (the paper trains 90,000), got {cfg.train.iterations:.3g}"),
         ("train.warmup_iters", cfg.train.warmup_iters >= 0, f">= 0, got {cfg.train.warmup_iters}"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, f">= 0, got {cfg.train.checkpoint_every}"),
         ("model.fpn_channels", cfg.model.fpn_channels >= 1, f">= 1, got {cfg.model.fpn_channels}"),
@@ -370,11 +387,21 @@ def _check_ranges(cfg: Config, source: str) -> None:
          f"at least 4 and divisible by its GroupNorm groups, min(32, channels // 4), with model.head_norm=gn; "
          f"got {cfg.model.head_channels}"),
         ("loss.alpha", 0.0 <= cfg.loss.alpha <= 1.0, "in [0, 1]"),
-        ("loss.gamma", cfg.loss.gamma >= 0.0, ">= 0"),
+        ("loss.gamma", 0.0 <= cfg.loss.gamma <= MAX_GAMMA,
+         f"in [0, {MAX_GAMMA:g}] (the paper tries 0-5; (1 - p)^gamma underflows past it), got {cfg.loss.gamma:g}"),
+        ("loss.beta", abs(cfg.loss.beta) <= MAX_GAMMA, f"in [-{MAX_GAMMA:g}, {MAX_GAMMA:g}], got {cfg.loss.beta:g}"),
         ("model.prior", cfg.model.prior is None or 0.0 < cfg.model.prior < 1.0, "in (0, 1) or none"),
-        ("matcher.bg_iou_thresh", cfg.matcher.bg_iou_thresh <= cfg.matcher.fg_iou_thresh,
-         "<= matcher.fg_iou_thresh"),
-        ("model.num_scales", cfg.model.num_scales >= 1, ">= 1"),
+        # An IoU is in [0, 1]: a threshold above 1 matches no anchor, one below 0 every anchor.
+        ("matcher.fg_iou_thresh", 0.0 < cfg.matcher.fg_iou_thresh <= 1.0,
+         f"in (0, 1] (an IoU above 1 matches no anchor), got {cfg.matcher.fg_iou_thresh:g}"),
+        ("matcher.bg_iou_thresh", 0.0 <= cfg.matcher.bg_iou_thresh <= cfg.matcher.fg_iou_thresh,
+         f"in [0, matcher.fg_iou_thresh], got {cfg.matcher.bg_iou_thresh:g}"),
+        ("model.num_scales", 1 <= cfg.model.num_scales <= MAX_ANCHOR_SHAPES,
+         f"in 1..{MAX_ANCHOR_SHAPES}, got {cfg.model.num_scales}"),
+        ("model.aspect_ratios", len(cfg.model.aspect_ratios) <= MAX_ANCHOR_SHAPES,
+         f"at most {MAX_ANCHOR_SHAPES} ratios, got {len(cfg.model.aspect_ratios)}"),
+        ("data.min_size", cfg.data.min_size <= MAX_IMAGE_SIDE, f"<= {MAX_IMAGE_SIDE}, got {cfg.data.min_size}"),
+        ("data.max_size", cfg.data.max_size <= MAX_IMAGE_SIDE, f"<= {MAX_IMAGE_SIDE}, got {cfg.data.max_size}"),
         ("model.aspect_ratios", len(cfg.model.aspect_ratios) >= 1
          and all(r > 0 for r in cfg.model.aspect_ratios), "a non-empty list of positive ratios"),
         ("model.box_weights", len(cfg.model.box_weights) == 4, "a list of 4 numbers"),

@@ -351,6 +351,7 @@ def _rank_entry(target: Callable[..., Any], rank: int, nproc: int, backend: str,
     and ends when rank 0 ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal's SIGHUP: rank 0 handles it like SIGTERM
     _leave_with_parent(rank)
     torch.set_num_threads(threads)
     try:

@@ -34,8 +34,26 @@ def one_line(error: BaseException) -> str:
     for cls in (AblateError, ConfigError, DataError):
         prefix = f"{cls.__module__}.{cls.__name__}: "
         if last.startswith(prefix):
-            return last[len(prefix):]
-    return last
+            return printable(last[len(prefix):])
+    return printable(last)
+
+
+# C0 and C1 control characters but tab: an escape sequence in a name or value would be run by the terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+MAX_MESSAGE = 600  # characters of a message shown; a 5 MB value quoted whole buried the line
+
+
+def printable(text: str) -> str:
+    """`text` safe to print as one line: control characters (escape sequences) shown as \\x1b,
+    undecodable bytes of a file name (lone surrogates) as \\udcXX, and a text longer than
+    MAX_MESSAGE cut in the middle, where a quoted value usually sits, keeping the start (file, key)
+    and the end."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    if len(text) > MAX_MESSAGE:
+        head, tail = MAX_MESSAGE * 3 // 4, MAX_MESSAGE // 4
+        text = f"{text[:head]} [... {len(text) - head - tail:,} characters cut ...] {text[-tail:]}"
+    return text
 
 
 def mask_url(url: str) -> str:

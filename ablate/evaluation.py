@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ablate.errors import DataError
+from ablate.paths import atomic_write
 
 # The order of COCOeval.stats for iouType="bbox" with the default parameters.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -86,12 +87,12 @@ def detections_to_coco(boxes, scores, labels, image_ids, category_ids: Sequence[
 def save_results(records: list[dict], path) -> None:
     """Write COCO results records (see `detections_to_coco`) as a JSON list to `path`.
 
-    The parent folder is created if needed. The file is what ``COCO.loadRes(path)`` reads.
+    The parent folder is created if needed. The file is what ``COCO.loadRes(path)`` reads. Written
+    atomically, as eval.json is: a full disk or a kill mid-write leaves the previous file whole.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        json.dump(records, f)
+    atomic_write(path, lambda f: f.write(json.dumps(records).encode()))
 
 
 def _check_records(coco_gt, records: list[dict]) -> None:

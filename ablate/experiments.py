@@ -48,6 +48,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,15 @@ ALIASES = {"loss.cls": "", "loss.gamma": "g", "loss.alpha": "a", "loss.beta": "b
            "model.num_scales": "scales", "model.aspect_ratios": "ratios", "loss.ohem_batch": "B",
            "loss.ohem_nms": "nms", "loss.ohem_fg_fraction": "fg", "model.trunk": "", "data.min_size": "px",
            "train.lr": "lr", "loss.box": "box", "loss.normalizer": "norm"}
+
+
+# The most cells an experiment file may expand to, and runs (cells x seeds) one grid may plan: every
+# cell's config is built and checked when the file loads (~1 ms each), every run's when a grid is
+# planned (~25 ms each on this machine under load: `ablate show` of 2,000 runs took 53 s); a grid of
+# 10**6 cells or 20,000 runs gave no answer in minutes. Far past what the ablations here need (at most
+# 12 cells x 8 seeds).
+MAX_CELLS = 1000
+MAX_RUNS = 1000
 
 
 @dataclass
@@ -158,6 +169,21 @@ class Experiment:
             keys += [k for k in variant if k != "name" and k not in keys]
         return keys
 
+    def num_cells(self) -> int:
+        """len(self.cells()), without making them."""
+        return math.prod(len(values) for values in self.grid.values()) * max(1, len(self.variants))
+
+    def check_size(self, num_seeds: int, source: str) -> None:
+        """One ConfigError, before any cell is made, when the grid holds more cells than MAX_CELLS or
+        more runs (cells x seeds) than MAX_RUNS; `source` names what set the seeds."""
+        cells = self.num_cells()
+        if cells > MAX_CELLS:
+            raise ConfigError(f"{self.path}: {cells:,} cells, more than one experiment may hold ({MAX_CELLS:,}); "
+                              "split it into several files")
+        if cells * num_seeds > MAX_RUNS:
+            raise ConfigError(f"{source}: {cells:,} cells x {num_seeds:,} seeds = {cells * num_seeds:,} runs, more "
+                              f"than one grid may plan ({MAX_RUNS:,}); use fewer seeds or split the experiment")
+
     def cells(self) -> list[Cell]:
         """The grid product crossed with the variants (either may be empty; neither: one cell)."""
         axes = list(self.grid.items())
@@ -168,6 +194,8 @@ class Experiment:
             overrides = {**{k: v for k, v in variant.items() if k != "name"}, **point}
             label = variant.get("name")
             label = f"{label} {cell_label(point)}".strip() if label else cell_label(overrides)
+            if not label.isprintable():  # an escape sequence in a name would be run by the terminal
+                raise ConfigError(f"{self.path}: cell name {label!r:.80} holds a control character; use plain text")
             cells.append(Cell(label or "base", overrides, len(cells)))
         names = [c.name for c in cells]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -245,24 +273,45 @@ def experiments_dirs() -> list[Path]:
     """Where names are looked up: ./experiments, then the checkout's experiments/."""
     here = Path("experiments")  # relative: messages name ./experiments files as the user sees them
     shipped = Path(__file__).resolve().parent.parent / "experiments"
-    return [here] if here.resolve() == shipped.resolve() else [here, shipped]
+    # realpath, not Path.resolve: a link loop at ./experiments raised there (and means "no folder").
+    return [here] if os.path.realpath(here) == os.path.realpath(shipped) else [here, shipped]
 
 
 def list_experiments() -> list[Path]:
+    """The experiment files (*.toml that are files: not a folder, nor a link to none) of
+    experiments_dirs(), one per name, the first folder's first."""
     seen: dict[str, Path] = {}
     for folder in experiments_dirs():
-        for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
-            seen.setdefault(path.stem, path)
+        for path in sorted(folder.glob("*.toml")) if _is_dir(folder) else []:
+            if _is_file(path):
+                seen.setdefault(path.stem, path)
     return [seen[k] for k in sorted(seen)]
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for a link loop or a name too long, as for a missing file."""
+    try:
+        return path.is_file()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir; a link there that leads to no folder (a loop, a target gone) is one ConfigError."""
+    if path.is_symlink() and not os.path.isdir(path):
+        raise ConfigError(f"{path}: a link that leads to no folder (a loop, or its target is gone); fix or remove it")
+    return path.is_dir()
 
 
 def find_experiment(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix == ".toml" and path.is_file():
+    if path.suffix == ".toml" and _is_file(path):
         return path
+    if path.suffix == ".toml" and path.exists():
+        raise ConfigError(f"{path}: not a file")
     for folder in experiments_dirs():
         candidate = folder / f"{name_or_path}.toml"
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     known = [p.stem for p in list_experiments()]
     raise ConfigError(f"unknown experiment '{name_or_path}' (known: {', '.join(known) or 'none'})")
@@ -331,12 +380,41 @@ def _parse_search(path: Path, table: Any) -> SearchSpec:
                                                ("trials", int, "an integer"), ("eval_every", int, "an integer")))
     if spec.direction not in ("maximize", "minimize"):
         raise ConfigError(f"{path}: 'search.direction' must be maximize or minimize")
-    for key, dist in table.get("space", {}).items():
+    from ablate.evaluation import METRIC_NAMES  # numpy only
+
+    if spec.metric not in METRIC_NAMES:
+        raise ConfigError(f"{path}: 'search.metric' must be one of {', '.join(METRIC_NAMES)}; got {spec.metric!r}")
+    if spec.trials < 1 or spec.eval_every < 0:
+        key, what = ("trials", ">= 1") if spec.trials < 1 else ("eval_every", ">= 0")
+        raise ConfigError(f"{path}: 'search.{key}' must be {what}, got {getattr(spec, key)}")
+    space = _expect(path, "search.space", table.get("space", {}), dict, "a table of key = {low, high} or {choices}")
+    for key, dist in space.items():
         _expect(path, f"search.space.{key}", dist, dict, "a table {low, high[, log]} or {choices}")
         if not ({"low", "high"} <= set(dist) <= {"low", "high", "log", "step"} or set(dist) == {"choices"}):
             raise ConfigError(f"{path}: 'search.space.{key}' must be {{low, high[, log, step]}} or {{choices}}")
+        _check_distribution(path, f"search.space.{key}", dist)
         spec.space[key] = dist
     return spec
+
+
+def _check_distribution(path: Path, name: str, dist: dict[str, Any]) -> None:
+    """A search distribution Optuna can sample: low <= high (finite numbers), log only above 0, a
+    positive step, a non-empty list of choices. A bad one used to fail inside its trial, which
+    stayed RUNNING."""
+    if "choices" in dist:
+        if not isinstance(dist["choices"], list) or not dist["choices"]:
+            raise ConfigError(f"{path}: '{name}.choices' must be a non-empty list")
+        return
+    for bound in ("low", "high", *(("step",) if "step" in dist else ())):
+        value = dist[bound]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{path}: '{name}.{bound}' must be a finite number, got {json.dumps(value, default=str)}")
+    if dist["low"] > dist["high"]:
+        raise ConfigError(f"{path}: '{name}': low ({dist['low']}) is above high ({dist['high']})")
+    if dist.get("log") and dist["low"] <= 0:
+        raise ConfigError(f"{path}: '{name}': log = true needs low > 0, got {dist['low']}")
+    if "step" in dist and dist["step"] <= 0:
+        raise ConfigError(f"{path}: '{name}.step' must be > 0, got {dist['step']}")
 
 
 def _parse_report(path: Path, table: Any) -> ReportSettings:
@@ -385,17 +463,42 @@ def _parse_sequential(path: Path, table: Any) -> dict[str, Any]:
     return fields
 
 
-def load_experiment(name_or_path: str) -> Experiment:
-    path = find_experiment(name_or_path)
+# Bytes of an experiment file read at most: the shipped ones are ~1-3 kB; a bigger file is no experiment.
+MAX_FILE_BYTES = 1 << 20
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document of an experiment file; anything wrong with it is one ConfigError naming it."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes; an experiment file is a few lines of TOML")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ConfigError(f"{path}: starts with a byte-order mark (BOM), which TOML does not allow; save it as "
+                          "UTF-8 without BOM")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     except UnicodeDecodeError as e:  # TOML files are UTF-8 by definition
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                           "save it as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed TOML: arrays or tables nested too deeply") from None
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    path = find_experiment(name_or_path)
+    if not path.stem.isprintable() or path.stem != path.stem.encode("utf-8", "replace").decode("utf-8"):
+        # The name goes into the tracking store, plot titles and cell names: it must be plain text.
+        raise ConfigError(f"{path}: the file name is not printable UTF-8 text; rename the file")
+    data = read_toml(path)
+    if not data:
+        raise ConfigError(f"{path}: declares nothing (an empty file); an experiment needs at least a preset, "
+                          "e.g. preset = \"tiny\"")
     unknown = set(data) - TOP_LEVEL_KEYS
     moved = sorted(unknown & REPORT_KEYS)
     if moved:
@@ -410,6 +513,9 @@ def load_experiment(name_or_path: str) -> Experiment:
             raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers")
         for seed in seeds:
             check_seed(seed, str(path), "seeds")
+        if len(set(seeds)) < len(seeds):
+            duplicate = next(seed for seed in seeds if seeds.count(seed) > 1)
+            raise ConfigError(f"{path}: 'seeds' lists seed {duplicate} twice (a seed's run is the same run)")
         exp.seeds = seeds
     if "report" in data:
         exp.report = _parse_report(path, data["report"])
@@ -433,6 +539,7 @@ def load_experiment(name_or_path: str) -> Experiment:
 
 def validate(exp: Experiment) -> None:
     """Build every cell's config now, so that a bad key fails before any run starts."""
+    exp.check_size(len(exp.seeds), f"{exp.path}: 'seeds'")
     exp.base_config(source=str(exp.path))
     cells = exp.cells()
     for cell in cells:

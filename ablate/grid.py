@@ -26,7 +26,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ablate import builders, scheduling, signals, tracking, workers
-from ablate.config import Config
+from ablate.config import SEED_LIMIT, Config
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_url
 from ablate.experiments import Experiment
@@ -237,11 +237,21 @@ def search_work(name: str, options: WorkerOptions, *, exp: Experiment, trials: i
     scheduling.work_search(study, trials, spec.space, run_trial, stop=stop or (lambda: False))
 
 
+def check_search(exp: Experiment, trials: int, jobs: int, seed: int) -> None:
+    """The arguments of a search, checked before any store opens: one AblateError naming the first bad one."""
+    if exp.search is None or not exp.search.space:
+        raise AblateError(f"{exp.path}: no [search.space] table: nothing to search")
+    if not 0 <= seed < SEED_LIMIT:
+        raise AblateError(f"--seed: the sampler's seed must be in [0, 2**32), got {seed}")
+    for option, value in (("--trials", trials), ("--jobs", jobs)):
+        if value < 1:  # --trials -1 ran nothing and exited 0; --jobs -3 ran on one process
+            raise AblateError(f"{option}: must be >= 1, got {value}")
+
+
 def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, options: WorkerOptions, jobs: int = 1,
                seed: int = 0, console: Console, show_progress: bool = True) -> tuple[dict[str, Any], float] | None:
     """TPE over the experiment's [search] space; returns the best (params, value) so far."""
-    if exp.search is None or not exp.search.space:
-        raise AblateError(f"{exp.path}: no [search.space] table: nothing to search")
+    check_search(exp, trials, jobs, seed)
     name = f"{exp.name}-search"
     tracker = tracking.Tracker(name, options.tracking_uri)
     with folder_lock(name):

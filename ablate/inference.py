@@ -12,10 +12,17 @@ import torch
 
 from ablate import builders
 from ablate.config import Config
-from ablate.data.coco import collate, decode_image, make_transform
+from ablate.data.coco import collate, decode_image, make_transform, thin_image_error, too_thin
 from ablate.engine import predict
+from ablate.errors import ConfigError
 from ablate.paths import output_paths
 from ablate.visualize import draw_detections, save_png
+
+
+def check_score_min(score_min: float) -> None:
+    """--score-min is a score, in [0, 1]; NaN drew nothing and said nothing."""
+    if not 0.0 <= score_min <= 1.0:
+        raise ConfigError(f"--score-min: must be a score in [0, 1], got {score_min}")
 
 
 def detect_files(model: torch.nn.Module, cfg: Config, class_names: Sequence[str], paths: Sequence[Path],
@@ -29,6 +36,8 @@ def detect_files(model: torch.nn.Module, cfg: Config, class_names: Sequence[str]
     postprocess = builders.build_postprocess(cfg)
     for path, out_path in zip(paths, outputs):
         original = decode_image(Path(path))
+        if too_thin(*original.shape[-2:], cfg.data.max_size):
+            raise thin_image_error(path, *original.shape[-2:], cfg.data.max_size)
         resized = resize(original)
         target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 0,
                   "orig_size": tuple(original.shape[-2:])}

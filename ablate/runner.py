@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import time
 import warnings
@@ -32,9 +33,9 @@ from ablate.analysis import anchor_balance, loss_curve_png
 from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states, save_checkpoint, save_resume,
                                set_rng_states)
 from ablate.config import Config, config_hash, from_dict, to_dict
-from ablate.errors import AblateError, DataError
+from ablate.errors import AblateError, DataError, one_line
 from ablate.evaluation import save_results
-from ablate.paths import check_writable_folder
+from ablate.paths import NAME_MAX, check_writable_folder
 from ablate.runs import Outcome
 
 
@@ -62,6 +63,8 @@ class Phases:
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    # The folder's name holds the stamp, the name and a suffix: the name is cut to fit NAME_MAX bytes.
+    name = os.fsencode(name)[:NAME_MAX - len(stamp) - 8].decode("utf-8", "ignore")
     path = Path(out_dir) / f"{stamp}-{name}"
     suffix = 1
     while path.exists():
@@ -201,7 +204,7 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     start_rngs(cfg, saved, ranks)
     if saved and console:
         console.print(escape(f"resuming from {resume.path} at iteration {state.iteration}"))
-    with phases("train"):
+    with phases("train"), out_of_memory_names_keys(cfg):
         outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
                                iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
                                checkpoint_every=t.checkpoint_every, on_log=log,
@@ -219,11 +222,11 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
                                "anchors": balance}
     if outcome.status is Outcome.INTERRUPTED:
         summary["resume_checkpoint"] = str(resume.path) if resume else None
-    with phases("write"):
-        if outcome.history:
-            loss_curve_png(outcome.history, run_dir / "loss_curve.png", title=name)
+    with phases("write"):  # the model first: a plot that fails must not cost it
         if outcome.status is Outcome.FINISHED:
             save_checkpoint(run_dir / "checkpoint.pt", net, cfg, *classes, outcome.iterations)
+        if outcome.history:
+            draw_loss_curve(outcome.history, run_dir / "loss_curve.png", name, console)
     if outcome.status is Outcome.FINISHED:
         with phases("eval"):
             metrics, records = evaluate()
@@ -233,6 +236,34 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     summary["phase_seconds"] = phases.seconds
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+@contextlib.contextmanager
+def out_of_memory_names_keys(cfg: Config):
+    """An allocation that fails while training (the allocator's traceback, or CUDA's out of memory)
+    as one AblateError naming the keys that set a step's memory, for the user to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in str(e):
+            raise
+        raise AblateError(f"out of memory while training ({type(e).__name__}); lower data.max_size "
+                          f"({cfg.data.max_size}), train.batch_size ({cfg.train.batch_size}) or the anchors per "
+                          f"location (model.num_scales {cfg.model.num_scales} x {len(cfg.model.aspect_ratios)} "
+                          "model.aspect_ratios)") from None
+
+
+def draw_loss_curve(history: list[dict[str, float]], path: Path, title: str, console: Console | None) -> None:
+    """loss_curve.png of the run; a plot that cannot be drawn (a font, a backend, a full disk) is a
+    warning: the run's files and its checkpoint are what matter, and the curve is in metrics.jsonl."""
+    try:
+        loss_curve_png(history, path, title=title)
+    except Exception as e:  # noqa: BLE001 - any failure of the plotting stack
+        message = f"warning: {path} not drawn ({type(e).__name__}: {one_line(e)}); the losses are in metrics.jsonl"
+        if console:
+            console.print(escape(message), style="yellow", soft_wrap=True)
+        else:
+            warnings.warn(message, stacklevel=2)
 
 
 def check_trainable(train_set) -> None:

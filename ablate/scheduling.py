@@ -65,8 +65,16 @@ def state_dir() -> Path:
 
 
 def storage_url(option: str | None = None) -> str | None:
-    """The queue's URL: `--storage`, else $ABLATE_STORAGE, else None (the working folder's journal)."""
-    return option or os.environ.get("ABLATE_STORAGE") or None
+    """The queue's URL: `--storage`, else $ABLATE_STORAGE, else None (the working folder's journal).
+
+    A database URL only: anything else was taken as a journal file's path, so a typo created a file
+    of that name and `/dev/full` was read without end (18 GB until the kernel killed it)."""
+    url = option or os.environ.get("ABLATE_STORAGE") or None
+    if url is not None and "://" not in url:
+        source = "--storage" if option else "ABLATE_STORAGE"
+        raise AblateError(f"{source}: expected a database URL (postgresql://HOST:PORT/DB, with USER:PASSWORD@ "
+                          f"before HOST), got {url!r}; leave it out for the local queue in ./.ablate")
+    return url
 
 
 def storage(url_or_path: str | Path | None = None) -> BaseStorage:

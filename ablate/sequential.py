@@ -80,6 +80,12 @@ SPENDING: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
 # ----------------------------------------------------------------------------- the rule
 
 
+# The most seeds a rule may look at. Computing its boundaries peaks at ~22 MB per seed (400k paths;
+# measured: 0.28 GB at 8, 0.80 GB at 32, 1.5 GB at 64); --max-seeds 1000 was killed at 18.7 GB.
+# 32 seeds per cell is far past where a comparison of detectors settles (3-8 here).
+MAX_SEEDS = 32
+
+
 @dataclass(frozen=True)
 class SequentialRule:
     """The stopping rule of `--until-settled`, fixed before the runs and recorded with them."""
@@ -103,6 +109,10 @@ class SequentialRule:
             raise AblateError(f"sequential rule: spending '{self.spending}' is none of {', '.join(SPENDING)}")
         if self.mc_paths < 10_000:
             raise AblateError(f"sequential rule: mc_paths must be >= 10000, got {self.mc_paths}")
+        if self.max_seeds > MAX_SEEDS:
+            raise AblateError(f"sequential rule: max_seeds must be <= {MAX_SEEDS} (the boundaries' Monte Carlo "
+                              f"holds {self.mc_paths:,} paths of max_seeds values: ~0.8 GB at {MAX_SEEDS}), "
+                              f"got {self.max_seeds}")
 
     @property
     def looks(self) -> np.ndarray:

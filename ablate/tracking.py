@@ -150,6 +150,7 @@ def _check_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         os.environ.update(quick)
     try:
+        _check_database(uri)
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # connection refused, timeout, bad credentials, a broken database URL
         raise AblateError(f"tracking store {mask_url(uri)}: unreachable or refused: {_store_error(e)}") from None
@@ -161,6 +162,25 @@ def _check_store(uri: str) -> None:
                 os.environ[key] = value
     if not uri.startswith(("http://", "https://")):
         check_writable_folder("mlartifacts", "artifact store")  # where Tracker puts a new experiment's
+
+
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def _check_database(uri: str) -> None:
+    """A database store is connected to once, with a 10 s timeout, before MLflow opens it: MLflow
+    retries a refused connection with a growing back-off (over a minute to a closed port)."""
+    scheme = uri.partition("://")[0].partition("+")[0]
+    if scheme not in DATABASE_SCHEMES:
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def _store_error(error: Exception) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,24 @@ import webbrowser
 from collections.abc import Callable
 
 from ablate import signals
+from ablate.errors import AblateError
 
 # `mlflow ui` takes ~20 s to answer on 2 cores; a loaded machine may need a few times that.
 READY_SECONDS = 120.0
+
+
+def check_port(port: int) -> None:
+    """One AblateError unless `port` is a TCP port of 127.0.0.1 that nothing listens on: the UI
+    printed its URL and exited 0 on a port in use, 0 (any free port) printed a URL of port 0,
+    and one out of range gave an OverflowError."""
+    if not 1 <= port <= 65535:
+        hint = " (0 would let the system pick one, which the URLs printed could not name)" if port == 0 else ""
+        raise AblateError(f"--port: must be in 1..65535, got {port}{hint}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise AblateError(f"--port: 127.0.0.1:{port} is not free ({e.strerror}); pick another port") from None
 
 
 def start(uri: str, port: int) -> subprocess.Popen:

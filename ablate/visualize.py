@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import draw_bounding_boxes
+
+from ablate.paths import SOFTWARE, SOFTWARE_KEY, atomic_write
 
 # Images whose shorter side is below this are enlarged before drawing, so captions stay legible.
 MIN_SHORT_SIDE = 400
@@ -130,11 +133,18 @@ def draw_detections(
 
 
 def save_png(image: torch.Tensor, path) -> None:
-    """Write a uint8 [3, H, W] (or [1, H, W]) tensor as a PNG file, creating the parent folder."""
+    """Write a uint8 [3, H, W] (or [1, H, W]) tensor as a PNG file, creating the parent folder.
+
+    Atomically (a link at `path` is replaced, never written through), and tagged as ours
+    (`is_our_drawing`), so that a rerun may replace it while any other file stays the user's."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"save_png: image must be uint8 [3, H, W], got {image.dtype} {list(image.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # PIL rather than torchvision.io, whose image encoders are deprecated since torchvision 0.29.
     pixels = image.detach().cpu().permute(1, 2, 0).numpy()  # [H, W, C], as PIL expects
-    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path, format="PNG")
+    info = PngInfo()
+    info.add_text(SOFTWARE_KEY, SOFTWARE)
+    picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    atomic_write(path, lambda f: picture.save(f, format="PNG", pnginfo=info))
+

@@ -357,6 +357,7 @@ def _process_main(target: str, name: str, options: WorkerOptions, cwd: str, mess
     progress sent to the parent as ("start", (label, iterations)), ("step", i), ("end", key)."""
     if options.gpus is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = options.gpus
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent passes a hangup on as SIGTERM (signals.forward_to)
     import torch
 
     os.chdir(cwd)

@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 
 from ablate.data import decoded
 from ablate.errors import DataError
+from ablate.paths import check_name_lengths
 
 
 @dataclass
@@ -71,6 +72,9 @@ class Annotations:
     doc: dict[str, Any]
     ann_file: Path
     img_dir: Path
+    # The file that describes each image, by image id, where it is not `ann_file` (a VOC image's XML):
+    # messages about one image name it.
+    sources: dict[int, Path] = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- reading the JSON
@@ -78,7 +82,7 @@ class Annotations:
 
 def locate(root: str | Path, split: str) -> tuple[Path, Path]:
     """(annotation file, image folder) of `split` under `root`, both checked to exist."""
-    root = Path(root)
+    root = check_name_lengths(root, "data.root")
     ann_file = root / "annotations" / f"instances_{split}2017.json"
     img_dir = root / f"{split}2017"
     expected = f"expected annotations/instances_{split}2017.json and {split}2017/"
@@ -94,8 +98,8 @@ def locate(root: str | Path, split: str) -> tuple[Path, Path]:
 def check_files(ann_file: str | Path, img_dir: str | Path | None) -> tuple[Path, Path]:
     """(annotation file, image folder), both checked to exist; the folder defaults to the file's own
     (Roboflow exports keep them together)."""
-    ann_file = Path(ann_file).expanduser()
-    img_dir = Path(img_dir).expanduser() if img_dir else ann_file.parent
+    ann_file = check_name_lengths(ann_file, "annotation file")
+    img_dir = check_name_lengths(img_dir, "image folder") if img_dir else ann_file.parent
     if not ann_file.is_file():
         raise DataError(f"{ann_file}: annotation file not found")
     if not img_dir.is_dir():
@@ -118,6 +122,8 @@ def read_json(ann_file: Path) -> dict[str, Any]:
         raise DataError(f"{ann_file}: malformed JSON: {e.msg} ({where})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{ann_file}: malformed JSON: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise DataError(f"{ann_file}: malformed JSON: nested too deeply for an annotation file") from None
     except OSError as e:
         raise DataError(f"{ann_file}: cannot read ({e.strerror})") from None
     if not isinstance(doc, dict):
@@ -140,7 +146,14 @@ def _field(entry: Any, key: str, what: str, ann_file: Path, kinds: tuple[type, .
     value = entry[key]
     if not isinstance(value, kinds) or isinstance(value, bool):
         raise DataError(f"{ann_file}: {what}: field '{key}' has the wrong type ({value!r:.40})")
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:  # ids go into int64 arrays
+        raise DataError(f"{ann_file}: {what}: field '{key}' = {value:.3g} does not fit a 64-bit integer")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{ann_file}: {what}: field '{key}' must be a finite number, got {value}")
     return value
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _entry_name(kind: str, entry: Any, i: int) -> str:
@@ -165,15 +178,21 @@ def _file_name(entry: Any, what: str, ann_file: Path) -> str:
     return name
 
 
+# The largest image side an annotation may declare: past it (and PIL's pixel limit, which
+# decode_image applies) there is no image to read.
+MAX_SIDE = 1 << 20
+
+
 def index_images(images: list, ann_file: Path) -> dict[str, np.ndarray]:
     """Image table sorted by id: ids int64 [N], file names str [N], heights/widths int64 [N]."""
     rows = []
     for i, im in enumerate(images):
         what = _entry_name("image", im, i)
-        rows.append((_field(im, "id", what, ann_file, (int,)),
-                     _file_name(im, what, ann_file),
-                     _field(im, "height", what, ann_file, (int, float)),
-                     _field(im, "width", what, ann_file, (int, float))))
+        height, width = (_field(im, key, what, ann_file, (int, float)) for key in ("height", "width"))
+        if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+            raise DataError(f"{ann_file}: {what}: 'width' x 'height' must be in 1..{MAX_SIDE} pixels, "
+                            f"got {width:.6g} x {height:.6g}")
+        rows.append((_field(im, "id", what, ann_file, (int,)), _file_name(im, what, ann_file), height, width))
     rows.sort()
     ids = np.array([r[0] for r in rows], dtype=np.int64).reshape(-1)
     if len(ids) > 1 and (dup := ids[1:][ids[1:] == ids[:-1]]).size:
@@ -191,6 +210,8 @@ def category_table(categories: list, ann_file: Path,
         what = _entry_name("category", c, i)
         cats.append((_field(c, "id", what, ann_file, (int,)), _field(c, "name", what, ann_file, (str,))))
     cats.sort()
+    if len(cats) > 1 and (dup := next((a for (a, _), (b, _) in zip(cats, cats[1:]) if a == b), None)) is not None:
+        raise DataError(f"{ann_file}: category id {dup} appears twice in 'categories'")
     known = {name for _, name in cats}
     for name in wanted:
         if name not in known:
@@ -241,7 +262,10 @@ def parse_annotations(anns: list, ann_file: Path, image_ids: np.ndarray,
                             "in 'categories'")
         pos.append(image_pos[iid])
         labels.append(category_ids_all[cid])
-        crowd.append(bool(ann.get("iscrowd", 0)))
+        iscrowd = ann.get("iscrowd", 0)
+        if iscrowd not in (0, 1):  # True and False are 1 and 0 too
+            raise DataError(f"{ann_file}: {what}: field 'iscrowd' must be 0 or 1, got {iscrowd!r:.40}")
+        crowd.append(bool(iscrowd))
     return {"pos": np.array(pos, dtype=np.int64), "labels": np.array(labels, dtype=np.int64),
             "crowd": np.array(crowd, dtype=bool), "xywh": _bbox_array(bboxes, anns, ann_file)}
 
@@ -335,9 +359,29 @@ def _decode_pil(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
+def check_pixel_count(path: Path) -> None:
+    """DataError when the file's header declares more pixels than PIL's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS, ~89 Mpx): a 1 MB PNG of 20000x20000 px decodes to 1.2 GB (measured: 4.65
+    GB in `ablate infer`). Only the header is read; a file PIL cannot identify is left to the decoders."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except Image.DecompressionBombError:  # above twice the limit: PIL refuses before the size is known
+            raise DataError(f"{path}: image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (PIL's "
+                            "decompression-bomb limit); downscale it") from None
+        except Exception:  # noqa: BLE001 - not identified here: torchvision or _decode_pil says why
+            return
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: image is {width}x{height} pixels, above {Image.MAX_IMAGE_PIXELS:,} (PIL's "
+                        "decompression-bomb limit); downscale it")
+
+
 def decode_image(path: Path) -> torch.Tensor:
     """uint8 [3, H, W] RGB (grayscale, palette, RGBA and CMYK converted; EXIF orientation
-    ignored, as COCO's boxes are in the stored orientation).
+    ignored, as COCO's boxes are in the stored orientation). An animated image (GIF) gives its
+    first frame, as PIL does; one above PIL's pixel limit is a DataError (`check_pixel_count`).
 
     torchvision.io first: measured faster than PIL here (CPU time per image: JPEG 640x480
     1.3-1.9 ms vs 2.0-2.6 ms, 128 px PNG 0.44 vs 0.48 ms); PIL only when it fails.
@@ -350,12 +394,15 @@ def decode_image(path: Path) -> torch.Tensor:
         raise DataError(f"{path}: image file missing") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read image ({e.strerror})") from None
+    check_pixel_count(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             image = tv_decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         return _decode_pil(path)
+    if image.dim() == 4:  # an animated GIF: [frames, 3, H, W]
+        image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = (image.to(torch.int32) // 257).to(torch.uint8)
     return image
@@ -376,6 +423,19 @@ def make_transform(min_size: int, max_size: int, hflip_prob: float) -> v2.Transf
         resize = v2.Resize(size=None, max_size=max_size, antialias=True)
     steps = [resize] + ([v2.RandomHorizontalFlip(hflip_prob)] if hflip_prob > 0 else [])
     return v2.Compose(steps)
+
+
+def too_thin(heights: np.ndarray, widths: np.ndarray, max_size: int) -> np.ndarray:
+    """bool [N]: images (int64 [N] heights and widths) whose shorter side `make_transform` would
+    resize to 0 px: the longer side capped at max_size leaves the shorter int(max_size * short / long)
+    px, 0 exactly when short * max_size < long (a 20000x20 px image at max_size 128)."""
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    return np.minimum(heights, widths) * max_size < np.maximum(heights, widths)
+
+
+def thin_image_error(path: Path | str, height: int, width: int, max_size: int) -> DataError:
+    return DataError(f"{path}: image is {width}x{height} pixels: with its longer side at data.max_size={max_size} "
+                     "its shorter would be 0 px; crop it or leave it out")
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -406,6 +466,7 @@ class CocoDetection(torch.utils.data.Dataset):
             ann_file, img_dir = locate(source, split)
             source = Annotations(read_json(ann_file), ann_file, img_dir)
         self.ann_file, self.img_dir, doc = source.ann_file, source.img_dir, source.doc
+        self._sources = source.sources
         images = index_images(doc["images"], self.ann_file)
         self.category_ids, self.category_names = category_table(
             doc["categories"], self.ann_file, categories)
@@ -418,6 +479,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self._files = images["file_names"][:num_kept]
         self._sizes = np.stack([images["heights"], images["widths"]], 1)[:num_kept]
         check_image_files(self.img_dir, self._files, self._ids, self.ann_file)
+        thin = np.flatnonzero(too_thin(self._sizes[:, 0], self._sizes[:, 1], max_size))
+        if thin.size:
+            i = int(thin[0])
+            error = thin_image_error(self.img_dir / str(self._files[i]), *(int(v) for v in self._sizes[i]), max_size)
+            raise DataError(f"{error} ({self._described_by(i)})")
         self._boxes = group_boxes(parsed, images["heights"], images["widths"], num_kept)
         self.image_ids: list[int] = self._ids.tolist()
         self.coco = ground_truth(doc, set(self.image_ids), set(self.category_ids),
@@ -465,7 +531,12 @@ class CocoDetection(torch.utils.data.Dataset):
         """The error for image i's file being height x width pixels, not what the annotation says."""
         h, w = (int(v) for v in self._sizes[i])
         return DataError(f"{self.img_dir / str(self._files[i])}: image is {width}x{height} pixels but "
-                         f"{self.ann_file} says {w}x{h} (image id {self._ids[i]})")
+                         f"{self._described_by(i)} says {w}x{h}")
+
+    def _described_by(self, i: int) -> str:
+        """Where image i's annotation is: its own file (a VOC XML), else 'image id N in ann_file'."""
+        source = self._sources.get(int(self._ids[i]))
+        return str(source) if source else f"image id {self._ids[i]} in {self.ann_file}"
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image, boxes, labels = self._raw(i)

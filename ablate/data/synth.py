@@ -109,7 +109,11 @@ def check_spec(spec: SynthSpec) -> None:
         ("num_colors", 1 <= spec.num_colors <= len(CLASS_COLORS), f"in 1..{len(CLASS_COLORS)}"),
         ("num_train", spec.num_train >= 1, ">= 1"),
         ("num_val", spec.num_val >= 1, ">= 1"),
-        ("image_size", spec.image_size >= 16, ">= 16"),
+        # Upper bounds: what the generator allocates per image (int16 [S, S, 3]: 96 MB at 4096) and
+        # draws per image; 100000 px ended in an allocator traceback, 100000 objects ran for minutes.
+        ("image_size", 16 <= spec.image_size <= 4096, "in 16..4096"),
+        ("max_objects", spec.max_objects <= 100, "<= 100"),
+        ("num_distractors", spec.num_distractors <= 100, "<= 100"),
         ("min_objects", 0 <= spec.min_objects <= spec.max_objects, "in 0..synth.max_objects"),
         ("min_object_size", 2 <= spec.min_object_size <= spec.max_object_size,
          "in 2..synth.max_object_size"),

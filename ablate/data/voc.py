@@ -20,12 +20,15 @@ degenerate-box count and every later check are ablate.data.coco's. Choices made 
 
 from __future__ import annotations
 
+import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 from ablate.data.coco import Annotations, inside_folder
 from ablate.errors import DataError
+from ablate.paths import check_name_lengths
 
 
 @dataclass
@@ -40,7 +43,7 @@ class VocImage:
 
 def locate(root: str | Path, split: str) -> tuple[Path, Path, Path]:
     """(Annotations/, JPEGImages/, ImageSets/Main/SPLIT.txt) under `root`, checked to exist."""
-    root = Path(root).expanduser()
+    root = check_name_lengths(root, "data.root")
     expected = "expected Annotations/, JPEGImages/ and ImageSets/Main/{train,val}.txt: the VOCdevkit/VOC2007 folder"
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found ({expected})")
@@ -48,6 +51,9 @@ def locate(root: str | Path, split: str) -> tuple[Path, Path, Path]:
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: not found ({expected})")
+    for path, folder in zip(paths, (True, True, False)):
+        if path.is_dir() != folder:
+            raise DataError(f"{path}: {'not a folder' if folder else 'a folder, not a split file'} ({expected})")
     return paths
 
 
@@ -61,9 +67,12 @@ def _text(node: ET.Element, tag: str, path: Path, what: str) -> str:
 def _number(node: ET.Element, tag: str, path: Path, what: str) -> float:
     text = _text(node, tag, path, what)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DataError(f"{path}: {what}: <{tag}> must be a number, got {text!r:.40}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}: {what}: <{tag}> must be a finite number, got {text!r:.40}")
+    return value
 
 
 def parse_xml(path: Path, image_id: str) -> VocImage:
@@ -97,9 +106,24 @@ def parse_xml(path: Path, image_id: str) -> VocImage:
                     int(_number(size, "height", path, "<size>")), objects)
 
 
+# An image ID names Annotations/ID.xml: a plain file name, never a path ('../x' reached other folders).
+IMAGE_ID = re.compile(r"[^/\\]+")
+
+
 def split_ids(list_file: Path) -> list[str]:
     """The image IDs of ImageSets/Main/SPLIT.txt (a second column, as in the per-class lists, is ignored)."""
-    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_file}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{list_file}: cannot read ({e.strerror})") from None
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    for number, image_id in enumerate(ids, 1):
+        if not IMAGE_ID.fullmatch(image_id) or image_id in (".", ".."):
+            raise DataError(f"{list_file}: image ID {image_id!r:.60} (entry {number}) is not a file name in "
+                            "Annotations/ (it holds a path)")
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"{list_file}: image ID '{dup}' is listed twice")
@@ -146,4 +170,5 @@ def read_voc(root: str | Path, split: str) -> Annotations:
         if not (img_dir / parsed[image_id].file_name).is_file():
             raise DataError(f"{img_dir / parsed[image_id].file_name}: image file missing (named by "
                             f"{ann_dir / f'{image_id}.xml'})")
-    return Annotations(to_coco([parsed[i] for i in ids], class_names(parsed)), list_file, img_dir)
+    sources = {k: ann_dir / f"{image_id}.xml" for k, image_id in enumerate(ids, start=1)}  # to_coco's ids
+    return Annotations(to_coco([parsed[i] for i in ids], class_names(parsed)), list_file, img_dir, sources)
