@@ -23,7 +23,7 @@ def test_serve_answers_when_ready_and_a_sigterm_stops_the_servers_group(tmp_path
     port = _free_port()
     started = []
 
-    def start(uri: str, p: int) -> subprocess.Popen:
+    def start(uri: str, p: int, genai: bool = False) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", "http.server", str(p), "--bind", "127.0.0.1",
                                  "--directory", str(tmp_path)], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -46,5 +46,5 @@ def test_serve_answers_when_ready_and_a_sigterm_stops_the_servers_group(tmp_path
 
 
 def test_a_server_that_cannot_start_is_not_waited_for(monkeypatch):
-    monkeypatch.setattr(ui, "start", lambda uri, p: subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
+    monkeypatch.setattr(ui, "start", lambda uri, p, genai=False: subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
     assert ui.serve("sqlite:///x.db", _free_port(), lambda: None) == 3  # e.g. the port was taken
