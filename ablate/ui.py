@@ -38,8 +38,9 @@ def store_uri() -> str:
 def start(uri: str, port: int, genai: bool = False) -> subprocess.Popen:
     """The MLflow UI over `uri` on 127.0.0.1:port, in a process group of its own (`stop` ends it
     whole): one uvicorn worker, and the GenAI job runner only when `genai`."""
+    # No access log: a line per request of the browser would bury the URLs printed above it.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
+           "--port", str(port), "--workers", "1", "--uvicorn-opts", "--no-access-log"]
     env = {**os.environ, **({} if genai else NO_JOBS)}
     return subprocess.Popen(cmd, start_new_session=True, env=env)
 
