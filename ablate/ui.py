@@ -113,7 +113,7 @@ def run(name: str | None, port: int, open_page: bool, genai: bool, say: Callable
 
     uri = store_uri()
     base = f"http://127.0.0.1:{port}"
-    if not _is_ready_store(uri):  # a fresh store is created (migrated) before the server opens it
+    if not _is_ready_store(uri):  # created (migrated) or checked before a server is started over it
         from ablate.tracking import init_store
 
         init_store(uri)
@@ -138,8 +138,12 @@ def run(name: str | None, port: int, open_page: bool, genai: bool, say: Callable
 
 
 def _is_ready_store(uri: str) -> bool:
-    """Whether the server may open `uri` at once: any store but a sqlite file not yet created."""
+    """Whether the server may open `uri` while ablate checks it: not a sqlite file yet to be
+    created (two migrations at once), nor an MLflow server's URL (checked first: a dead one is one
+    line at once, not a UI started and stopped)."""
     prefix = "sqlite:///"
+    if uri.startswith(("http://", "https://")):
+        return False
     return not uri.startswith(prefix) or Path(uri[len(prefix):]).is_file()
 
 

@@ -345,7 +345,8 @@ def test_the_parent_run_holds_the_grid_summary_and_then_the_report(workdir):
     c = client(workdir)
     exp = c.get_experiment_by_name("browse")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert exp.tags["mlflow.note.content"].startswith("A seconds-long grid")
+    described = exp.tags["mlflow.note.content"]  # links first (the page header shows them), then the file's text
+    assert described.startswith("**Results:** [cells: the Runs table grouped by cell](") and "\n\nA seconds-long grid" in described
     [parent] = [r for r in c.search_runs([exp.experiment_id]) if "ablate.cell" not in r.data.tags]
     kids = children(workdir, "browse")
     assert len(kids) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in kids)
@@ -381,10 +382,15 @@ def test_the_parent_run_holds_the_grid_summary_and_then_the_report(workdir):
     assert "ablate run browse --seeds 2 --set train.iterations=4\nablate report browse --set train.iterations=4" in readme
     attached = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
     assert {f"report/{n}" for n in ("table.md", "results.csv", "runs.csv", "ap.png", "loss_curves.png",
-                                    "README.md")} <= attached
+                                    "README.md", "report.html")} <= attached
     note = c.get_run(parent.info.run_id).data.tags["mlflow.note.content"]
     table, caption = (workdir / "reports" / "browse" / "table.md").read_text().strip().split("\n\n")
-    assert note.startswith(f"## browse: report\n\n```\n{aligned(table)}\n```\n\n{caption}\n")
+    page = f"#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifactPath/report/report.html"
+    assert note.startswith(f"## browse: report\n\n**[Report page]({page}?workflowType=machine_learning)**")
+    assert f"```\n{aligned(table)}\n```\n\n{caption}\n" in note
+    assert f"![AP per cell](get-artifact?path=report/ap.png&run_uuid={parent.info.run_id})" in note
+    # The experiment's description now leads to the report page too, from every page of it.
+    assert f"[report page]({page}" in c.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
 
 
 def _fake_grid(workdir: Path, overrides: dict) -> str:
@@ -438,12 +444,12 @@ def test_ui_prints_the_url_of_the_ablations_runs_table(workdir, monkeypatch):
         def poll(self):
             return 0
 
-    monkeypatch.setattr(ui, "start", lambda uri, port: started.append((uri, port)) or Server())
+    monkeypatch.setattr(ui, "start", lambda uri, port, genai=False: started.append((uri, port, genai)) or Server())
     result = invoke("ui", "smoke", "--port", "5077")
     assert result.exit_code == 0, result.output
     exp = client(workdir).get_experiment_by_name("smoke")
-    assert (f"smoke: http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    assert (f"smoke runs: http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
             "&viewStateShareKey=ablate") in result.output
-    assert started == [(f"sqlite:///{workdir / 'mlflow.db'}", 5077)]
+    assert started == [(f"sqlite:///{workdir / 'mlflow.db'}", 5077, False)]  # no GenAI job runner unless asked
     missing = invoke("ui", "gamma-sweep")
     assert missing.exit_code == 1 and "no experiment 'gamma-sweep'" in missing.output
