@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import time
 
 from ablate import tracking
+from ablate.errors import AblateError
 from ablate.experiments import load_experiment
 from ablate.runs import Outcome, owner_alive, process_owner
 
@@ -244,3 +246,24 @@ def test_the_experiment_description_keeps_its_report_link(tracker):
     assert tracking.report_links("http://h:1", exp) == [
         ("report", f"http://h:1/#/experiments/{tracker.experiment_id}/runs/abc123/artifactPath/report/report.html"
                    "?workflowType=machine_learning")]
+
+
+def test_a_tracking_server_is_asked_once_with_a_10_s_budget(monkeypatch):
+    """How long an unreachable server is waited for is the client's settings, not a stopwatch in a
+    test (a busy machine stretches that): one attempt, a 10 s request timeout, restored after."""
+    seen = {}
+
+    class Client:
+        def __init__(self, uri):
+            seen["uri"] = uri
+
+        def search_experiments(self, max_results):
+            seen.update({k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")})
+            raise ConnectionError("refused")
+
+    monkeypatch.setattr(tracking, "MlflowClient", Client)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with pytest.raises(AblateError, match=r"tracking store http://127\.0\.0\.1:9: unreachable"):
+        tracking._check_store("http://127.0.0.1:9")
+    assert (seen["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], seen["MLFLOW_HTTP_REQUEST_TIMEOUT"]) == ("0", "10")
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

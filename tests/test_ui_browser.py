@@ -142,6 +142,7 @@ async def check_pages(urls: dict[str, str], report_file: Path) -> None:
         await page.screenshot(SHOTS / "5-report-from-disk.png")
 
 
+@pytest.mark.timeout(1200)  # a grid, its report, the UI and a browser on 2 shared cores
 def test_a_person_sees_the_cells_and_the_report_in_the_browser(tiny_grid):
     proc, urls = start_ui(tiny_grid, free_port())
     try:
