@@ -518,33 +518,20 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
 @app.command()
 @friendly_errors
 def ui(experiment: Annotated[str | None, typer.Argument(
-           help="An ablation (name or experiments/NAME.toml): print the URL of its Runs table.")] = None,
+           help="An ablation (name or experiments/NAME.toml): print the URLs of its report page and Runs table.")] = None,
        port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
        open_: Annotated[bool, typer.Option(
-           "--open", help="Open that page in a browser once the UI answers.")] = False) -> None:
+           "--open", help="Open that page in a browser once the UI answers.")] = False,
+       genai: Annotated[bool, typer.Option(
+           "--genai", help="Also start MLflow's job runner for its GenAI features (7 more processes).")] = False) -> None:
     """The MLflow UI over the project's store, on http://127.0.0.1:PORT (Ctrl-C stops it), with the
-    URL of each ablation's Runs table (MLflow 3 would open its empty GenAI pages)."""
+    URLs of each ablation's report page and Runs table (MLflow 3 would open its empty GenAI pages)."""
     from ablate import ui as mlflow_ui
-    from ablate.errors import mask_url
-    from ablate.tracking import experiment_links, init_store
 
-    uri = init_store()
-    mlflow_ui.check_port(port)
-    base = f"http://127.0.0.1:{port}"
     name = Path(experiment).stem if experiment and experiment.endswith(".toml") else experiment
-    links = experiment_links(base, name, uri)
-    console.print(escape(f"MLflow UI for {mask_url(uri)} on {base} (takes ~20 s to answer; Ctrl-C stops it)"),
-                  soft_wrap=True)
-    for exp_name, url in links:
-        console.print(escape(f"  {exp_name}: {mask_url(url)}"), soft_wrap=True, highlight=False)
-    if links and not open_:
-        console.print(escape(f"open a URL above in a browser, or run `ablate ui {name or links[0][0]} --open`"))
-
-    def open_page() -> None:
-        if not mlflow_ui.open_browser(links[0][1] if name else base):
-            console.print("no browser could be opened here: open the URL above where you browse", style="yellow")
-
-    raise typer.Exit(mlflow_ui.serve(uri, port, open_page if open_ else None))
+    raise typer.Exit(mlflow_ui.run(name, port, open_, genai,
+                                   say=lambda line: console.print(escape(line), soft_wrap=True, highlight=False),
+                                   warn=lambda line: console.print(escape(line), style="yellow")))
 
 
 analyze_app = typer.Typer(help="Diagnostics of trained models (the paper's figures).", no_args_is_help=True)

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import json
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -171,7 +170,7 @@ def open_parent(study, tracker: tracking.Tracker, seeds: list[int], jobs: int,
     else:
         own = {"seeds": str(seeds), "jobs": str(jobs), "role": tracking.PARENT_ROLE,
                "overrides": json.dumps(overrides or {}, sort_keys=True)}
-        parent_id = tracker.start_parent(f"run {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        parent_id = tracker.start_parent(tracking.parent_run_name(tracker.name),
                                          {**{f"{tracking.TAG}{key}": value for key, value in own.items()},
                                           **(tags or {})})
         study.set_user_attr(workers.PARENT_ATTR, parent_id)
@@ -260,7 +259,7 @@ def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, options: 
         study = scheduling.search_study(name, store, exp.search.direction, seed, warmup_steps=0)
         if not scheduling.is_shared(store):  # a shared study's running trials are other machines'
             scheduling.reset_queue(study)
-        parent_id = tracker.start_parent(f"search {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        parent_id = tracker.start_parent(tracking.parent_run_name(exp.name, "search"),
                                          {f"{tracking.TAG}trials": str(trials)})
         args = {"exp": exp, "extra": extra, "seed": seed, "parent_id": parent_id}
         try:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -72,19 +73,24 @@ def _mask_credentials_in_records() -> None:
 _mask_credentials_in_records()
 
 TAG = "ablate."  # prefix of our tags
-# MLflow 3's UI files experiments as GenAI or model training by this tag. Its value alone does not
-# decide the page a fresh browser lands on (measured with 3.17: the GenAI Overview still opens);
-# the URL's workflowType does (ui_url).
+ABLATED = "ablated."  # prefix of the tags that show a child run's cell values (what the grid varies)
+# MLflow 3.17's UI picks its GenAI or model-training pages from the browser's own switch (the URL's
+# workflowType, else the sidebar's last choice kept in the browser's localStorage); this tag,
+# which older UIs read, files the experiment under model training for them and for search.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # A saved view of the Runs table, kept as an experiment tag that the URL names
-# (viewStateShareKey): the runs grouped by cell, each group's average and each seed's AP, AP50,
-# AP75 and outcome as columns. Without it the table shows no metric at all.
+# (viewStateShareKey) and that the Runs tab's "Saved views" menu lists by its name: the runs
+# grouped by cell, each group's average and each seed's AP, AP50, AP75 (percent) and outcome as
+# columns, then the ablated keys. Without it the table shows no metric at all.
 RUNS_VIEW_KEY = "ablate"
-RUNS_VIEW = json.dumps({
-    "selectedColumns": ["metrics.`AP`", "metrics.`AP50`", "metrics.`AP75`", f"tags.`{TAG}outcome`"],
-    "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG}cell"}]}})
-EXPERIMENT_TAGS = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": RUNS_VIEW}
+RUNS_VIEW_NAME = "ablate: cells (AP %)"
+VIEW_PREFIX = "mlflow.sharedViewState."
 NOTE = "mlflow.note.content"  # the description the UI renders as Markdown on a run's or experiment's page
+# COCO metrics: fractions in the project, percent in MLflow (like the paper and the reports), where
+# a run says so with AP_UNIT; -1 ("no ground truth in that area range") is not logged at all.
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+AP_UNIT = (f"{TAG}ap_unit", "percent")
+PERCENT_DECIMALS = 4  # 1e-6 of a fraction: far below what COCO's 101-point interpolation resolves
 PARENT_ROLE = "grid"  # the `ablate.role` tag of an `ablate run`'s parent run
 STEP_METRICS = ("loss", "loss_cls", "loss_box_reg", "lr", "num_fg", "num_bg", "num_ignored", "img_per_s",
                 "data_fraction")
@@ -216,6 +222,7 @@ class Tracker:
     """The MLflow records of one ablation (one MLflow experiment)."""
 
     def __init__(self, experiment: str, uri: str | None = None):
+        self.name = experiment
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -226,7 +233,7 @@ class Tracker:
             artifacts = (Path.cwd() / "mlartifacts" / experiment).resolve().as_uri() if local else None
             try:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts,
-                                                                   tags=EXPERIMENT_TAGS)
+                                                                   tags=experiment_tags())
             except MlflowException:  # another process created it a moment ago
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
@@ -234,11 +241,28 @@ class Tracker:
         if found is not None:
             self.experiment_id = found.experiment_id
             tag_for_the_ui(self.client, found)
+        self._ablated_shown: tuple[str, ...] | None = None
 
-    def describe(self, text: str) -> None:
-        """The experiment's description on its UI page (the experiment file's `description`)."""
-        if text and self.client.get_experiment(self.experiment_id).tags.get(NOTE) != text:
-            self.client.set_experiment_tag(self.experiment_id, NOTE, text)
+    def show_ablated(self, keys: list[str]) -> None:
+        """Put the ablated keys (the cells' own values) into the Runs table's saved view, after
+        the AP columns (once per tracker; the tag is rewritten only when the keys change)."""
+        if self._ablated_shown == tuple(keys):
+            return
+        self._ablated_shown = tuple(keys)
+        tag_for_the_ui(self.client, self.client.get_experiment(self.experiment_id), list(keys))
+
+    def describe(self, text: str, report_run_id: str | None = None) -> None:
+        """The experiment's description on its UI page: a first line of links (the Runs table in
+        ablate's view; the report page once `ablate report` attached one to `report_run_id`), which
+        the page's header shows even collapsed and on the GenAI pages, then the experiment file's
+        `description`. A report link already there is kept when none is given."""
+        old = self.client.get_experiment(self.experiment_id).tags.get(NOTE, "")
+        if report_run_id is None:
+            found = re.search(r"/runs/(\w+)/artifactPath/report/", old)
+            report_run_id = found.group(1) if found else None
+        note = experiment_note(self.experiment_id, text, report_run_id)
+        if note != old:
+            self.client.set_experiment_tag(self.experiment_id, NOTE, note)
 
     def start_parent(self, name: str, tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
@@ -305,9 +329,13 @@ class Tracker:
         tags = {"cell": planned.cell, "cell_index": planned.cell_index, "seed": planned.seed,
                 "config_hash": planned.config_hash, "overrides": json.dumps(planned.overrides, sort_keys=True),
                 "owner": process_owner(), "heartbeat": f"{time.time():.0f}"}
+        ablated = {k: v for k, v in planned.values.items() if k != "seed"}
+        self.show_ablated(list(ablated))
         run = self.client.create_run(self.experiment_id, run_name=planned.name, tags={
             "mlflow.parentRunId": parent_id, f"{TAG}git_commit": git_commit(), f"{TAG}command": command_line(),
-            **{f"{TAG}{k}": str(v) for k, v in tags.items()}})
+            AP_UNIT[0]: AP_UNIT[1], NOTE: child_note(self.experiment_id, planned.cell, planned.seed, ablated),
+            **{f"{TAG}{k}": str(v) for k, v in tags.items()},
+            **{f"{ABLATED}{k}": param_value(v) for k, v in ablated.items()}})
         child = ChildRun(self.client, run.info.run_id, tags["owner"], self.uri)
         items = [Param(k, param_value(v)) for k, v in planned.config.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -414,7 +442,7 @@ class Tracker:
                    "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir"),
                    "parent_run_id": tags.get("mlflow.parentRunId")}
             row.update({k: _parse_param(v) for k, v in run.data.params.items()})
-            row.update(run.data.metrics)
+            row.update(from_mlflow(run.data.metrics, tags.get(AP_UNIT[0])))
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -431,27 +459,152 @@ class Tracker:
         return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
 
-def tag_for_the_ui(client: MlflowClient, experiment) -> None:
-    """Give an experiment the UI's tags (EXPERIMENT_TAGS) that it lacks: one made before ablate
-    set them, or by another program."""
-    for key, value in EXPERIMENT_TAGS.items():
-        if experiment.tags.get(key) != value:
-            client.set_experiment_tag(experiment.experiment_id, key, value)
+def runs_view(ablated: list[str] | None = None) -> dict:
+    """The Runs table's view state (RUNS_VIEW_KEY): grouped by cell with each group's average,
+    AP, AP50, AP75 and the outcome as columns, then the ablated keys' tags."""
+    columns = ["metrics.`AP`", "metrics.`AP50`", "metrics.`AP75`", f"tags.`{TAG}outcome`"]
+    columns += [f"tags.`{ABLATED}{key}`" for key in ablated or []]
+    return {"selectedColumns": columns,
+            "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG}cell"}]}}
+
+
+def saved_view(state: dict, created_ms: int) -> str:
+    """A view as the Runs tab's "Saved views" menu keeps it (3.17's envelope: name, times, state
+    as JSON text); a share-key URL opens it as well."""
+    return json.dumps({"name": RUNS_VIEW_NAME, "createdAt": created_ms, "updatedAt": created_ms,
+                       "state": json.dumps(state)})
+
+
+def view_state(tag_value: str | None) -> dict | None:
+    """The state of a saved view's tag (the envelope, or the bare state older ablate wrote)."""
+    try:
+        value = json.loads(tag_value or "")
+        return json.loads(value["state"]) if isinstance(value, dict) and "state" in value else value
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def experiment_tags(ablated: list[str] | None = None, created_ms: int | None = None) -> dict[str, str]:
+    """The UI's experiment tags: the experiment kind and the Runs table's saved view."""
+    created = int(time.time() * 1000) if created_ms is None else created_ms
+    return {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
+            f"{VIEW_PREFIX}{RUNS_VIEW_KEY}": saved_view(runs_view(ablated), created)}
+
+
+def tag_for_the_ui(client: MlflowClient, experiment, ablated: list[str] | None = None) -> None:
+    """Give an experiment the UI's tags (experiment_tags) that it lacks or has in an older form:
+    one made before ablate set them, or by another program. `ablated`: the keys its cells vary;
+    None keeps the ones the view shows."""
+    view_key = f"{VIEW_PREFIX}{RUNS_VIEW_KEY}"
+    current = view_state(experiment.tags.get(view_key))
+    if ablated is None:
+        shown = (current or {}).get("selectedColumns", [])
+        ablated = [c[len(f"tags.`{ABLATED}"):-1] for c in shown if c.startswith(f"tags.`{ABLATED}")]
+    wanted = experiment_tags(ablated)
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    try:  # the bare state of older ablate versions is rewritten as a saved view
+        enveloped = "state" in json.loads(experiment.tags.get(view_key) or "{}")
+    except (json.JSONDecodeError, TypeError):
+        enveloped = False
+    if current != runs_view(ablated) or not enveloped:
+        client.set_experiment_tag(experiment.experiment_id, view_key, wanted[view_key])
+
+
+# ----------------------------------------------------------------------------- pages of the UI
+# Links inside the UI's own Markdown (descriptions) are hash routes ("#/experiments/..."), valid
+# on any host and port; links for a terminal or a file get a base ("http://127.0.0.1:5000").
+ML = "workflowType=machine_learning"  # the model-training pages, which a fresh browser does not open
+
+
+UI_PORT = 5000  # `ablate ui`'s default port
+
+
+def ui_base(uri: str) -> str:
+    """Where the UI of store `uri` is browsed: an MLflow server's own URL (its credentials left
+    out: the links go into files), else `ablate ui` on this machine."""
+    if uri.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(uri)
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    return f"http://127.0.0.1:{UI_PORT}"
+
+
+def runs_route(experiment_id: str) -> str:
+    """The Runs table in ablate's saved view."""
+    return f"#/experiments/{experiment_id}/runs?{ML}&viewStateShareKey={RUNS_VIEW_KEY}"
+
+
+def cell_route(experiment_id: str, cell: str) -> str:
+    """The Runs table filtered to one cell's runs."""
+    search = urllib.parse.quote(f"tags.`{TAG}cell` = '{cell}'", safe="")
+    return f"#/experiments/{experiment_id}/runs?{ML}&searchFilter={search}"
+
+
+def report_route(experiment_id: str, run_id: str, file: str = "report.html") -> str:
+    """The artifact viewer on a report file (report/FILE) of a run."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}/artifactPath/report/{file}?{ML}"
 
 
 def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
     """The UI page of an experiment's Runs table in ablate's view (or of one of its runs) under
-    `base` ("http://127.0.0.1:5000"). workflowType picks the model-training pages, which a fresh
-    browser does not open on its own."""
+    `base` ("http://127.0.0.1:5000")."""
     if run_id:
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={RUNS_VIEW_KEY}")
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{ML}"
+    return f"{base.rstrip('/')}/{runs_route(experiment_id)}"
+
+
+def experiment_note(experiment_id: str, description: str, report_run_id: str | None = None) -> str:
+    """An experiment's description: a line of links first (the header shows it collapsed), then
+    the experiment file's description."""
+    links = [f"[cells: the Runs table grouped by cell]({runs_route(experiment_id)})"]
+    if report_run_id:
+        links.insert(0, f"[report page]({report_route(experiment_id, report_run_id)})")
+    return f"**Results:** {' · '.join(links)}\n\n{description}".rstrip() + "\n"
+
+
+def child_note(experiment_id: str, cell: str, seed: int, ablated: dict[str, Any]) -> str:
+    """A cell run's description, at the top of its page: the ablated keys' values first."""
+    values = ", ".join(f"`{key}` = {param_value(value)}" for key, value in ablated.items())
+    return (f"Cell **{cell}**, seed {seed}: {values or 'the base config'}. "
+            f"[All runs of this cell]({cell_route(experiment_id, cell)}) · "
+            f"[all cells]({runs_route(experiment_id)})\n")
+
+
+def parent_run_name(experiment: str, kind: str = "") -> str:
+    """A grid's parent run name: the experiment (and `kind`, e.g. "search") and its local time."""
+    return f"{experiment}{' ' + kind if kind else ''} {time.strftime('%Y-%m-%d %H:%M')}"
+
+
+def to_mlflow(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics as a run logs them: COCO metrics (and val_ ones) in percent, rounded to
+    PERCENT_DECIMALS; COCO's -1 (nothing to measure) left out."""
+    out = {}
+    for key, value in metrics.items():
+        if key.removeprefix("val_") in COCO_METRICS:
+            if value < 0:
+                continue
+            value = round(100.0 * value, PERCENT_DECIMALS)
+        out[key] = value
+    return out
+
+
+def from_mlflow(metrics: dict[str, float], unit: str | None) -> dict[str, float]:
+    """A run's metrics as the project reads them (COCO ones as fractions): undoes to_mlflow for
+    runs tagged AP_UNIT; older runs logged fractions."""
+    if unit != AP_UNIT[1]:
+        return dict(metrics)
+    return {k: v / 100.0 if k.removeprefix("val_") in COCO_METRICS else v for k, v in metrics.items()}
 
 
 def experiment_links(base: str, name: str | None = None, uri: str | None = None) -> list[tuple[str, str]]:
     """(experiment name, Runs table URL) of ablation `name`, or of every experiment in the store
     but MLflow's empty Default; each gets the UI's tags on the way (older ones lack them)."""
+    return [(e.name, ui_url(base, e.experiment_id)) for e in ui_experiments(name, uri)]
+
+
+def ui_experiments(name: str | None = None, uri: str | None = None) -> list:
+    """The experiments `ablate ui` lists (see experiment_links), tagged for the UI, by name."""
     uri = uri or tracking_uri()
     client = MlflowClient(uri)
     if name is not None:
@@ -464,7 +617,14 @@ def experiment_links(base: str, name: str | None = None, uri: str | None = None)
         experiments = [e for e in client.search_experiments(max_results=1000) if e.name != "Default"]
     for exp in experiments:
         tag_for_the_ui(client, exp)
-    return [(e.name, ui_url(base, e.experiment_id)) for e in sorted(experiments, key=lambda e: e.name)]
+    return sorted(experiments, key=lambda e: e.name)
+
+
+def report_links(base: str, experiment) -> list[tuple[str, str]]:
+    """(label, URL) of the report page of an experiment (from its description's link), if any."""
+    found = re.search(r"\((#/experiments/\w+/runs/\w+/artifactPath/report/report\.html[^)]*)\)",
+                      experiment.tags.get(NOTE, ""))
+    return [("report", f"{base.rstrip('/')}/{found.group(1)}")] if found else []
 
 
 def is_done(run) -> bool:
@@ -732,9 +892,10 @@ class ChildRun:
                             "sending the run's metrics")
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Final or evaluation metrics, COCO ones as fractions (logged in percent: to_mlflow)."""
         self._guard()
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in to_mlflow(metrics).items()]
         self._patiently(lambda: self.client.log_batch(self.run_id, metrics=batch), "sending the run's metrics")
 
     def set_tags(self, tags: dict[str, Any]) -> None:

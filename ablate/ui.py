@@ -1,5 +1,12 @@
-"""`ablate ui`: the MLflow UI over the project's tracking store, on 127.0.0.1, and a browser on the
-ablation's Runs table when asked. The pages' URLs come from ablate.tracking (the MLflow module)."""
+"""`ablate ui`: the MLflow UI over the project's tracking store, on 127.0.0.1, light, with the URLs
+of each ablation's report page and Runs table, and a browser on them when asked. The pages' URLs
+come from ablate.tracking (the MLflow module), imported while the server starts.
+
+Light: one server process with one worker, and without the job runner of MLflow's GenAI features
+(7 huey consumers, the scorers' and judges' queue), which an ablation never uses: `mlflow ui` as
+it comes started 15 processes and answered after ~40 s on 2 loaded cores; see docs/mlflow.md.
+`--genai` starts them all the same.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +21,15 @@ import urllib.error
 import urllib.request
 import webbrowser
 from collections.abc import Callable
+from pathlib import Path
 
 from ablate import signals
 from ablate.errors import AblateError
 
-# `mlflow ui` takes ~20 s to answer on 2 cores; a loaded machine may need a few times that.
+# The light server answers in ~5-10 s on 2 cores; a loaded machine may need a few times that.
 READY_SECONDS = 120.0
+# Off: MLflow's job runner (huey consumers for GenAI scorers, judges, trace rollups). See start().
+NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def check_port(port: int) -> None:
@@ -36,27 +46,43 @@ def check_port(port: int) -> None:
             raise AblateError(f"--port: 127.0.0.1:{port} is not free ({e.strerror}); pick another port") from None
 
 
-def start(uri: str, port: int) -> subprocess.Popen:
-    """The MLflow UI over `uri` on 127.0.0.1:port, in a process group of its own (it runs several
-    worker processes, which `stop` ends together)."""
+def store_uri() -> str:
+    """tracking.tracking_uri without importing MLflow (the server starts first, see `run`)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def start(uri: str, port: int, genai: bool = False) -> subprocess.Popen:
+    """The MLflow UI over `uri` on 127.0.0.1:port, in a process group of its own (`stop` ends it
+    whole): one uvicorn worker, and the GenAI job runner only when `genai`."""
+    # No access log: a line per request of the browser would bury the URLs printed above it.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
-    return subprocess.Popen(cmd, start_new_session=True)
+           "--port", str(port), "--workers", "1", "--uvicorn-opts", "--no-access-log"]
+    env = {**os.environ, **({} if genai else NO_JOBS)}
+    return subprocess.Popen(cmd, start_new_session=True, env=env)
 
 
 def stop(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a worker that ignores SIGTERM must not keep the port
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
-def serve(uri: str, port: int, on_ready: Callable[[], None] | None = None) -> int:
-    """Run the UI until it exits or this process gets SIGINT or SIGTERM, and stop its whole group
-    either way (a SIGTERM used to leave the server running, holding the port). `on_ready()` runs
-    once it answers. Returns the UI's exit code, 0 when stopped by a signal."""
-    proc = start(uri, port)
+def serve(uri: str, port: int, on_ready: Callable[[], None] | None = None, *,
+          on_start: Callable[[], None] | None = None, genai: bool = False) -> int:
+    """Run the UI until it exits or this process gets SIGINT (Ctrl-C) or SIGTERM, and stop its
+    whole group either way (a SIGTERM used to leave the server running, holding the port).
+    `on_start()` runs while the server boots (an error there stops it and is raised);
+    `on_ready()` once it answers. Returns the UI's exit code, 0 when stopped by a signal."""
+    proc = start(uri, port, genai)
     try:
         with signals.graceful_stop() as stopped:
+            if on_start:
+                on_start()
             if on_ready and wait_ready(f"http://127.0.0.1:{port}", proc, stopped):
                 on_ready()
             while proc.poll() is None and not stopped():
@@ -79,8 +105,63 @@ def wait_ready(base: str, proc: subprocess.Popen, stopped: Callable[[], bool] = 
                     return True
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     return False
+
+
+def pages(base: str, name: str | None, uri: str) -> list[tuple[str, str, str]]:
+    """(experiment, page, URL) of each ablation's report page (once `ablate report` made one) and
+    Runs table; of ablation `name` only when given."""
+    from ablate import tracking
+
+    out = []
+    for exp in tracking.ui_experiments(name, uri):
+        out += [(exp.name, label, url) for label, url in tracking.report_links(base, exp)]
+        out.append((exp.name, "runs", tracking.ui_url(base, exp.experiment_id)))
+    return out
+
+
+def run(name: str | None, port: int, open_page: bool, genai: bool, say: Callable[[str], None],
+        warn: Callable[[str], None]) -> int:
+    """`ablate ui [NAME]`: check the store, start the server, print the pages' URLs while it
+    boots, open the first in a browser once it answers (`open_page`); returns the exit code."""
+    from ablate.errors import mask_url
+
+    check_port(port)
+    uri = store_uri()
+    base = f"http://127.0.0.1:{port}"
+    if not _is_ready_store(uri):  # created (migrated) or checked before a server is started over it
+        from ablate.tracking import init_store
+
+        init_store(uri)
+    found: list[tuple[str, str, str]] = []
+
+    def list_pages() -> None:
+        from ablate.tracking import init_store
+
+        init_store(uri)  # a server store that cannot be reached: one line, and the UI stopped
+        found.extend(pages(base, name, uri))
+        say(f"MLflow UI for {mask_url(uri)} on {base} (Ctrl-C stops it)")
+        for exp_name, label, url in found:
+            say(f"  {exp_name} {label}: {mask_url(url)}")
+        if found and not open_page:
+            say(f"open a URL above in a browser, or run `ablate ui {name or found[0][0]} --open`")
+
+    def open_first() -> None:
+        if not open_browser(found[0][2] if found and name else base):
+            warn("no browser could be opened here: open the URL above where you browse")
+
+    return serve(uri, port, open_first if open_page else None, on_start=list_pages, genai=genai)
+
+
+def _is_ready_store(uri: str) -> bool:
+    """Whether the server may open `uri` while ablate checks it: not a sqlite file yet to be
+    created (two migrations at once), nor an MLflow server's URL (checked first: a dead one is one
+    line at once, not a UI started and stopped)."""
+    prefix = "sqlite:///"
+    if uri.startswith(("http://", "https://")):
+        return False
+    return not uri.startswith(prefix) or Path(uri[len(prefix):]).is_file()
 
 
 def open_browser(url: str) -> bool:

@@ -93,7 +93,7 @@ def test_run_creates_the_mlflow_records_and_skips_done_cells(workdir):
         assert "ablate.git_commit" in tags
         assert params["loss.cls"] == tags["ablate.cell"] and params["train.iterations"] == "12"
         assert set(params) == set(flatten(Config()))  # the full flattened config
-        assert 0.0 <= run.data.metrics["AP"] <= 1.0 and "AR100" in run.data.metrics
+        assert 0.0 <= run.data.metrics["AP"] <= 100.0 and "AR100" in run.data.metrics  # percent in MLflow
         history = c.get_metric_history(run.info.run_id, "loss_cls")
         assert [m.step for m in history] == [4, 8, 12]
         for key in ("num_fg", "num_bg", "lr", "img_per_s", "loss_box_reg"):
@@ -193,12 +193,13 @@ def test_report_tables_equal_the_tracked_metrics(workdir):
     import pandas as pd
 
     results = pd.read_csv(out / "results.csv")
-    tracked = {r.data.tags["ablate.cell"]: r.data.metrics["AP"] for r in children(workdir)}
+    tracked = {r.data.tags["ablate.cell"]: r.data.metrics["AP"] for r in children(workdir)}  # percent
     for _, row in results.iterrows():
-        assert row["AP_mean"] == pytest.approx(tracked[row["cell"]], abs=1e-9)
+        assert 100 * row["AP_mean"] == pytest.approx(tracked[row["cell"]], abs=1e-9)
     table = (out / "table.md").read_text()
     for ap in tracked.values():
-        assert f"{100 * ap:.1f}" in table
+        assert f"{ap:.1f}" in table
+    assert (out / "report.html").is_file()
     # Figure 4 ([loss_cdf] in smoke.toml) comes from the focal run's checkpoint, and says which run.
     focal = next(r for r in children(workdir) if r.data.tags["ablate.cell"] == "focal")
     readme = (out / "README.md").read_text()
@@ -344,27 +345,30 @@ def test_the_parent_run_holds_the_grid_summary_and_then_the_report(workdir):
     c = client(workdir)
     exp = c.get_experiment_by_name("browse")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert exp.tags["mlflow.note.content"].startswith("A seconds-long grid")
+    described = exp.tags["mlflow.note.content"]  # links first (the page header shows them), then the file's text
+    assert described.startswith("**Results:** [cells: the Runs table grouped by cell](") and "\n\nA seconds-long grid" in described
     [parent] = [r for r in c.search_runs([exp.experiment_id]) if "ablate.cell" not in r.data.tags]
     kids = children(workdir, "browse")
     assert len(kids) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in kids)
     for run in kids:
-        assert all(0.0 <= run.data.metrics[m] <= 1.0 for m in ("AP", "AP50", "AP75"))
+        assert all(0.0 <= run.data.metrics[m] <= 100.0 for m in ("AP", "AP50", "AP75"))  # percent
     assert parent.info.status == "FINISHED" and parent.data.tags["ablate.role"] == "grid"
     assert json.loads(parent.data.tags["ablate.overrides"]) == {"train.iterations": 4}
     # The summary: the cell's mean AP over its 2 seeds and the t interval (df 1) around it.
     metrics = parent.data.metrics
-    a, b = (r.data.metrics["AP"] for r in kids)
+    a, b = (r.data.metrics["AP"] for r in kids)  # percent, like the summary's (4 decimals each)
     mean, half = (a + b) / 2, 12.706204736174707 * abs(a - b) / 2  # std / sqrt(2) = |a - b| / 2
-    assert metrics["AP_mean/focal"] == pytest.approx(mean, abs=1e-12)
-    assert metrics["AP_ci95_low/focal"] == pytest.approx(mean - half, abs=1e-12)
-    assert metrics["AP_ci95_high/focal"] == pytest.approx(mean + half, abs=1e-12)
+    assert metrics["AP_mean/focal"] == pytest.approx(mean, abs=1e-4)
+    assert metrics["AP_ci95_low/focal"] == pytest.approx(mean - half, abs=1e-4)
+    assert metrics["AP_ci95_high/focal"] == pytest.approx(mean + half, abs=1e-4)
+    assert metrics["n/focal"] == 2
+    assert parent.info.run_name.startswith("browse 20")  # named after the experiment and its time
     local = Path(c.download_artifacts(parent.info.run_id, "summary/cells.csv", str(workdir)))
     import pandas as pd
 
     table = pd.read_csv(local)
     assert list(table["cell"]) == ["focal"] and list(table["n"]) == [2]
-    assert table.loc[0, "AP_mean"] == pytest.approx(mean, abs=1e-12)
+    assert 100 * table.loc[0, "AP_mean"] == pytest.approx(mean, abs=1e-9)  # the fractions behind them
     assert "the grid's summary" in parent.data.tags["mlflow.note.content"]
 
     shown = invoke("show", str(path), "--seeds", "2")
@@ -378,10 +382,15 @@ def test_the_parent_run_holds_the_grid_summary_and_then_the_report(workdir):
     assert "ablate run browse --seeds 2 --set train.iterations=4\nablate report browse --set train.iterations=4" in readme
     attached = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
     assert {f"report/{n}" for n in ("table.md", "results.csv", "runs.csv", "ap.png", "loss_curves.png",
-                                    "README.md")} <= attached
+                                    "README.md", "report.html")} <= attached
     note = c.get_run(parent.info.run_id).data.tags["mlflow.note.content"]
     table, caption = (workdir / "reports" / "browse" / "table.md").read_text().strip().split("\n\n")
-    assert note.startswith(f"## browse: report\n\n```\n{aligned(table)}\n```\n\n{caption}\n")
+    page = f"#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifactPath/report/report.html"
+    assert note.startswith(f"## browse: report\n\n**[Report page]({page}?workflowType=machine_learning)**")
+    assert f"```\n{aligned(table)}\n```\n\n{caption}\n" in note
+    assert f"![AP per cell](get-artifact?path=report/ap.png&run_uuid={parent.info.run_id})" in note
+    # The experiment's description now leads to the report page too, from every page of it.
+    assert f"[report page]({page}" in c.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
 
 
 def _fake_grid(workdir: Path, overrides: dict) -> str:
@@ -435,12 +444,12 @@ def test_ui_prints_the_url_of_the_ablations_runs_table(workdir, monkeypatch):
         def poll(self):
             return 0
 
-    monkeypatch.setattr(ui, "start", lambda uri, port: started.append((uri, port)) or Server())
+    monkeypatch.setattr(ui, "start", lambda uri, port, genai=False: started.append((uri, port, genai)) or Server())
     result = invoke("ui", "smoke", "--port", "5077")
     assert result.exit_code == 0, result.output
     exp = client(workdir).get_experiment_by_name("smoke")
-    assert (f"smoke: http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    assert (f"smoke runs: http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
             "&viewStateShareKey=ablate") in result.output
-    assert started == [(f"sqlite:///{workdir / 'mlflow.db'}", 5077)]
+    assert started == [(f"sqlite:///{workdir / 'mlflow.db'}", 5077, False)]  # no GenAI job runner unless asked
     missing = invoke("ui", "gamma-sweep")
     assert missing.exit_code == 1 and "no experiment 'gamma-sweep'" in missing.output

@@ -37,14 +37,17 @@ def test_metric_names_are_ones_mlflow_takes():
 
 def test_summary_metrics_by_hand():
     metrics = summary_metrics(cell_table(_runs()))
-    half = T_975_DF2 * 0.02 / math.sqrt(3)  # std of 0.30, 0.32, 0.34 is 0.02
-    assert metrics["AP_mean/focal g:2 a:0.25"] == pytest.approx(0.32)
-    assert metrics["AP_ci95_low/focal g:2 a:0.25"] == pytest.approx(0.32 - half)
-    assert metrics["AP_ci95_high/focal g:2 a:0.25"] == pytest.approx(0.32 + half)
+    # In percent, like every AP in MLflow (the runs' fractions 0.30, 0.32, 0.34 have std 2 points).
+    half = T_975_DF2 * 2.0 / math.sqrt(3)
+    assert metrics["AP_mean/focal g:2 a:0.25"] == pytest.approx(32.0)
+    assert metrics["AP_ci95_low/focal g:2 a:0.25"] == pytest.approx(32.0 - half, abs=1e-4)
+    assert metrics["AP_ci95_high/focal g:2 a:0.25"] == pytest.approx(32.0 + half, abs=1e-4)
+    assert metrics["n/focal g:2 a:0.25"] == 3
     # One seed: a mean, no interval; nothing finished: nothing at all.
-    assert metrics["AP_mean/scales:3 ratios:0.5 1 2"] == pytest.approx(0.25)
+    assert metrics["AP_mean/scales:3 ratios:0.5 1 2"] == pytest.approx(25.0)
+    assert metrics["n/scales:3 ratios:0.5 1 2"] == 1
     assert "AP_ci95_low/scales:3 ratios:0.5 1 2" not in metrics
-    assert len(metrics) == 4
+    assert len(metrics) == 6
 
 
 def test_summary_table_in_percent():

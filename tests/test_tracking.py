@@ -171,10 +171,13 @@ def test_experiments_open_as_model_training_and_their_urls_land_on_the_runs_tabl
     kind, view = "mlflow.experimentKind", "mlflow.sharedViewState.ablate"
     tags = tracker.client.get_experiment(tracker.experiment_id).tags
     assert tags[kind] == "custom_model_development"
-    # The Runs table's view: grouped by cell, AP, AP50, AP75 and the outcome as columns.
-    assert json.loads(tags[view]) == {
-        "selectedColumns": ["metrics.`AP`", "metrics.`AP50`", "metrics.`AP75`", "tags.`ablate.outcome`"],
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "ablate.cell"}]}}
+    # The Runs table's view, a saved view the Runs tab's menu lists by name: grouped by cell, AP,
+    # AP50, AP75 and the outcome as columns.
+    saved = json.loads(tags[view])
+    assert saved["name"] == "ablate: cells (AP %)" and isinstance(saved["createdAt"], int)
+    state = {"selectedColumns": ["metrics.`AP`", "metrics.`AP50`", "metrics.`AP75`", "tags.`ablate.outcome`"],
+             "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "ablate.cell"}]}}
+    assert json.loads(saved["state"]) == state
     older = tracker.client.create_experiment("older-grid")  # made before ablate tagged its experiments
     assert kind not in tracker.client.get_experiment(older).tags
     base = "http://127.0.0.1:5000"
@@ -182,11 +185,68 @@ def test_experiments_open_as_model_training_and_their_urls_land_on_the_runs_tabl
     links = tracking.experiment_links(base, uri=tracker.uri)
     assert links == [("older-grid", f"{base}/#/experiments/{older}/{runs_table}"),
                      ("smoke", f"{base}/#/experiments/{tracker.experiment_id}/{runs_table}")]
-    assert {k: tracker.client.get_experiment(older).tags[k] for k in (kind, view)} == {k: tags[k] for k in (kind, view)}
+    older_tags = tracker.client.get_experiment(older).tags
+    assert older_tags[kind] == tags[kind] and tracking.view_state(older_tags[view]) == state
     assert tracking.experiment_links(base, "smoke", tracker.uri) == links[1:]
     assert tracking.ui_url(base + "/", "3", "abc") == f"{base}/#/experiments/3/runs/abc?workflowType=machine_learning"
     with pytest.raises(tracking.AblateError, match="no experiment 'nope'.*run `ablate run nope` first"):
         tracking.experiment_links(base, "nope", tracker.uri)
+
+
+def test_the_view_shows_the_ablated_keys_and_child_runs_show_them_first(tracker, planned):
+    parent = tracker.start_parent("run")
+    child = tracker.start_child(planned, parent)
+    state = tracking.view_state(tracker.client.get_experiment(tracker.experiment_id).tags["mlflow.sharedViewState.ablate"])
+    assert state["selectedColumns"][-1] == "tags.`ablated.loss.cls`"  # smoke varies loss.cls
+    run = tracker.client.get_run(child.run_id)
+    assert run.data.tags["ablated.loss.cls"] == "focal"
+    # The description at the top of the run's page opens with the cell and its ablated values.
+    assert run.data.tags["mlflow.note.content"].startswith("Cell **focal**, seed 0: `loss.cls` = focal.")
+    # An older view (the bare state ablate wrote before) is rewritten as a saved view, keeping the keys.
+    tracker.client.set_experiment_tag(tracker.experiment_id, "mlflow.sharedViewState.ablate", json.dumps(state))
+    tracking.tag_for_the_ui(tracker.client, tracker.client.get_experiment(tracker.experiment_id))
+    saved = json.loads(tracker.client.get_experiment(tracker.experiment_id).tags["mlflow.sharedViewState.ablate"])
+    assert json.loads(saved["state"]) == state
+
+
+def test_coco_metrics_go_to_mlflow_in_percent_without_sentinels_and_come_back_as_fractions(tracker, planned):
+    parent = tracker.start_parent("run")
+    child = tracker.start_child(planned, parent)
+    child.log_metrics({"AP": 0.0254188601, "APm": -1.0, "APl": -1.0, "train_seconds": 3.5}, step=12)
+    child.log_metrics({"val_AP": 0.5}, step=6)
+    child.end(Outcome.FINISHED)
+    logged = tracker.client.get_run(child.run_id).data.metrics
+    assert logged == {"AP": 2.5419, "train_seconds": 3.5, "val_AP": 50.0}  # no -1, AP in percent (4 decimals)
+    [row] = tracker.load_runs().to_dict("records")
+    assert row["AP"] == pytest.approx(0.025419, abs=1e-12) and row["val_AP"] == pytest.approx(0.5)
+    assert row["train_seconds"] == 3.5 and "APm" not in row
+    # Runs logged before (no unit tag) hold fractions, read as they are.
+    assert tracking.from_mlflow({"AP": 0.3}, None) == {"AP": 0.3}
+
+
+def test_parent_runs_are_named_after_the_experiment_and_links_lead_to_the_ui_pages(monkeypatch):
+    monkeypatch.setattr(tracking.time, "strftime", lambda fmt: "2026-12-05 07:28")
+    assert tracking.parent_run_name("gamma-sweep") == "gamma-sweep 2026-12-05 07:28"
+    assert tracking.parent_run_name("gamma-sweep", "search") == "gamma-sweep search 2026-12-05 07:28"
+    assert tracking.ui_base("https://ablate:s3cret@mlflow.example.org:8443/") == "https://mlflow.example.org:8443"
+    assert tracking.ui_base("sqlite:////tmp/mlflow.db") == "http://127.0.0.1:5000"
+    assert tracking.cell_route("3", "g=2 a=0.25") == (
+        "#/experiments/3/runs?workflowType=machine_learning&searchFilter=tags.%60ablate.cell%60%20%3D%20%27g%3D2%20a%3D0.25%27")
+    note = tracking.experiment_note("3", "Focal loss.", "abc")
+    assert note.splitlines()[0] == ("**Results:** [report page](#/experiments/3/runs/abc/artifactPath/report/report.html"
+                                    "?workflowType=machine_learning) · [cells: the Runs table grouped by cell]"
+                                    "(#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=ablate)")
+    assert note.endswith("\n\nFocal loss.\n")
+
+
+def test_the_experiment_description_keeps_its_report_link(tracker):
+    tracker.describe("A grid.", report_run_id="abc123")
+    tracker.describe("A grid, described again.")  # a later `ablate run`: the report link stays
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert "report/report.html" in exp.tags["mlflow.note.content"]
+    assert tracking.report_links("http://h:1", exp) == [
+        ("report", f"http://h:1/#/experiments/{tracker.experiment_id}/runs/abc123/artifactPath/report/report.html"
+                   "?workflowType=machine_learning")]
 
 
 def test_a_tracking_server_is_asked_once_with_a_10_s_budget(monkeypatch):

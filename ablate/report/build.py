@@ -4,8 +4,10 @@ It reads the runs that stand for the experiment's cells from tracking (ablate.re
 with the --data / --set values given or, without any, those the runs were made with),
 has ablate.analysis draw the paper's Figure 1 (the loss family) and, when the file's [report]
 table asks for it, Figure 4 (loss CDFs from a trained checkpoint), and hands everything to
-write_report. The report's tables and plots then go onto the grid's MLflow parent run
-(ablate.summary), so that the run page in the MLflow UI shows the report. The torch-side work is
+write_report, then has ablate.report.html make report.html (the whole report in one page, with
+links to the runs in the MLflow UI). The report's files then go onto the grid's MLflow parent run
+(ablate.summary), so that the run page in the MLflow UI shows the report and its artifact viewer
+renders report.html; the experiment's description links to that page. The torch-side work is
 imported only when a report is built.
 """
 
@@ -63,10 +65,31 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
     written = write_report(runs, histories, spec, out_dir, {**figure1(out_dir), **figures}, skipped)
     written = {**written, **adaptive_sections(exp, chosen, tracker, runs, spec, out_dir, written["readme"],
                                               recorded, budgets)}
-    parent = attach_to_parent(tracker, exp.name, runs, written)
-    if parent and say:
-        say(f"attached to MLflow run {parent} (the grid's parent run; `ablate ui {exp.name}` browses it)")
+    parent = report_parent(tracker, runs)
+    written["html"] = write_page(tracker, parent, written, spec, out_dir)
+    if parent:
+        attach_to_parent(tracker, exp.name, parent, written)
+        tracker.describe(exp.description, report_run_id=parent)
+        if say:
+            say(f"attached to MLflow run {parent} (the grid's parent run; `ablate ui {exp.name}` prints the URL "
+                "of its report page)")
     return written
+
+
+def write_page(tracker: tracking.Tracker, parent: str | None, written: dict[str, Path], spec: ReportSpec,
+               out_dir: Path) -> Path:
+    """report.html from the finished README, with links to the report page and each cell's runs
+    in the MLflow UI (`tracking.ui_base` of the store)."""
+    from ablate.report.html import write_html
+    from ablate.report.stats import baseline_cell
+
+    results = pd.read_csv(written["results"])
+    base = tracking.ui_base(tracker.uri)
+    links = [("the Runs table, grouped by cell", tracking.ui_url(base, tracker.experiment_id))]
+    if parent:
+        links.insert(0, ("this report in MLflow", f"{base}/{tracking.report_route(tracker.experiment_id, parent)}"))
+    links += [(f"runs of {cell}", f"{base}/{tracking.cell_route(tracker.experiment_id, cell)}") for cell in results["cell"]]
+    return write_html(written["readme"], results, baseline_cell(spec, results), out_dir / "report.html", links, base)
 
 
 def adaptive_sections(exp: Experiment, overrides: dict[str, Any], tracker: tracking.Tracker, runs: pd.DataFrame,
@@ -94,22 +117,26 @@ def adaptive_sections(exp: Experiment, overrides: dict[str, Any], tracker: track
     return paths
 
 
-def attach_to_parent(tracker: tracking.Tracker, name: str, runs: pd.DataFrame, written: dict[str, Path]) -> str | None:
-    """Put the report on the parent run of the newest of `runs` (the latest grid, whose summary
-    covers the others): its files under report/, its per-cell AP as metrics, its table as the run's
-    description. Returns that run's id; None for runs without a parent (or whose parent was deleted)."""
+def report_parent(tracker: tracking.Tracker, runs: pd.DataFrame) -> str | None:
+    """The parent run of the newest of `runs` (the latest grid, whose summary covers the others),
+    which the report goes on; None for runs without a parent (or whose parent was deleted)."""
     parents = runs.dropna(subset=["parent_run_id"]) if "parent_run_id" in runs else runs.iloc[0:0]
     if parents.empty:
         return None
     parent_id = str(parents.sort_values("start_time").iloc[-1]["parent_run_id"])
-    if not tracker.is_active(parent_id):
-        return None
+    return parent_id if tracker.is_active(parent_id) else None
+
+
+def attach_to_parent(tracker: tracking.Tracker, name: str, parent_id: str, written: dict[str, Path]) -> None:
+    """Put the report on run `parent_id`: its files under report/ (report.html among them, which
+    the artifact viewer renders), its per-cell AP as metrics, its table, AP plot and links as the
+    run's description."""
     files = list(written.values())
     tracker.attach_files(parent_id, files, "report")
     results = pd.read_csv(written["results"])
     tracker.log_summary(parent_id, summary.summary_metrics(results), {},
-                        summary.report_note(name, written["table"].read_text(), files))
-    return parent_id
+                        summary.report_note(name, written["table"].read_text(), files, tracker.experiment_id,
+                                            parent_id, list(results["cell"])))
 
 
 def figure1(out_dir: Path) -> dict[str, tuple[Path, str]]:
