@@ -338,6 +338,11 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         max_seeds: Annotated[int | None, typer.Option(
             "--max-seeds", help="With --until-settled: the rule's last look "
             "(default: the file's sequential table, else 8)")] = None,
+        test: Annotated[str | None, typer.Option(
+            "--test", help="With --until-settled: t (mean AP, default) or signed-rank (a typical seed, "
+            "distribution-free)")] = None,
+        family: Annotated[bool, typer.Option(
+            "--family", help="With --until-settled: the comparisons as one family (Holm, family-wise alpha)")] = False,
         budgets: Annotated[str | None, typer.Option(
             "--budgets", help="Run every cell x seed at these multiples of its schedule, e.g. 1,2,4 "
             "(the LR steps scale with it; 1 is the cell as declared)")] = None,
@@ -353,8 +358,9 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
     seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
     check_checkpoint_every(checkpoint_every)
-    if max_seeds is not None and not until_settled:
-        raise AblateError("--max-seeds goes with --until-settled")
+    for given, flag in ((max_seeds is not None, "--max-seeds"), (test is not None, "--test"), (family, "--family")):
+        if given and not until_settled:
+            raise AblateError(f"{flag} goes with --until-settled")
     if until_settled and (budgets or force):
         raise AblateError(f"--until-settled does not combine with {'--budgets' if budgets else '--force'}")
     from ablate import adaptive, grid  # torch, MLflow, Optuna: only once the input is known good
@@ -365,7 +371,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}
     if until_settled:
-        outcomes = adaptive.run_until_settled(exp, seed_values, overrides, max_seeds, **common)
+        outcomes = adaptive.run_until_settled(exp, seed_values, overrides, max_seeds, test=test, family=family, **common)
     elif multiples:
         outcomes = adaptive.run_budget_grid(exp, seed_values, overrides, multiples, force=force, **common)
     else:
@@ -422,7 +428,10 @@ def search(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
 @friendly_errors
 def report(experiment: Annotated[str, typer.Argument(help="Experiment name or path.")],
            out: Annotated[Path | None, typer.Option(help="Folder (default: reports/NAME).")] = None,
-           set_: SetOption = None, data: DataOption = None) -> None:
+           set_: SetOption = None, data: DataOption = None,
+           family: Annotated[bool, typer.Option(
+               "--family", help="Judge the recorded comparisons as one family (Holm): stricter, so "
+               "allowed after the runs")] = False) -> None:
     """Tables (Markdown like the paper's, CSV, LaTeX) and seaborn plots from the tracked runs, also
     attached to the grid's MLflow parent run. Without --data / --set: those the runs were made with."""
     from ablate.experiments import load_experiment
@@ -432,7 +441,7 @@ def report(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
     given, out = given_overrides(set_, data), check_writable_folder(out or Path("reports") / exp.name, "--out")
     from ablate.report.build import build_report  # MLflow, seaborn: only once the input is known good
 
-    written = build_report(exp, given, out,
+    written = build_report(exp, given, out, family=family,
                            say=lambda line: console.print(escape(line), soft_wrap=True, highlight=False))
     for path in written.values():
         console.print(escape(f"wrote {path}"))
