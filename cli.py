@@ -457,12 +457,13 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from rich.table import Table
 
     from ablate.errors import AblateError
-    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, evaluate, headline_markdown, markdown,
-                                 measured_budgets, replace_between_markers)
+    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, evaluate, headline_markdown,
+                                 holds_text, markdown, measured_budgets, replace_between_markers, supersede)
     from ablate.paths import check_writable_folder
 
     check_writable_folder(reports, "--reports")
     verdicts, follow_ups = evaluate(reports), evaluate(reports, FOLLOW_UPS)
+    supersede(verdicts + follow_ups)  # one verdict per comparison: the largest experiment's
     # Reports measured at several budgets (`ablate run --budgets`): each finding judged at every one.
     budgets = bool(measured_budgets(reports))
     across = (across_budgets(reports), across_budgets(reports, FOLLOW_UPS)) if budgets else (None, None)
@@ -473,22 +474,24 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
         for column in (*columns, "ours", "holds", *(("at every budget",) if over else ())):
             table.add_column(column)
         for i, v in enumerate(rows):
-            holds = {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds]
-            table.add_row(escape(v.finding), escape(v.paper), escape(v.ours), holds,
+            table.add_row(escape(v.finding), escape(v.paper), escape(v.ours), escape(holds_text(v)),
                           *((escape(over[i].text()),) if over else ()))
         console.print(table)
-    block = (f"{markdown(verdicts, across=across[0])}\nFollow-ups, each an experiment of its own testing why a finding "
-             f"fails here (its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER, across[1])}")
+    def block(prefix: str = "") -> str:
+        return (f"{markdown(verdicts, across=across[0], link_prefix=prefix)}\nFollow-ups, each an experiment of its own "
+                "testing why a finding fails here (its rule fixed before its runs), one verdict per comparison (the "
+                "largest experiment's):\n\n"
+                f"{markdown(follow_ups, FOLLOW_UP_HEADER, across[1], link_prefix=prefix)}")
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "findings.md").write_text(
         "# The paper's Table 1 findings on this benchmark\n\nWritten by `ablate findings` from the reports' "
-        f"results.csv.\n\n{block}\nEvery cell:\n\n{headline_markdown(reports)}")
+        f"results.csv.\n\n{block()}\nEvery cell:\n\n{headline_markdown(reports)}")
     console.print(escape(f"wrote {reports / 'findings.md'}"))
     if readme is not None:
         if not readme.is_file():
             raise AblateError(f"{readme}: no such file")
         prefix = os.path.relpath(reports, readme.parent) + "/"
-        text = replace_between_markers(readme.read_text(), f"{block}\n{headline_markdown(reports, prefix)}", str(readme))
+        text = replace_between_markers(readme.read_text(), f"{block(prefix)}\n{headline_markdown(reports, prefix)}", str(readme))
         readme.write_text(text)
         console.print(escape(f"wrote the findings into {readme}"))
 

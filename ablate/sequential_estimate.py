@@ -62,7 +62,7 @@ def _table(rule: SequentialRule) -> np.ndarray:
 def _observed_key(rule: SequentialRule, verdict: Verdict) -> float | None:
     """The observed outcome's key; None where the design's ordering has no place for it (a
     comparison still open before max_seeds, or stopped by curtailment)."""
-    if verdict.state is State.OPEN and not verdict.at_max:
+    if verdict.curtailed or (verdict.state is State.OPEN and not verdict.at_max):
         return None
     look = verdict.n - rule.min_seeds
     num_looks = len(rule.looks)

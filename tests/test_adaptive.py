@@ -134,17 +134,26 @@ def test_a_clear_difference_settles_at_the_first_look(smoke):
 
 def test_no_difference_adds_one_seed_per_look_up_to_max_seeds(smoke):
     store = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
-    result = settle(store, SequentialRule(max_seeds=5))
+    result = settle(store, SequentialRule(max_seeds=5, curtail=False))
     verdict = result.verdicts[("alpha_ce", "focal")]
     assert verdict.state is State.OPEN and verdict.at_max and verdict.n == 5 and result.stopped == "max seeds"
     assert [sorted(r["focal"]) for r in store.rounds] == [[0, 1, 2], [3], [4]]
     assert store.runs_of() == sorted((c, s) for c in ("focal", "alpha_ce") for s in range(5))
 
 
+def test_a_comparison_that_cannot_settle_stops_drawing_seeds(smoke):
+    store = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
+    result = settle(store, SequentialRule(max_seeds=5))  # curtailment on (the default)
+    verdict = result.verdicts[("alpha_ce", "focal")]
+    assert verdict.curtailed and not verdict.needs_seed and result.stopped == "max seeds or cannot settle"
+    assert [sorted(r["focal"]) for r in store.rounds] == [[0, 1, 2]][: len(store.rounds)]
+    assert len(store.runs_of()) < 10  # fewer than the 5 seeds x 2 cells without curtailment
+
+
 def test_only_open_comparisons_get_seeds_and_a_shared_baseline_runs_a_seed_once(tmp_path: Path):
     exp = load_experiment(str(write_experiment(tmp_path, "")))  # ce vs focal and alpha_ce vs focal
     store = FakeStore(exp, {"focal": 30.0, "alpha_ce": 30.0, "ce": 10.0})
-    result = settle(store, SequentialRule(max_seeds=4))
+    result = settle(store, SequentialRule(max_seeds=4, curtail=False))
     assert result.verdicts[("ce", "focal")].state is State.AGAINST
     assert result.verdicts[("alpha_ce", "focal")].at_max
     assert store.rounds[1] == {"alpha_ce": [3], "focal": [3]}  # ce settled at 3: no seed 3 for it
@@ -160,15 +169,15 @@ def test_a_diverged_seed_is_replaced_by_the_next(smoke):
 
 def test_stopped_loop_resumes_from_the_store_without_rerunning(smoke):
     uninterrupted = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
-    settle(uninterrupted, SequentialRule(max_seeds=5))
+    settle(uninterrupted, SequentialRule(max_seeds=5, curtail=False))
     store = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
 
     def first_round_then_interrupt(todo):  # the first round's runs, then a Ctrl-C in the second
         return store.run_round(todo) if not store.rounds else Counter(interrupted=1)
 
-    stopped = settle(store, SequentialRule(max_seeds=5), first_round_then_interrupt)
+    stopped = settle(store, SequentialRule(max_seeds=5, curtail=False), first_round_then_interrupt)
     assert stopped.stopped == "interrupted" and len(store.runs_of()) == 6
-    resumed = settle(store, SequentialRule(max_seeds=5))
+    resumed = settle(store, SequentialRule(max_seeds=5, curtail=False))
     assert resumed.stopped == "max seeds" and store.runs_of() == uninterrupted.runs_of()
 
 
@@ -229,7 +238,9 @@ def test_sequential_table_is_in_points_and_sets_the_fixed_design_beside():
     table = sequential_table(SequentialRule(max_seeds=4), [("focal", "alpha_ce")], runs)
     row = table.iloc[0]
     assert row["difference"] == pytest.approx(np.mean([4.0, 4.1, 3.8]))  # settled at the first look
-    assert row["verdict"] == "settled for" and row["n"] == 3 and abs(row["t"]) > row["critical"]
+    assert row["verdict"] == "settled for" and row["n"] == 3 and abs(row["statistic"]) > row["critical"]
+    assert row["error"] == "per comparison, alpha 0.05" and row["collapsed_cell"] == 0
+    assert row["adjusted"] < row["difference"]  # settled at the first look: the raw mean is biased up
     assert row["seeds_run"] == 4 and row["fixed_seeds"] >= 2 and row["expected_seeds"] >= 3
 
 

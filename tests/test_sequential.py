@@ -54,9 +54,11 @@ def test_critical_values_first_exact_then_decreasing_below_the_union_bound():
 def test_rule_dict_round_trips_and_records_its_boundaries():
     rule = SequentialRule(alpha=0.1, min_seeds=3, max_seeds=6, spending="pocock")
     record = json.loads(json.dumps(rule.to_dict()))  # as MLflow or a JSON file stores it
-    assert set(record["critical_t"]) == {"3", "4", "5", "6"}
+    assert set(record["critical"]) == {"3", "4", "5", "6"} and set(record["futility"]) == {"3", "4", "5", "6"}
     assert SequentialRule.from_dict(record) == rule
-    record["critical_t"]["4"] += 0.01
+    legacy = {k: v for k, v in record.items() if k not in ("critical", "futility", "test", "family", "curtail")}
+    assert SequentialRule.from_dict({**legacy, "critical_t": record["critical"]}) == rule  # records before issue 22
+    record["critical"]["4"] += 0.01
     with pytest.raises(AblateError, match="recorded critical values"):
         SequentialRule.from_dict(record)
     with pytest.raises(AblateError, match="unknown key"):
@@ -94,13 +96,17 @@ def test_clearly_separated_pair_settles_at_the_first_look():
     assert v.state is State.AGAINST and not v.needs_seed
 
 
-def test_identical_values_stay_open_to_max_seeds():
+def test_identical_values_stay_open_to_max_seeds_without_curtailment():
     values = seeds(*np.linspace(20, 30, 8))
+    plain = SequentialRule(curtail=False)
     for n in (2, 3, 5, 8):
-        v = judge(RULE, dict(list(values.items())[:n]), dict(list(values.items())[:n]))
+        v = judge(plain, dict(list(values.items())[:n]), dict(list(values.items())[:n]))
         assert v.state is State.OPEN and v.n == n
         assert v.at_max == (n == 8) and v.needs_seed == (n < 8)
     assert v.text() == "open at max seeds (8, +0.0)"
+    # With curtailment: zero differences at 4 seeds can reach at most |t_8| = sqrt(7) = 2.65 < 2.72.
+    v = judge(RULE, dict(list(values.items())[:5]), dict(list(values.items())[:5]))
+    assert v.curtailed and v.n == 4 and not v.needs_seed and v.label == "open, cannot settle"
 
 
 def test_a_moderate_lead_at_3_seeds_is_not_yet_settled_where_a_t_test_would_be():
@@ -127,7 +133,8 @@ def test_pairs_only_common_seeds_and_ignores_nan_and_extra_seeds():
     base = {0: 25.0, 1: 26.1, 2: 26.9, 3: 40.0, 5: 28.0}
     v = judge(RULE, cell, base)
     assert v.n == 3 and v.state is State.FOR  # seeds 0, 1, 2: 3 lacks the cell, 5 is NaN, 9 lacks the base
-    beyond = judge(RULE, {s: 30.0 + s % 2 for s in range(12)}, {s: 30.0 + s % 2 for s in range(12)})
+    beyond = judge(SequentialRule(curtail=False), {s: 30.0 + s % 2 for s in range(12)},
+                   {s: 30.0 + s % 2 for s in range(12)})
     assert beyond.n == 8 and beyond.at_max  # a fixed-n grid of 12 seeds is judged on its first 8
 
 
@@ -277,7 +284,10 @@ def test_looks_spend_alpha_as_planned_and_naive_retesting_does_not():
 def test_planning_table_rows():
     rows = planning_table(RULE, [0.0, 2.0], sd=1.6, num_sims=5_000, seed=1)
     assert [r["difference"] for r in rows] == [0.0, 2.0] and math.isnan(rows[0]["fixed_seeds"])
-    assert RULE.min_seeds <= rows[1]["expected_seeds"] < rows[0]["expected_seeds"] <= RULE.max_seeds
+    plain = planning_table(SequentialRule(curtail=False), [0.0, 2.0], sd=1.6, num_sims=5_000, seed=1)
+    assert RULE.min_seeds <= plain[1]["expected_seeds"] < plain[0]["expected_seeds"] <= RULE.max_seeds
+    # Curtailment stops most null comparisons early: fewer seeds at no difference than at 2 AP.
+    assert RULE.min_seeds <= rows[0]["expected_seeds"] < rows[1]["expected_seeds"] < plain[1]["expected_seeds"]
     oc = simulate(RULE, 2.0, 1.6, 5_000, np.random.default_rng(2))  # another stream: the same rates within noise
     assert abs(rows[1]["settled_for"] - oc.settled_for) < 0.05
     assert rows[1]["fixed_seeds"] == fixed_seeds_for_power(rows[1]["settled_for"], 2.0, 1.6 * math.sqrt(2), 0.05)
