@@ -13,7 +13,8 @@ import pytest
 from scipy import stats
 
 from ablate.errors import AblateError
-from ablate.sequential import (SequentialRule, State, Verdict, critical_values, default_comparisons,
+from ablate.sequential import (SequentialRule, State, Verdict, critical_values, default_comparisons, first_futile,
+                               futility_thresholds, statistic_paths, stopping_look,
                                first_settled, fixed_equivalent, fixed_n_power, fixed_seeds_for_power, judge,
                                paired_t_paths, planning_table, seeds_to_run, simulate, spending_increments)
 
@@ -291,3 +292,52 @@ def test_planning_table_rows():
     oc = simulate(RULE, 2.0, 1.6, 5_000, np.random.default_rng(2))  # another stream: the same rates within noise
     assert abs(rows[1]["settled_for"] - oc.settled_for) < 0.05
     assert rows[1]["fixed_seeds"] == fixed_seeds_for_power(rows[1]["settled_for"], 2.0, 1.6 * math.sqrt(2), 0.05)
+
+
+# ----------------------------------------------------------------------------- curtailment
+
+
+def test_futility_thresholds_are_the_boundaries_consequence():
+    """At 7 seeds only the 8th can still settle: from |t_7| just above f_7 some 8th difference
+    takes |t_8| past c_8, from just below none does (a fine search over the 8th value)."""
+    f, c = futility_thresholds(RULE), critical_values(RULE)
+    assert np.isneginf(f[0]) and np.isneginf(f[-1])  # 3 seeds: even t = 0 can still settle; 8: nothing follows
+    assert f[1:-1] == pytest.approx([0.29, 1.07, 1.65, 2.19], abs=0.005)  # the issue's figures
+
+    def best_t8(t7: float) -> float:
+        base = np.array([-1.0, 1.0, -0.5, 0.5, 0.0, 0.3, -0.3])
+        base = (base - base.mean()) / base.std(ddof=1)  # mean 0, sd 1
+        d = base + t7 / math.sqrt(7)  # t_7 = mean / (1 / sqrt(7))
+        eighth = np.linspace(-50, 50, 200_001)
+        full = np.concatenate([np.broadcast_to(d, (len(eighth), 7)), eighth[:, None]], axis=1)
+        return float(np.abs(paired_t_paths(full)[:, -1]).max())
+
+    assert best_t8(f[4] + 0.01) > c[5] > best_t8(f[4] - 0.01)
+
+
+@pytest.mark.parametrize("test", ["t", "signed_rank"])
+def test_curtailment_changes_no_verdict_and_saves_seeds(test, capsys):
+    rule, plain = SequentialRule(test=test), SequentialRule(test=test, curtail=False)
+    rng = np.random.default_rng(20261205)
+    sd = 1.63
+    lines = [f"{test}: true diff | settled (both) | E[seeds] without curtailment | with"]
+    for difference in (0.0, 2.0, 3.0):
+        d = difference + sd * (rng.standard_normal((50_000, 8)) - rng.standard_normal((50_000, 8)))
+        paths = statistic_paths(rule, d)
+        settled, look = first_settled(paths, critical_values(rule))
+        futile, futile_look = first_futile(paths, futility_thresholds(rule))
+        # No path settles after a look that called it futile: stopping there changes no verdict.
+        assert not (futile & settled & (look > futile_look)).any()
+        with_cut = rule.min_seeds + stopping_look(rule, paths, settled, look)
+        without = rule.min_seeds + stopping_look(plain, paths, settled, look)
+        assert (with_cut <= without).all() and (with_cut[settled] == without[settled]).all()
+        lines.append(f"{difference:.0f} | {settled.mean():.4f} | {without.mean():.2f} | {with_cut.mean():.2f}")
+        if difference == 0:
+            assert without.mean() > 7.8 and with_cut.mean() < 5.6  # 7.92 -> ~5.3 for the t (issue 22)
+    # The verdicts themselves, one by one: the same with and without curtailment.
+    for row in d[:300]:
+        a, b = judge(rule, dict(enumerate(row)), dict(enumerate(np.zeros(8)))), \
+            judge(plain, dict(enumerate(row)), dict(enumerate(np.zeros(8))))
+        assert a.state == b.state and (a.state is State.OPEN or a.n == b.n)
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

@@ -144,7 +144,7 @@ def _cell_row(cell: str, index: int, group: pd.DataFrame, spec: ReportSpec) -> d
         values = finished[metric] if metric in finished else pd.Series(dtype=float)
         mean, std, ci95, _ = summarize(values)
         row.update({f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": ci95})
-    ap = dict(zip(finished["seed"], finished["AP"])) if "AP" in finished else {}
+    ap = dict(zip(finished["seed"], 100 * finished["AP"].astype(float))) if "AP" in finished else {}  # points
     row["n_collapsed"] = len(collapsed_seeds(ap))  # ablate.collapse.RULE
     row["seeds"] = " ".join(str(s) for s in sorted(finished["seed"]))
     row["run_ids"] = " ".join(finished["run_id"])
