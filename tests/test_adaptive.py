@@ -57,6 +57,9 @@ def test_comparisons_and_sequential_table_are_read(tmp_path: Path):
     ('[sequential]\nmin_seeds = 1\n', ["[sequential]", "min_seeds"]),
     ('[sequential]\nalpha = "low"\n', ["sequential.alpha", "a number"]),
     ('[sequential]\nlooks = 3\n', ["sequential.looks"]),
+    ('[sequential]\ntest = "wilcoxon"\n', ["[sequential]", "wilcoxon", "signed_rank"]),
+    ('[sequential]\nfamily = "bonferroni"\n', ["[sequential]", "bonferroni", "holm"]),
+    ('[sequential]\ncurtail = "yes"\n', ["sequential.curtail", "true or false"]),
 ])
 def test_bad_comparisons_or_rule_name_file_and_field(tmp_path: Path, tail: str, needles: list[str]):
     with pytest.raises(ConfigError) as err:
@@ -64,6 +67,22 @@ def test_bad_comparisons_or_rule_name_file_and_field(tmp_path: Path, tail: str, 
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
     for needle in needles:
         assert needle in str(err.value)
+
+
+def test_test_and_family_come_from_the_file_or_the_flags(tmp_path: Path):
+    exp = load_experiment(str(write_experiment(tmp_path, '[sequential]\ntest = "signed_rank"\ncurtail = false\n')))
+    assert adaptive.rule_of(exp) == SequentialRule(test="signed_rank", curtail=False)
+    smoke = load_experiment(str(SMOKE))
+    assert adaptive.rule_of(smoke, test="signed-rank", family=True) == SequentialRule(test="signed_rank", family="holm")
+    with pytest.raises(AblateError) as err:
+        adaptive.rule_of(smoke, test="median")
+    assert "test 'median'" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flag", [["--family"], ["--test", "signed-rank"]])
+def test_rule_flags_without_until_settled_are_one_line(flag: list[str]):
+    result = invoke("run", "smoke", *flag)
+    assert result.exit_code == 1 and "Traceback" not in result.output and f"{flag[0]} goes with --until-settled" in result.output
 
 
 def test_max_seeds_below_the_first_look_is_one_line():
@@ -321,7 +340,7 @@ def test_until_settled_and_budgets_end_to_end(workdir: Path):
     table = pd.read_csv(out / "sequential.csv")
     assert list(table["cell"]) == ["alpha_ce"] and list(table["comparator"]) == ["focal"]
     verdict = table.iloc[0]
-    assert verdict["verdict"] in ("settled for", "settled against", "open at max seeds")
+    assert verdict["verdict"] in ("settled for", "settled against", "open at max seeds", "open, cannot settle")
     assert 3 <= verdict["n"] <= verdict["seeds_run"] <= 4
     recorded = json.loads((out / "sequential.json").read_text())
     assert recorded["rule"]["max_seeds"] == 4 and recorded["comparisons"] == [["alpha_ce", "focal"]]
@@ -331,6 +350,10 @@ def test_until_settled_and_budgets_end_to_end(workdir: Path):
     assert set(by_budget[by_budget["budget"] == 2.0]["train.iterations"]) == {8}
     readme = (out / "README.md").read_text()
     assert "## Adaptive seeds" in readme and "## Budget curves" in readme and "](ap_vs_budget.png)" in readme
+    assert "Error controlled: per comparison, alpha 0.05" in readme and "Collapsed seeds (" in readme
+    family = invoke("report", "smoke", "--set", "train.iterations=4", "--family")  # the same runs as a family
+    assert family.exit_code == 0, family.output
+    assert "family-wise (Holm), alpha 0.05" in (out / "README.md").read_text()
 
 
 def test_until_settled_with_budgets_is_one_line():
