@@ -238,8 +238,8 @@ def critical_values(rule: SequentialRule) -> np.ndarray:
     if rule.test == "signed_rank":
         return np.array(signed_rank.boundaries(rule.alpha, rule.min_seeds, rule.max_seeds,
                                                SPENDING[rule.spending])[0])
-    return np.array(_critical_values(rule.__class__(**{**dataclasses.asdict(rule), "family": "none",
-                                                        "curtail": True})))
+    # family and curtail do not change the boundaries: one Monte Carlo serves every variant.
+    return np.array(_critical_values(dataclasses.replace(rule, family="none", curtail=True)))
 
 
 def statistic_paths(rule: SequentialRule, differences: np.ndarray) -> np.ndarray:

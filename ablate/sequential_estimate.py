@@ -75,19 +75,27 @@ def theta_hat(rule: SequentialRule, verdict: Verdict) -> float:
     """The median-unbiased estimate of difference / sd of the differences; NaN where there is none
     (see _observed_key). Clamped to THETAS' ends."""
     key = _observed_key(rule, verdict)
-    if key is None:
-        return math.nan
+    return math.nan if key is None else float(theta_hats(rule, np.array([key]))[0])
+
+
+def outcome_keys(rule: SequentialRule, paths: np.ndarray) -> np.ndarray:
+    """The stage-wise order of simulated outcomes (paths (S, L) of the rule's statistic) -> (S,),
+    for theta_hats; a comparison that stops by curtailment has no place in it (run them without)."""
+    return _keys(rule, paths)
+
+
+def theta_hats(rule: SequentialRule, keys: np.ndarray) -> np.ndarray:
+    """theta-hat of each observed outcome key (S,) -> (S,): where P_theta(outcome >= key) crosses 1/2,
+    linearly between grid points; clamped to THETAS' ends."""
     table = _table(rule)
-    above = 1.0 - np.array([np.searchsorted(row, key, side="left") for row in table]) / NUM_PATHS  # rises with theta
-    above = np.maximum.accumulate(above)  # Monte Carlo wiggles aside, P is monotone: keep it so
-    if above[0] >= 0.5:
-        return float(THETAS[0])
-    if above[-1] < 0.5:
-        return float(THETAS[-1])
-    i = int(np.argmax(above >= 0.5))
-    lo, hi = above[i - 1], above[i]
-    frac = 0.5 if hi == lo else (0.5 - lo) / (hi - lo)
-    return float(THETAS[i - 1] + frac * (THETAS[i] - THETAS[i - 1]))
+    above = 1.0 - np.stack([np.searchsorted(row, keys, side="left") for row in table], axis=1) / NUM_PATHS  # (S, G)
+    above = np.maximum.accumulate(above, axis=1)  # Monte Carlo wiggles aside, P rises with theta: keep it so
+    i = np.clip(np.argmax(above >= 0.5, axis=1), 1, len(THETAS) - 1)
+    lo, hi = np.take_along_axis(above, (i - 1)[:, None], 1)[:, 0], np.take_along_axis(above, i[:, None], 1)[:, 0]
+    frac = np.where(hi > lo, (0.5 - lo) / np.where(hi > lo, hi - lo, 1.0), 0.5)
+    out = THETAS[i - 1] + np.clip(frac, 0.0, 1.0) * (THETAS[i] - THETAS[i - 1])
+    out = np.where(above[:, 0] >= 0.5, THETAS[0], out)
+    return np.where(above[:, -1] < 0.5, THETAS[-1], out)
 
 
 def adjusted_difference(rule: SequentialRule, verdict: Verdict, differences: np.ndarray) -> float:
