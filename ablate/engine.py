@@ -20,6 +20,7 @@ from ablate.criterion import DetectionLoss
 from ablate.data.coco import Batch, CocoDetection
 from ablate.distributed import SINGLE, Ranks
 from ablate.evaluation import coco_evaluate, detections_to_coco
+from ablate.model.memory_format import memory_format
 from ablate.postprocess import Postprocess
 from ablate.runs import Outcome
 
@@ -98,7 +99,8 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
     Every `log_every` iterations (and at the end) the interval's mean losses and counts go to
     `on_log(iteration, metrics)`; every `checkpoint_every` (0: never) `on_checkpoint(iteration)`
     is called before the end; every `eval_every` iterations `on_eval(iteration)` may stop the run
-    early (PRUNED). `amp`: bf16 autocast on CUDA; `channels_last`: NHWC input images.
+    early (PRUNED). `amp`: bf16 autocast on CUDA; `channels_last`: NHWC input images, where
+    `ablate.model.memory_format` finds it safe.
 
     Resuming: `state` is where a stopped run got to (iteration, history, the interval's sums); the
     model, optimiser, schedule, loss and `batches` must be at that point too. `stop()` is asked
@@ -110,6 +112,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
     saves at the same iteration (a stop asked on any rank stops all).
     """
     model.train()
+    images_format = memory_format(model, device, channels_last)  # NCHW where oneDNN's NHWC kernel is faulty
     state = state or TrainState()
     start = interval_start = time.perf_counter()
     seconds_before = state.seconds
@@ -127,7 +130,7 @@ def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Ba
             t0 = time.perf_counter()
             batch = next(batches).to(device, non_blocking=True)
             state.data_seconds += time.perf_counter() - t0
-            images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
+            images = batch.images.contiguous(memory_format=images_format)
             with autocast(device, amp):
                 cls_logits, box_deltas, anchors, _ = model(images)
             out = criterion(cls_logits, box_deltas, anchors, batch.gt_boxes, batch.gt_labels)

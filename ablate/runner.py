@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ablate import builders, distributed, engine
+from ablate.model import memory_format
 from ablate.analysis import anchor_balance, loss_curve_png
 from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states, save_checkpoint, save_resume,
                                set_rng_states)
@@ -170,6 +171,11 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     model, optimizer, scheduler, criterion, state, loader = parts
     if train_set.stats.num_boxes == 0:
         warn_no_boxes(train_set, console)
+    unsafe = memory_format.unsafe_convolutions(model) if device.type == "cpu" else []
+    if console and cfg.train.channels_last and unsafe:
+        console.print(escape(f"note: {unsafe[0]} is a strided 1x1 convolution of fewer than "
+                             f"{memory_format.ONEDNN_MIN_SAFE_CHANNELS} input channels: training in NCHW, not "
+                             "channels_last (oneDNN issue 6035 hangs or corrupts it on CPU)"), style="yellow")
     check_data_position(saved, loader, resume)
     t = cfg.train
     net = distributed.unwrap(model)  # what is saved and evaluated
@@ -291,7 +297,9 @@ def build_training_parts(cfg: Config, train_set, device: torch.device, ranks: di
     if ranks.distributed:
         model = distributed.global_batchnorm(model, device)
     model = model.to(device)
-    if cfg.train.channels_last:  # faster convolutions on CUDA and on CPU (oneDNN) alike, measured
+    # NHWC: faster convolutions on CUDA and on CPU (oneDNN) alike, measured; NCHW where oneDNN's
+    # NHWC kernel is faulty (ablate/model/memory_format.py), and the loop follows the model.
+    if memory_format.use_channels_last(model, device, cfg.train.channels_last):
         model = model.to(memory_format=torch.channels_last)
     t = cfg.train
     optimizer = builders.build_optimizer(model, t)

@@ -7,6 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ablate import scheduling
+from ablate.errors import AblateError
 from ablate.experiments import load_experiment
 from ablate.runs import Outcome, PlannedRun, RunResult
 
@@ -98,3 +99,18 @@ def test_search_trials_close_as_complete_pruned_or_failed(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
     assert all(0.0 <= g <= 5.0 for g in drawn)
     assert scheduling.best_trial(study) == ({"loss.gamma": drawn[0]}, 0.1)
+
+
+def test_a_postgresql_queue_is_connected_with_a_10_s_budget(monkeypatch):
+    """The queue server's wait is the driver's connect timeout, set in the code (a stopwatch in a
+    test would break on a busy machine)."""
+    seen = []
+
+    def refuse(url, engine_kwargs, **_):
+        seen.append(engine_kwargs)
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(scheduling, "RDBStorage", refuse)
+    with pytest.raises(AblateError, match=r"--storage postgresql://u:\*\*\*@127\.0\.0\.1:9/q"):
+        scheduling.storage("postgresql://u:secret@127.0.0.1:9/q")
+    assert seen and all(kw == {"connect_args": {"connect_timeout": 10}} for kw in seen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import time
 
 from ablate import tracking
+from ablate.errors import AblateError
 from ablate.experiments import load_experiment
 from ablate.runs import Outcome, owner_alive, process_owner
 
@@ -184,3 +186,24 @@ def test_experiments_open_as_model_training_and_their_urls_land_on_the_runs_tabl
     assert tracking.ui_url(base + "/", "3", "abc") == f"{base}/#/experiments/3/runs/abc?workflowType=machine_learning"
     with pytest.raises(tracking.AblateError, match="no experiment 'nope'.*run `ablate run nope` first"):
         tracking.experiment_links(base, "nope", tracker.uri)
+
+
+def test_a_tracking_server_is_asked_once_with_a_10_s_budget(monkeypatch):
+    """How long an unreachable server is waited for is the client's settings, not a stopwatch in a
+    test (a busy machine stretches that): one attempt, a 10 s request timeout, restored after."""
+    seen = {}
+
+    class Client:
+        def __init__(self, uri):
+            seen["uri"] = uri
+
+        def search_experiments(self, max_results):
+            seen.update({k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")})
+            raise ConnectionError("refused")
+
+    monkeypatch.setattr(tracking, "MlflowClient", Client)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with pytest.raises(AblateError, match=r"tracking store http://127\.0\.0\.1:9: unreachable"):
+        tracking._check_store("http://127.0.0.1:9")
+    assert (seen["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], seen["MLFLOW_HTTP_REQUEST_TIMEOUT"]) == ("0", "10")
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
