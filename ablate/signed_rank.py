@@ -31,7 +31,6 @@ import functools
 from collections.abc import Callable
 
 import numpy as np
-from scipy import stats
 
 MAX_SEEDS = 16  # 2^16 states at the last look: the enumeration stays well under a second
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
 from ablate.collapse import collapsed_seeds
 from ablate.sequential import SequentialRule, critical_values, first_settled, statistic_paths
