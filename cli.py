@@ -363,6 +363,11 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         max_seeds: Annotated[int | None, typer.Option(
             "--max-seeds", help="With --until-settled: the rule's last look "
             "(default: the file's sequential table, else 8)")] = None,
+        test: Annotated[str | None, typer.Option(
+            "--test", help="With --until-settled: t (mean AP, default) or signed-rank (a typical seed, "
+            "distribution-free)")] = None,
+        family: Annotated[bool, typer.Option(
+            "--family", help="With --until-settled: the comparisons as one family (Holm, family-wise alpha)")] = False,
         budgets: Annotated[str | None, typer.Option(
             "--budgets", help="Run every cell x seed at these multiples of its schedule, e.g. 1,2,4 "
             "(the LR steps scale with it; 1 is the cell as declared)")] = None,
@@ -378,8 +383,9 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
         raise typer.BadParameter(f"must be >= 0, got {jobs}", param_hint="--jobs")
     seed_values, overrides = seed_list(exp, seeds), overrides_from(set_, data)
     check_checkpoint_every(checkpoint_every)
-    if max_seeds is not None and not until_settled:
-        raise AblateError("--max-seeds goes with --until-settled")
+    for given, flag in ((max_seeds is not None, "--max-seeds"), (test is not None, "--test"), (family, "--family")):
+        if given and not until_settled:
+            raise AblateError(f"{flag} goes with --until-settled")
     if until_settled and (budgets or force):
         raise AblateError(f"--until-settled does not combine with {'--budgets' if budgets else '--force'}")
     from ablate import adaptive, grid  # torch, MLflow, Optuna: only once the input is known good
@@ -393,7 +399,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}
     if until_settled:
-        outcomes = adaptive.run_until_settled(exp, seed_values, overrides, max_seeds, **common)
+        outcomes = adaptive.run_until_settled(exp, seed_values, overrides, max_seeds, test=test, family=family, **common)
     elif multiples:
         outcomes = adaptive.run_budget_grid(exp, seed_values, overrides, multiples, force=force, **common)
     else:
@@ -453,7 +459,10 @@ def search(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
 @friendly_errors
 def report(experiment: Annotated[str, typer.Argument(help="Experiment name or path.")],
            out: Annotated[Path | None, typer.Option(help="Folder (default: reports/NAME).")] = None,
-           set_: SetOption = None, data: DataOption = None) -> None:
+           set_: SetOption = None, data: DataOption = None,
+           family: Annotated[bool, typer.Option(
+               "--family", help="Judge the recorded comparisons as one family (Holm): stricter, so "
+               "allowed after the runs")] = False) -> None:
     """Tables (Markdown like the paper's, CSV, LaTeX) and seaborn plots from the tracked runs, also
     attached to the grid's MLflow parent run. Without --data / --set: those the runs were made with."""
     from ablate.experiments import load_experiment
@@ -463,7 +472,7 @@ def report(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
     given, out = given_overrides(set_, data), check_writable_folder(out or Path("reports") / exp.name, "--out")
     from ablate.report.build import build_report  # MLflow, seaborn: only once the input is known good
 
-    written = build_report(exp, given, out,
+    written = build_report(exp, given, out, family=family,
                            say=lambda line: console.print(escape(line), soft_wrap=True, highlight=False))
     for path in written.values():
         console.print(escape(f"wrote {path}"))
@@ -479,12 +488,13 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from rich.table import Table
 
     from ablate.errors import AblateError
-    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, evaluate, headline_markdown, markdown,
-                                 measured_budgets, replace_between_markers)
+    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, evaluate, headline_markdown,
+                                 holds_text, markdown, measured_budgets, replace_between_markers, supersede)
     from ablate.paths import check_writable_folder
 
     check_writable_folder(reports, "--reports")
     verdicts, follow_ups = evaluate(reports), evaluate(reports, FOLLOW_UPS)
+    supersede(verdicts + follow_ups)  # one verdict per comparison: the largest experiment's
     # Reports measured at several budgets (`ablate run --budgets`): each finding judged at every one.
     budgets = bool(measured_budgets(reports))
     across = (across_budgets(reports), across_budgets(reports, FOLLOW_UPS)) if budgets else (None, None)
@@ -495,22 +505,24 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
         for column in (*columns, "ours", "holds", *(("at every budget",) if over else ())):
             table.add_column(column)
         for i, v in enumerate(rows):
-            holds = {True: "yes", False: "[red]no[/red]", None: "not measured"}[v.holds]
-            table.add_row(escape(v.finding), escape(v.paper), escape(v.ours), holds,
+            table.add_row(escape(v.finding), escape(v.paper), escape(v.ours), escape(holds_text(v)),
                           *((escape(over[i].text()),) if over else ()))
         console.print(table)
-    block = (f"{markdown(verdicts, across=across[0])}\nFollow-ups, each an experiment of its own testing why a finding "
-             f"fails here (its rule fixed before its runs):\n\n{markdown(follow_ups, FOLLOW_UP_HEADER, across[1])}")
+    def block(prefix: str = "") -> str:
+        return (f"{markdown(verdicts, across=across[0], link_prefix=prefix)}\nFollow-ups, each an experiment of its own "
+                "testing why a finding fails here (its rule fixed before its runs), one verdict per comparison (the "
+                "largest experiment's):\n\n"
+                f"{markdown(follow_ups, FOLLOW_UP_HEADER, across[1], link_prefix=prefix)}")
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "findings.md").write_text(
         "# The paper's Table 1 findings on this benchmark\n\nWritten by `ablate findings` from the reports' "
-        f"results.csv.\n\n{block}\nEvery cell:\n\n{headline_markdown(reports)}")
+        f"results.csv.\n\n{block()}\nEvery cell:\n\n{headline_markdown(reports)}")
     console.print(escape(f"wrote {reports / 'findings.md'}"))
     if readme is not None:
         if not readme.is_file():
             raise AblateError(f"{readme}: no such file")
         prefix = os.path.relpath(reports, readme.parent) + "/"
-        text = replace_between_markers(readme.read_text(), f"{block}\n{headline_markdown(reports, prefix)}", str(readme))
+        text = replace_between_markers(readme.read_text(), f"{block(prefix)}\n{headline_markdown(reports, prefix)}", str(readme))
         readme.write_text(text)
         console.print(escape(f"wrote the findings into {readme}"))
 

@@ -32,7 +32,8 @@ from ablate.errors import AblateError
 from ablate.experiments import Experiment
 from ablate.results import select_runs
 from ablate.runs import DONE, Outcome
-from ablate.sequential import SequentialRule, State, Verdict, default_comparisons, judge, seeds_to_run
+from ablate.family import judge_comparisons
+from ablate.sequential import SequentialRule, State, Verdict, default_comparisons, seeds_to_run
 
 TAG = "ablate."  # tracking.TAG: tracking (MLflow) is imported by the edge functions at the end only
 RULE_TAG = f"{TAG}sequential_rule"
@@ -58,11 +59,17 @@ def comparisons_of(exp: Experiment) -> list[Pair]:
     return default_comparisons(names, exp.baseline or names[0])
 
 
-def rule_of(exp: Experiment, max_seeds: int | None = None) -> SequentialRule:
-    """The rule from the file's [sequential] table, max_seeds replaced by --max-seeds when given."""
+def rule_of(exp: Experiment, max_seeds: int | None = None, test: str | None = None,
+            family: bool = False) -> SequentialRule:
+    """The rule from the file's [sequential] table, max_seeds replaced by --max-seeds, test by
+    --test and family by --family (Holm) when given."""
     fields = dict(exp.sequential)
     if max_seeds is not None:
         fields["max_seeds"] = max_seeds
+    if test is not None:
+        fields["test"] = test.replace("-", "_")
+    if family:
+        fields["family"] = "holm"
     try:
         return SequentialRule(**fields)
     except AblateError as e:
@@ -126,9 +133,9 @@ def tracked_ap(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame) -> Tr
 
 def judge_all(rule: SequentialRule, comparisons: Sequence[Pair],
               finished: dict[str, dict[int, float]]) -> dict[Pair, Verdict]:
-    """Each comparison's verdict, paired by seed (the loop always runs both sides of a seed)."""
-    return {(cell, other): judge(rule, finished.get(cell, {}), finished.get(other, {}))
-            for cell, other in comparisons}
+    """Each comparison's verdict, paired by seed (the loop always runs both sides of a seed); as a
+    family when the rule says so (ablate.family)."""
+    return judge_comparisons(rule, comparisons, finished)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -177,7 +184,9 @@ def settle(exp: Experiment, extra: dict[str, Any], rule: SequentialRule, compari
 def _why_done(verdicts: dict[Pair, Verdict]) -> str:
     if all(v.state is not State.OPEN for v in verdicts.values()):
         return "settled"
-    return "max seeds" if all(not v.needs_seed for v in verdicts.values()) else "no seeds left"
+    if any(v.needs_seed for v in verdicts.values()):
+        return "no seeds left"
+    return "max seeds or cannot settle" if any(v.curtailed for v in verdicts.values()) else "max seeds"
 
 
 def select_pairs(todo: dict[str, list[int]]) -> tuple[list[int], Callable[[Any], bool]]:
@@ -241,21 +250,21 @@ def budget_runs(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame,
 
 def run_until_settled(exp: Experiment, seeds: Sequence[int], extra: dict[str, Any], max_seeds: int | None, *,
                       options, jobs: int | None, gpus_per_cell: int, dry_run: bool, console,
-                      show_progress: bool) -> Counter:
+                      show_progress: bool, test: str | None = None, family: bool = False) -> Counter:
     """`ablate run NAME --until-settled`: rounds of run_grid, each on the runs the rule asks for."""
     from rich.markup import escape
 
     from ablate import grid, tracking, workers
 
-    rule, comparisons = rule_of(exp, max_seeds), comparisons_of(exp)
+    rule, comparisons = rule_of(exp, max_seeds, test, family), comparisons_of(exp)
     if jobs == 0:
         raise AblateError("--until-settled judges each round's runs before it plans the next: it needs "
                           "workers of its own (--jobs 1 or more)")
     tracker = tracking.Tracker(exp.name, options.tracking_uri)
     say = lambda text: console.print(escape(f"{exp.name}: {text}"), soft_wrap=True)  # noqa: E731
-    say(f"until settled: {len(comparisons)} comparison(s), alpha {rule.alpha:g}, looks at "
-        f"{rule.min_seeds}..{rule.max_seeds} seeds (critical |t| "
-        + ", ".join(f"{c:.2f}" for c in rule.to_dict()["critical_t"].values()) + ")")
+    say(f"until settled: {len(comparisons)} comparison(s), {rule.test} test, error {rule.error_text}, looks at "
+        f"{rule.min_seeds}..{rule.max_seeds} seeds (critical |statistic| "
+        + ", ".join(f"{c:.2f}" for c in rule.to_dict()["critical"].values()) + ")")
 
     def run_round(todo: dict[str, list[int]]) -> Counter:
         round_seeds, keep = select_pairs(todo)

@@ -31,6 +31,9 @@
     alpha = 0.05               # two-sided rate of settling a comparison with no true difference
     min_seeds = 3              # the first look
     max_seeds = 8              # the last look (--max-seeds overrides it)
+    test = "t"                 # "t": mean AP (paired t); "signed_rank": a typical seed (--test)
+    family = "none"            # "holm": the comparisons as one family, family-wise alpha (--family)
+    curtail = true             # stop comparisons no later look can settle (changes no verdict)
 
     [search]                   # `ablate search`: an Optuna space over config keys
     metric = "AP"
@@ -63,7 +66,7 @@ TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "baseline", "report"
                   "search", "comparisons", "sequential"}
 REPORT_KEYS = {"paper_table", "x", "hue", "loss_cdf"}
 SEARCH_KEYS = {"metric", "direction", "space", "trials", "eval_every"}
-SEQUENTIAL_KEYS = {"alpha", "min_seeds", "max_seeds"}
+SEQUENTIAL_KEYS = {"alpha", "min_seeds", "max_seeds", "test", "family", "curtail"}
 
 # Short labels for cell names and report headers: "focal g=2 a=0.25" rather than the dotted keys.
 ALIASES = {"loss.cls": "", "loss.gamma": "g", "loss.alpha": "a", "loss.beta": "b", "model.prior": "pi",
@@ -457,7 +460,8 @@ def _parse_sequential(path: Path, table: Any) -> dict[str, Any]:
     _expect_table(path, "sequential", table, SEQUENTIAL_KEYS)
     fields = {}
     for key, kind, what in (("alpha", (int, float), "a number"), ("min_seeds", int, "an integer"),
-                            ("max_seeds", int, "an integer")):
+                            ("max_seeds", int, "an integer"), ("test", str, '"t" or "signed_rank"'),
+                            ("family", str, '"none" or "holm"'), ("curtail", bool, "true or false")):
         if key in table:
             fields[key] = _expect(path, f"sequential.{key}", table[key], kind, what)
     return fields

@@ -64,6 +64,21 @@ class Verdict:
     paper: str
     ours: str
     holds: bool | None  # None: not measured (a report or a cell is missing, or a CI needs >= 2 seeds)
+    # One verdict per finding: checks of the same comparison (same cells, same budget) share an id;
+    # the one on the most seeds (the later on a tie) stands, the others are superseded by it.
+    comparison: str = ""
+    seeds: int = 0  # the fewer of its two cells' finished seeds
+    report: str = ""  # the report folder it was judged on, for the links
+    superseded_by: Verdict | None = field(default=None, repr=False)
+    supersedes: list[Verdict] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What a comparison check rests on: its seeds and its report folder."""
+
+    seeds: int
+    report: str
 
 
 def _value_text(value: Any) -> str:
@@ -213,17 +228,38 @@ def _alpha_quarter_worse(r: Reports) -> tuple[str, bool | None]:
     return f"{quarter.text()}; best {best.text()}", disjoint(best, quarter)
 
 
+def collapsed_note(*cells: CellStats) -> str:
+    """"; mean-based: alpha-CE a=0.9 has 1 collapsed seed" when results.csv counts any (ablate.collapse)."""
+    found = [(c.cell, int(c.row["n_collapsed"])) for c in cells
+             if "n_collapsed" in c.row and not is_missing(c.row["n_collapsed"]) and int(c.row["n_collapsed"])]
+    return ("; mean-based, resting on collapsed seeds: " + ", ".join(f"{cell} {n}" for cell, n in found)) if found else ""
+
+
 def _focal_leads_by_two(fl: CellStats, ce: CellStats, other: str = "alpha-CE") -> tuple[str, bool | None]:
-    """FL at least 2 AP above `other` (alpha-CE), with disjoint CIs; the text gives the Welch p too."""
+    """FL at least 2 AP above `other` (alpha-CE), with disjoint CIs; the text gives the Welch p too,
+    and flags collapsed seeds in either cell (the rule is about means)."""
     gap = fl.mean - ce.mean
     p = welch((fl.mean, fl.std, fl.n), (ce.mean, ce.std, ce.n)).p
     test = f" (Welch t-test p = {p:.3f})" if math.isfinite(p) else ""
-    return f"FL {fl.text()}; {other} {ce.text()}; {gap:+.1f}{test}", False if gap < 2.0 else disjoint(fl, ce)
+    ours = f"FL {fl.text()}; {other} {ce.text()}; {gap:+.1f}{test}{collapsed_note(fl, ce)}"
+    return ours, False if gap < 2.0 else disjoint(fl, ce)
 
 
-def _focal_beats_alpha_ce(r: Reports) -> tuple[str, bool | None]:
+# The comparison FL (gamma 2, alpha 0.25) vs alpha-CE (alpha 0.9) at pi = 0.01 and 800 iterations, which
+# four experiments measured (3, 3, 5 and 8 seeds): one verdict stands, the largest's.
+FL_VS_ALPHA_CE = "FL (gamma 2, alpha 0.25) vs alpha-CE (alpha 0.9), pi 0.01, 800 iterations"
+
+
+def comparing(comparison: str, judge: Judge) -> Judge:
+    """judge, marked as a check of `comparison` (see Verdict.comparison)."""
+    judge.comparison = comparison  # type: ignore[attr-defined]
+    return judge
+
+
+def _focal_beats_alpha_ce(r: Reports) -> tuple[str, bool | None, Basis]:
     fl = r.cell("gamma-sweep", {**FOCAL, "loss.gamma": 2.0, "loss.alpha": 0.25})
-    return _focal_leads_by_two(fl, r.best("alpha-ce"))
+    best = r.best("alpha-ce")
+    return (*_focal_leads_by_two(fl, best), Basis(min(fl.n, best.n), "gamma-sweep"))
 
 
 def _gamma_peak(r: Reports) -> tuple[str, bool | None]:
@@ -258,7 +294,7 @@ CHECKS: tuple[tuple[str, str, Judge], ...] = (
     ("1a: the best alpha of alpha-CE lies in [0.5, 0.9]", "best alpha 0.75 (31.1)", _alpha_best),
     ("1a: alpha = 0.25 is clearly worse than the best alpha (disjoint CIs)", "10.8 vs 31.1", _alpha_quarter_worse),
     ("1b: FL (gamma 2, alpha 0.25) beats the best alpha-CE by >= 2 AP, CIs disjoint", "34.0 vs 31.1 (+2.9)",
-     _focal_beats_alpha_ce),
+     comparing(FL_VS_ALPHA_CE, _focal_beats_alpha_ce)),
     ("1b: AP rises from gamma 0 to a peak at gamma in [1, 2] and falls at gamma 5",
      "31.1 at 0, peak 34.0 at 2, 32.2 at 5", _gamma_peak),
     ("1d: FL beats the best OHEM variant by >= 2 AP", "36.0 vs 32.8 (+3.2, ResNet-101)", _focal_beats_ohem),
@@ -284,20 +320,37 @@ def _ce_prior_is_slow(r: Reports) -> tuple[str, bool | None]:
     return curve, every_seed and ce[0].mean < ce[1].mean < ce[2].mean and ce[2].mean > 5.0
 
 
-def _focal_lead_needs_seeds(r: Reports) -> tuple[str, bool | None]:
+def _focal_lead_needs_seeds(r: Reports) -> tuple[str, bool | None, Basis]:
     fl = r.cell("focal-vs-alpha-ce", {**FOCAL, "loss.gamma": 2.0, "loss.alpha": 0.25})
     ce = r.cell("focal-vs-alpha-ce", {**ALPHA_CE, "loss.alpha": 0.9})
     ours, holds = _focal_leads_by_two(fl, ce)
     # The hypothesis is about 5 seeds: fewer (e.g. a run with `--seeds 3`) do not test it.
-    return ours, holds if min(fl.n, ce.n) >= 5 else None
+    return ours, holds if min(fl.n, ce.n) >= 5 else None, Basis(min(fl.n, ce.n), "focal-vs-alpha-ce")
+
+
+UNTIL_SETTLED = "until-settled/focal-vs-alpha-ce"
+
+
+def _focal_lead_until_settled(r: Reports) -> tuple[str, bool | None, Basis]:
+    """The 1b rule on the until-settled run of the same comparison (up to 8 seeds), with the
+    sequential rule's recorded verdict beside it."""
+    fl = r.cell(UNTIL_SETTLED, {**FOCAL, "loss.gamma": 2.0, "loss.alpha": 0.25})
+    ce = r.cell(UNTIL_SETTLED, {**ALPHA_CE, "loss.alpha": 0.9})
+    ours, holds = _focal_leads_by_two(fl, ce)
+    sequential = r.root / UNTIL_SETTLED / "sequential.csv"
+    if sequential.is_file():
+        row = pd.read_csv(sequential).iloc[0]
+        ours += f"; sequential rule: {row['verdict']} at {int(row['n'])} seeds"
+    return ours, holds, Basis(min(fl.n, ce.n), UNTIL_SETTLED)
 
 
 def _budget_focal_beats(loss: Values, label: str) -> Judge:
     """budget-curves (3 seeds per budget): FL (gamma 2, alpha 0.25) beats `loss` at pi = 0.01 by the
     1b rule. Judged on its x1 report, and by `ablate findings` at every budget it was run at."""
-    def judge(r: Reports) -> tuple[str, bool | None]:
+    def judge(r: Reports) -> tuple[str, bool | None, Basis]:
         fl = r.cell("budget-curves", {**FOCAL, "loss.gamma": 2.0, "loss.alpha": 0.25, "model.prior": 0.01})
-        return _focal_leads_by_two(fl, r.cell("budget-curves", {**loss, "model.prior": 0.01}), label)
+        other = r.cell("budget-curves", {**loss, "model.prior": 0.01})
+        return (*_focal_leads_by_two(fl, other, label), Basis(min(fl.n, other.n), "budget-curves"))
     return judge
 
 
@@ -306,14 +359,19 @@ FOLLOW_UPS: tuple[tuple[str, str, Judge], ...] = (
     ("CE at pi = 0.01 is only slow: its AP rises with the schedule (800 < 1600 < 3200 iterations) "
      "and is above 5 at 3200, every seed finishing", "Prior: with pi = 0.01 both CE and FL train", _ce_prior_is_slow),
     ("FL's lead over the best alpha-CE (alpha 0.9) is real, 3 seeds were too few to show it: with 5 seeds "
-     "it is >= 2 AP and the CIs are disjoint", "1b: FL beats the best alpha-CE, CIs disjoint", _focal_lead_needs_seeds),
+     "it is >= 2 AP and the CIs are disjoint", "1b: FL beats the best alpha-CE, CIs disjoint",
+     comparing(FL_VS_ALPHA_CE, _focal_lead_needs_seeds)),
     # budget-curves: fixed (with experiments/budget-curves.toml) before its runs. Expected: yes at
     # x1, no at x4 (prior-schedule had CE ahead at 3200 iterations); the alpha-CE one is open.
     ("Budget curves, pi = 0.01, 3 seeds per budget: FL (gamma 2, alpha 0.25) beats CE by >= 2 AP, CIs disjoint",
      "Prior: with pi = 0.01 both CE and FL train", _budget_focal_beats(CE, "CE")),
     ("Budget curves, pi = 0.01, 3 seeds per budget: FL (gamma 2, alpha 0.25) beats alpha-CE (alpha 0.9) by >= 2 AP, "
      "CIs disjoint", "1b: FL beats the best alpha-CE, CIs disjoint",
-     _budget_focal_beats({**ALPHA_CE, "loss.alpha": 0.9}, "alpha-CE")),
+     comparing(FL_VS_ALPHA_CE, _budget_focal_beats({**ALPHA_CE, "loss.alpha": 0.9}, "alpha-CE"))),
+    # Added after its runs (issue 22) to put the 8-seed run into the findings: the 1b rule, unchanged.
+    ("FL's lead over alpha-CE (alpha 0.9) over up to 8 seeds (`--until-settled`; entered after its runs, the 1b "
+     "rule unchanged): >= 2 AP, CIs disjoint",
+     "1b: FL beats the best alpha-CE, CIs disjoint", comparing(FL_VS_ALPHA_CE, _focal_lead_until_settled)),
 )
 
 
@@ -323,12 +381,50 @@ def evaluate(reports_dir: Path, checks: tuple[tuple[str, str, Judge], ...] = CHE
     reports = Reports(reports_dir)
     verdicts = []
     for finding, paper, judge in checks:
+        basis = Basis(0, "")
         try:
-            ours, holds = judge(reports)
+            ours, holds, *rest = judge(reports)
+            basis = rest[0] if rest else basis
         except KeyError as e:
             ours, holds = f"not measured: no {e.args[0]}", None
-        verdicts.append(Verdict(finding, paper, ours, holds))
+        verdicts.append(Verdict(finding, paper, ours, holds, getattr(judge, "comparison", ""), basis.seeds,
+                                basis.report))
     return verdicts
+
+
+def supersede(verdicts: list[Verdict]) -> list[Verdict]:
+    """One verdict per comparison: among the measured verdicts sharing a comparison id, the one on
+    the most seeds (the later in `verdicts` on a tie) stands and the others are superseded by it.
+    Sets superseded_by / supersedes in place; returns the verdicts that stand."""
+    groups: dict[str, list[Verdict]] = {}
+    for v in verdicts:
+        if v.comparison and v.holds is not None:
+            groups.setdefault(v.comparison, []).append(v)
+    for group in groups.values():
+        current = max(reversed(group), key=lambda v: v.seeds)  # max keeps the first maximum: the later one
+        current.supersedes = [v for v in group if v is not current]
+        for v in current.supersedes:
+            v.superseded_by = current
+    return [v for v in verdicts if v.superseded_by is None]
+
+
+def _mark(holds: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "not measured"}[holds]
+
+
+def _link(v: Verdict, prefix: str) -> str:
+    return f"{v.seeds} seeds, [{v.report}]({prefix}{v.report}/README.md)"
+
+
+def holds_text(v: Verdict, prefix: str = "") -> str:
+    """The holds column: yes / **no** / not measured, or "superseded by ... (was yes)", or the
+    standing verdict with the ones it supersedes linked."""
+    if v.superseded_by is not None:
+        return f"superseded by {_link(v.superseded_by, prefix)} (was {_mark(v.holds).strip('*')})"
+    if v.supersedes:
+        earlier = "; ".join(f"{_link(o, prefix)}: {_mark(o.holds).strip('*')}" for o in v.supersedes)
+        return f"{_mark(v.holds)} ({_link(v, prefix)}; supersedes {earlier})"
+    return _mark(v.holds)
 
 
 # ----------------------------------------------------------------------------- across budgets
@@ -387,11 +483,12 @@ FINDING_HEADER = "| finding (pass rule) | paper | ours: AP mean [95% CI] (seeds)
 FOLLOW_UP_HEADER = "| hypothesis (pass rule) | for the failing finding | ours | holds |"
 
 
-def markdown(verdicts: list[Verdict], header: str = FINDING_HEADER, across: list[AcrossBudgets] | None = None) -> str:
+def markdown(verdicts: list[Verdict], header: str = FINDING_HEADER, across: list[AcrossBudgets] | None = None,
+             link_prefix: str = "") -> str:
     """The verdicts as a Markdown table; with `across`, a column for whether each holds at every budget."""
     lines = [header + (" at every budget |" if across else ""), "|:---|:---|:---|:---|" + (":---|" if across else "")]
     for i, v in enumerate(verdicts):
-        mark = {True: "yes", False: "**no**", None: "not measured"}[v.holds]
+        mark = holds_text(v, link_prefix)
         budgets = f" {across[i].text()} |" if across else ""
         lines.append(f"| {v.finding} | {v.paper} | {v.ours} | {mark} |{budgets}")
     return "\n".join(lines) + "\n"

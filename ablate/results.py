@@ -123,14 +123,15 @@ def set_text(value: Any) -> str:
 
 
 def reproduce_command(exp: Experiment, extra: dict[str, Any], runs: pd.DataFrame, max_seeds: int | None = None,
-                      budgets: Sequence[float] = ()) -> str:
+                      budgets: Sequence[float] = (), rule_flags: str = "") -> str:
     """The commands that regenerate the runs and this report. max_seeds: the runs were added by
     `--until-settled` up to that many seeds (the rule, not a seed count, decides how many ran);
-    budgets: the multiples `--budgets` recorded."""
+    rule_flags: that rule's other flags (" --test signed-rank --family"); budgets: the multiples
+    `--budgets` recorded."""
     seeds = sorted(runs["seed"].unique())
     seed_arg = f" --seeds {len(seeds)}" if seeds != exp.seeds and seeds == list(range(len(seeds))) else ""
     if max_seeds is not None:
-        seed_arg = f" --until-settled --max-seeds {max_seeds}"
+        seed_arg = f" --until-settled --max-seeds {max_seeds}{rule_flags}"
     budget_arg = f" --budgets {budgets_text(budgets)}" if budgets else ""
     sets = command_flags(extra)
     return f"ablate run {exp.name}{seed_arg}{budget_arg}{sets}\nablate report {exp.name}{sets}"

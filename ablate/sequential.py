@@ -36,10 +36,26 @@ The rule (fixed before the runs; `SequentialRule.to_dict` is what gets recorded 
   comparisons at alpha 0.05 and finds a 3 AP difference 71% of the time, against 83% with the
   exact boundaries.
 
+- `test = "signed_rank"` swaps the paired t for the exact group-sequential Wilcoxon signed-rank
+  test of ablate.signed_rank (boundaries by enumeration, any symmetric null): it asks whether the
+  cell is better on a typical seed, not whether its mean AP is higher, and one collapsed seed
+  does not sway it.
+- Curtailment (`curtail`, on by default): a comparison whose statistic is so small that no later
+  look could settle it, whatever the remaining seeds show, stops drawing seeds ("open, cannot
+  settle"). The thresholds follow from the boundaries (`futility_thresholds`, recorded with the
+  rule): for the paired t, the largest |t_m| that m - n more differences can reach from |t_n| is
+  sqrt(m(m-1) t_n^2 / (n(n-1)) + (m-1)(m-n)/n) (all new differences equal, at the value that
+  maximises t: Cauchy-Schwarz), and the look at n is futile when that stays within c_m at every
+  later m. It changes no verdict, only the seeds spent.
+- `family = "holm"` reads the comparisons as one family (a sweep against a shared baseline):
+  ablate.family applies Holm's step-down to the group-sequential tests (each comparison at
+  alpha / r while r are unsettled; a settled one passes its share on), which holds the chance of
+  any wrong verdict in the family to alpha. Without it each verdict controls its own error only.
+
 A verdict is a pure function of the values: the looks are replayed from `min_seeds` on the common
-seeds in ascending order and the first look that settles decides, so a settled comparison stays
-settled when one of its cells later gets seeds for another comparison, and a comparison with more
-seeds than `max_seeds` (a fixed-n grid) is judged on its first `max_seeds`.
+seeds in ascending order and the first look that settles (or is futile) decides, so a settled
+comparison stays settled when one of its cells later gets seeds for another comparison, and a
+comparison with more seeds than `max_seeds` (a fixed-n grid) is judged on its first `max_seeds`.
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from ablate import signed_rank
 from ablate.errors import AblateError
 
 # ----------------------------------------------------------------------------- spending functions
@@ -75,6 +92,8 @@ SPENDING: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "obrien_fleming": obrien_fleming,
     "pocock": pocock,
 }
+TESTS = ("t", "signed_rank")
+FAMILIES = ("none", "holm")
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -98,6 +117,9 @@ class SequentialRule:
     # the error rate); the seed makes them a fixed function of the fields above.
     mc_paths: int = 400_000
     mc_seed: int = 0
+    test: str = "t"  # a key of TESTS: the paired t (mean AP) or the signed-rank (a typical seed)
+    family: str = "none"  # a key of FAMILIES: "none" (each comparison at alpha) or "holm" (family-wise)
+    curtail: bool = True  # stop a comparison no later look can settle (changes no verdict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha < 1.0:
@@ -113,6 +135,25 @@ class SequentialRule:
             raise AblateError(f"sequential rule: max_seeds must be <= {MAX_SEEDS} (the boundaries' Monte Carlo "
                               f"holds {self.mc_paths:,} paths of max_seeds values: ~0.8 GB at {MAX_SEEDS}), "
                               f"got {self.max_seeds}")
+        if self.test not in TESTS:
+            raise AblateError(f"sequential rule: test '{self.test}' is none of {', '.join(TESTS)}")
+        if self.family not in FAMILIES:
+            raise AblateError(f"sequential rule: family '{self.family}' is none of {', '.join(FAMILIES)}")
+        if self.test == "signed_rank" and self.max_seeds > signed_rank.MAX_SEEDS:
+            raise AblateError(f"sequential rule: the signed-rank test enumerates up to {signed_rank.MAX_SEEDS} "
+                              f"seeds, got max_seeds={self.max_seeds}")
+
+    @property
+    def question(self) -> str:
+        """What a verdict of this rule answers, in words for the report."""
+        return ("is the cell better on a typical seed (the per-seed differences lean to one side in rank)"
+                if self.test == "signed_rank" else "is the cell's mean AP higher (paired t on the per-seed differences)")
+
+    @property
+    def error_text(self) -> str:
+        """The error a verdict controls: "per comparison, alpha 0.05" or "family-wise (Holm), alpha 0.05"."""
+        return f"family-wise (Holm), alpha {self.alpha:g}" if self.family == "holm" else \
+            f"per comparison, alpha {self.alpha:g}"
 
     @property
     def looks(self) -> np.ndarray:
@@ -120,9 +161,13 @@ class SequentialRule:
         return np.arange(self.min_seeds, self.max_seeds + 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields, plus the critical values they imply ({"3": c_3, ...}) for a reader of the record."""
+        """The fields, plus the critical values they imply ({"3": c_3, ...}; |t| for the t test, |V|
+        for the signed-rank) and the curtailment thresholds (None where a look never curtails) for
+        a reader of the record."""
         out: dict[str, Any] = dataclasses.asdict(self)
-        out["critical_t"] = {str(n): float(c) for n, c in zip(self.looks, critical_values(self))}
+        out["critical"] = {str(n): float(c) for n, c in zip(self.looks, critical_values(self))}
+        out["futility"] = {str(n): (float(f) if f >= 0 else None)
+                           for n, f in zip(self.looks, futility_thresholds(self))}
         return out
 
     @classmethod
@@ -131,14 +176,17 @@ class SequentialRule:
         numpy's random stream ever changed, the rule recorded with the runs is not the one that
         would judge them, and that is an error rather than a silent switch."""
         record = dict(record)
-        recorded = record.pop("critical_t", None)
+        recorded = record.pop("critical", None)
+        legacy = record.pop("critical_t", None)  # records before the signed-rank option: always t
+        recorded = legacy if recorded is None else recorded
+        record.pop("futility", None)  # implied by the fields, like the critical values
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(record) - known)
         if unknown:
             raise AblateError(f"{source}: unknown key(s) {', '.join(unknown)}")
         rule = cls(**record)
         if recorded is not None:
-            mine = rule.to_dict()["critical_t"]
+            mine = rule.to_dict()["critical"]
             if set(recorded) != set(mine) or any(not math.isclose(float(recorded[k]), mine[k], rel_tol=1e-9)
                                                  for k in mine):
                 raise AblateError(f"{source}: recorded critical values {recorded} differ from the ones "
@@ -196,8 +244,50 @@ def _critical_values(rule: SequentialRule) -> tuple[float, ...]:
 
 
 def critical_values(rule: SequentialRule) -> np.ndarray:
-    """c_n for each look (shape (L,)): the look at n settles when |t_n| > c_n (paired test)."""
-    return np.array(_critical_values(rule))
+    """c_n for each look (shape (L,)): the look at n settles when |statistic_n| > c_n (paired)."""
+    if rule.test == "signed_rank":
+        return np.array(signed_rank.boundaries(rule.alpha, rule.min_seeds, rule.max_seeds,
+                                               SPENDING[rule.spending])[0])
+    # family and curtail do not change the boundaries: one Monte Carlo serves every variant.
+    return np.array(_critical_values(dataclasses.replace(rule, family="none", curtail=True)))
+
+
+def statistic_paths(rule: SequentialRule, differences: np.ndarray) -> np.ndarray:
+    """The rule's statistic at each look: (..., N >= min_seeds) differences -> (..., N - min_seeds + 1);
+    paired t or the centred signed-rank sum V."""
+    d = np.asarray(differences, dtype=float)
+    paths = signed_rank.centred_paths(d) if rule.test == "signed_rank" else paired_t_paths(d)
+    return paths[..., rule.min_seeds - 1:]
+
+
+def futility_thresholds(rule: SequentialRule) -> np.ndarray:
+    """f_n per look (shape (L,)): with |statistic_n| <= f_n no later look can settle, whatever the
+    remaining differences; -inf where that never holds (the last look included: nothing follows).
+
+    t: the largest |t_m| reachable from |t_n| is sqrt(m(m-1) t_n^2 / (n(n-1)) + (m-1)(m-n)/n), so
+    the look is futile when t_n^2 <= (c_m^2 - (m-1)(m-n)/n) n(n-1) / (m(m-1)) for every later m.
+    Signed-rank: the largest |V_m| is |V_n| + (m(m+1) - n(n+1)) / 4 (the new differences all of
+    one sign and above the others in size), so f_n = min over m of c_m - (m(m+1) - n(n+1)) / 4.
+    """
+    critical, looks = critical_values(rule), rule.looks
+    out = np.full(len(looks), -np.inf)
+    for i, n in enumerate(looks[:-1]):
+        m, c = looks[i + 1:], critical[i + 1:]
+        if rule.test == "signed_rank":
+            bound = c - (m * (m + 1) - n * (n + 1)) / 4.0
+        else:
+            square = (c**2 - (m - 1) * (m - n) / n) * n * (n - 1) / (m * (m - 1))
+            bound = np.where(square >= 0, np.sqrt(np.maximum(square, 0.0)), -np.inf)
+        out[i] = bound.min()
+    return out
+
+
+def first_futile(paths: np.ndarray, futility: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(futile, look) like first_settled: whether some look has |statistic| <= its threshold and
+    the first that does. NaN (no spread, no difference) counts as 0."""
+    futile = np.abs(np.nan_to_num(paths, nan=0.0)) <= futility
+    hit = futile.any(axis=-1)
+    return hit, np.where(hit, futile.argmax(axis=-1), paths.shape[-1] - 1)
 
 
 def first_settled(t_paths: np.ndarray, critical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,15 +320,26 @@ class Verdict:
     critical: float  # |statistic| that look had to exceed; NaN before the first look
     paired: bool
     at_max: bool  # n reached max_seeds: an open comparison gets no more seeds
+    curtailed: bool = False  # open, and no later look can settle it: it gets no more seeds either
 
     @property
     def needs_seed(self) -> bool:
-        return self.state is State.OPEN and not self.at_max
+        return self.state is State.OPEN and not self.at_max and not self.curtailed
+
+    @property
+    def label(self) -> str:
+        """The verdict column: "settled for", "settled against", "open at max seeds", "open, cannot
+        settle" (curtailed) or "open"."""
+        if self.state is not State.OPEN:
+            return self.state.value
+        return "open, cannot settle" if self.curtailed else "open at max seeds" if self.at_max else "open"
 
     def text(self) -> str:
         """"settled for at 4 seeds (+3.1)", "open at max seeds (8, +0.4)", "open (2 seeds)"."""
         if self.state is not State.OPEN:
             return f"{self.state.value} at {self.n} seeds ({self.difference:+.1f})"
+        if self.curtailed:
+            return f"open, cannot settle (stopped at {self.n} seeds, {self.difference:+.1f})"
         if self.at_max:
             return f"open at max seeds ({self.n}, {self.difference:+.1f})"
         return f"open ({self.n} seeds)"
@@ -251,36 +352,42 @@ def _state(settled: bool, statistic: float) -> State:
 
 
 def judge(rule: SequentialRule, cell: Mapping[int, float], comparator: Mapping[int, float],
-          paired: bool = True) -> Verdict:
+          paired: bool = True, futility_rules: Sequence[SequentialRule] = ()) -> Verdict:
     """The verdict of cell against comparator, each {seed: metric} of its finished runs.
 
     Paired: on the seeds both have, in ascending order, looks at n = min_seeds .. min(common,
     max_seeds). Unpaired: Welch's test on the first k seeds of each side, k = min_seeds ..
     min(len(cell), len(comparator), max_seeds), each look at its share of alpha (union bound).
-    NaN values count as missing seeds.
+    NaN values count as missing seeds. futility_rules: curtail only where none of these rules
+    (the levels a family may still raise this comparison to) could settle; default: the rule.
     """
     cell = {s: v for s, v in cell.items() if not math.isnan(v)}
     comparator = {s: v for s, v in comparator.items() if not math.isnan(v)}
     if paired:
         seeds = sorted(set(cell) & set(comparator))[: rule.max_seeds]
         d = np.array([cell[s] - comparator[s] for s in seeds], dtype=float)
-        return _judge_paired(rule, d)
+        return _judge_paired(rule, d, futility_rules or (rule,))
     a = np.array([cell[s] for s in sorted(cell)][: rule.max_seeds], dtype=float)
     b = np.array([comparator[s] for s in sorted(comparator)][: rule.max_seeds], dtype=float)
     return _judge_welch(rule, a, b)
 
 
-def _judge_paired(rule: SequentialRule, d: np.ndarray) -> Verdict:
+def _judge_paired(rule: SequentialRule, d: np.ndarray, futility_rules: Sequence[SequentialRule]) -> Verdict:
     n = len(d)
     at_max = n >= rule.max_seeds
     if n < rule.min_seeds:
         return Verdict(State.OPEN, n, float(d.mean()) if n else math.nan, math.nan, math.nan, True, at_max)
-    t = paired_t_paths(d)[rule.min_seeds - 1:]  # (looks so far,)
+    t = statistic_paths(rule, d)  # (looks so far,)
     critical = critical_values(rule)[: len(t)]
     settled, look = first_settled(t, critical)
+    curtailed = False
+    if not settled and rule.curtail:
+        futility = np.min([futility_thresholds(r) for r in futility_rules], axis=0)[: len(t)]
+        curtailed, futile_look = first_futile(t, futility)
+        look = futile_look if curtailed else look
     k = rule.min_seeds + int(look)  # seeds at the deciding (or last) look
     return Verdict(_state(bool(settled), float(t[look])), k, float(d[:k].mean()), float(t[look]),
-                   float(critical[look]), True, at_max)
+                   float(critical[look]), True, at_max, bool(curtailed))
 
 
 def _welch_t(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -387,13 +494,22 @@ def simulate(rule: SequentialRule, difference: float, sd: float, num_sims: int, 
     draw = draw or (lambda g, shape: g.standard_normal(shape))
     shape = (num_sims, rule.max_seeds)
     d = difference + sd * (draw(rng, shape) - draw(rng, shape))  # (S, max_seeds)
-    t = paired_t_paths(d)[:, rule.min_seeds - 1:]  # (S, L)
+    t = statistic_paths(rule, d)  # (S, L)
     settled, look = first_settled(t, critical_values(rule))
     sign = np.sign(np.take_along_axis(t, look[:, None], axis=1)[:, 0])
-    seeds = rule.min_seeds + look
+    seeds = rule.min_seeds + stopping_look(rule, t, settled, look)
     return OperatingCharacteristics(
         difference, sd, float((settled & (sign > 0)).mean()), float((settled & (sign < 0)).mean()),
         float((~settled).mean()), float(seeds.mean()), num_sims)
+
+
+def stopping_look(rule: SequentialRule, paths: np.ndarray, settled: np.ndarray, look: np.ndarray) -> np.ndarray:
+    """The look (index) each path stops at: where it settles, else where it is curtailed (when the
+    rule curtails), else the last. paths (S, L); settled, look: first_settled's."""
+    if not rule.curtail:
+        return look
+    futile, futile_look = first_futile(paths, futility_thresholds(rule))
+    return np.where(settled, look, np.where(futile, futile_look, look))
 
 
 def fixed_n_power(n: int, difference: float, sd_difference: float, alpha: float) -> float:

@@ -57,6 +57,9 @@ def test_comparisons_and_sequential_table_are_read(tmp_path: Path):
     ('[sequential]\nmin_seeds = 1\n', ["[sequential]", "min_seeds"]),
     ('[sequential]\nalpha = "low"\n', ["sequential.alpha", "a number"]),
     ('[sequential]\nlooks = 3\n', ["sequential.looks"]),
+    ('[sequential]\ntest = "wilcoxon"\n', ["[sequential]", "wilcoxon", "signed_rank"]),
+    ('[sequential]\nfamily = "bonferroni"\n', ["[sequential]", "bonferroni", "holm"]),
+    ('[sequential]\ncurtail = "yes"\n', ["sequential.curtail", "true or false"]),
 ])
 def test_bad_comparisons_or_rule_name_file_and_field(tmp_path: Path, tail: str, needles: list[str]):
     with pytest.raises(ConfigError) as err:
@@ -64,6 +67,22 @@ def test_bad_comparisons_or_rule_name_file_and_field(tmp_path: Path, tail: str, 
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
     for needle in needles:
         assert needle in str(err.value)
+
+
+def test_test_and_family_come_from_the_file_or_the_flags(tmp_path: Path):
+    exp = load_experiment(str(write_experiment(tmp_path, '[sequential]\ntest = "signed_rank"\ncurtail = false\n')))
+    assert adaptive.rule_of(exp) == SequentialRule(test="signed_rank", curtail=False)
+    smoke = load_experiment(str(SMOKE))
+    assert adaptive.rule_of(smoke, test="signed-rank", family=True) == SequentialRule(test="signed_rank", family="holm")
+    with pytest.raises(AblateError) as err:
+        adaptive.rule_of(smoke, test="median")
+    assert "test 'median'" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flag", [["--family"], ["--test", "signed-rank"]])
+def test_rule_flags_without_until_settled_are_one_line(flag: list[str]):
+    result = invoke("run", "smoke", *flag)
+    assert result.exit_code == 1 and "Traceback" not in result.output and f"{flag[0]} goes with --until-settled" in result.output
 
 
 def test_max_seeds_below_the_first_look_is_one_line():
@@ -134,17 +153,26 @@ def test_a_clear_difference_settles_at_the_first_look(smoke):
 
 def test_no_difference_adds_one_seed_per_look_up_to_max_seeds(smoke):
     store = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
-    result = settle(store, SequentialRule(max_seeds=5))
+    result = settle(store, SequentialRule(max_seeds=5, curtail=False))
     verdict = result.verdicts[("alpha_ce", "focal")]
     assert verdict.state is State.OPEN and verdict.at_max and verdict.n == 5 and result.stopped == "max seeds"
     assert [sorted(r["focal"]) for r in store.rounds] == [[0, 1, 2], [3], [4]]
     assert store.runs_of() == sorted((c, s) for c in ("focal", "alpha_ce") for s in range(5))
 
 
+def test_a_comparison_that_cannot_settle_stops_drawing_seeds(smoke):
+    store = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
+    result = settle(store, SequentialRule(max_seeds=5))  # curtailment on (the default)
+    verdict = result.verdicts[("alpha_ce", "focal")]
+    assert verdict.curtailed and not verdict.needs_seed and result.stopped == "max seeds or cannot settle"
+    assert [sorted(r["focal"]) for r in store.rounds] == [[0, 1, 2]][: len(store.rounds)]
+    assert len(store.runs_of()) < 10  # fewer than the 5 seeds x 2 cells without curtailment
+
+
 def test_only_open_comparisons_get_seeds_and_a_shared_baseline_runs_a_seed_once(tmp_path: Path):
     exp = load_experiment(str(write_experiment(tmp_path, "")))  # ce vs focal and alpha_ce vs focal
     store = FakeStore(exp, {"focal": 30.0, "alpha_ce": 30.0, "ce": 10.0})
-    result = settle(store, SequentialRule(max_seeds=4))
+    result = settle(store, SequentialRule(max_seeds=4, curtail=False))
     assert result.verdicts[("ce", "focal")].state is State.AGAINST
     assert result.verdicts[("alpha_ce", "focal")].at_max
     assert store.rounds[1] == {"alpha_ce": [3], "focal": [3]}  # ce settled at 3: no seed 3 for it
@@ -160,15 +188,15 @@ def test_a_diverged_seed_is_replaced_by_the_next(smoke):
 
 def test_stopped_loop_resumes_from_the_store_without_rerunning(smoke):
     uninterrupted = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
-    settle(uninterrupted, SequentialRule(max_seeds=5))
+    settle(uninterrupted, SequentialRule(max_seeds=5, curtail=False))
     store = FakeStore(smoke, {"focal": 25.0, "alpha_ce": 25.0})
 
     def first_round_then_interrupt(todo):  # the first round's runs, then a Ctrl-C in the second
         return store.run_round(todo) if not store.rounds else Counter(interrupted=1)
 
-    stopped = settle(store, SequentialRule(max_seeds=5), first_round_then_interrupt)
+    stopped = settle(store, SequentialRule(max_seeds=5, curtail=False), first_round_then_interrupt)
     assert stopped.stopped == "interrupted" and len(store.runs_of()) == 6
-    resumed = settle(store, SequentialRule(max_seeds=5))
+    resumed = settle(store, SequentialRule(max_seeds=5, curtail=False))
     assert resumed.stopped == "max seeds" and store.runs_of() == uninterrupted.runs_of()
 
 
@@ -229,7 +257,9 @@ def test_sequential_table_is_in_points_and_sets_the_fixed_design_beside():
     table = sequential_table(SequentialRule(max_seeds=4), [("focal", "alpha_ce")], runs)
     row = table.iloc[0]
     assert row["difference"] == pytest.approx(np.mean([4.0, 4.1, 3.8]))  # settled at the first look
-    assert row["verdict"] == "settled for" and row["n"] == 3 and abs(row["t"]) > row["critical"]
+    assert row["verdict"] == "settled for" and row["n"] == 3 and abs(row["statistic"]) > row["critical"]
+    assert row["error"] == "per comparison, alpha 0.05" and row["collapsed_cell"] == 0
+    assert row["adjusted"] < row["difference"]  # settled at the first look: the raw mean is biased up
     assert row["seeds_run"] == 4 and row["fixed_seeds"] >= 2 and row["expected_seeds"] >= 3
 
 
@@ -310,7 +340,7 @@ def test_until_settled_and_budgets_end_to_end(workdir: Path):
     table = pd.read_csv(out / "sequential.csv")
     assert list(table["cell"]) == ["alpha_ce"] and list(table["comparator"]) == ["focal"]
     verdict = table.iloc[0]
-    assert verdict["verdict"] in ("settled for", "settled against", "open at max seeds")
+    assert verdict["verdict"] in ("settled for", "settled against", "open at max seeds", "open, cannot settle")
     assert 3 <= verdict["n"] <= verdict["seeds_run"] <= 4
     recorded = json.loads((out / "sequential.json").read_text())
     assert recorded["rule"]["max_seeds"] == 4 and recorded["comparisons"] == [["alpha_ce", "focal"]]
@@ -320,6 +350,10 @@ def test_until_settled_and_budgets_end_to_end(workdir: Path):
     assert set(by_budget[by_budget["budget"] == 2.0]["train.iterations"]) == {8}
     readme = (out / "README.md").read_text()
     assert "## Adaptive seeds" in readme and "## Budget curves" in readme and "](ap_vs_budget.png)" in readme
+    assert "Error controlled: per comparison, alpha 0.05" in readme and "Collapsed seeds (" in readme
+    family = invoke("report", "smoke", "--set", "train.iterations=4", "--family")  # the same runs as a family
+    assert family.exit_code == 0, family.output
+    assert "family-wise (Holm), alpha 0.05" in (out / "README.md").read_text()
 
 
 def test_until_settled_with_budgets_is_one_line():

@@ -20,7 +20,8 @@ def write(root: Path, experiment: str, rows: list[dict]) -> None:
                            "AP_ci95": (r.get("ci") if r.get("ci") is not None else float("nan")) / 100,
                            "AP_std": 1.0 / 100, "AP50_mean": r["AP"] / 50, "AP50_std": 0.0, "AP75_mean": r["AP"] / 100,
                            "AP75_std": 0.0, "n": r.get("n", 3), "n_runs": r.get("n_runs", 3), "n_diverged": r.get("n_diverged", 0),
-                           "paper_AP": float("nan"), **{k: v for k, v in r.items() if "." in k}} for r in rows])
+                           "n_collapsed": r.get("n_collapsed", 0), "paper_AP": float("nan"),
+                           **{k: v for k, v in r.items() if "." in k}} for r in rows])
     (root / experiment).mkdir(parents=True, exist_ok=True)
     frame.to_csv(root / experiment / "results.csv", index=False)
 
@@ -246,3 +247,39 @@ def test_config_equal_reads_fields_as_results_csv_writes_them():
     assert findings.config_equal("focal", "focal") and not findings.config_equal("focal_star", "focal")
     assert findings.config_equal(True, True) and not findings.config_equal(False, True)
     assert not findings.config_equal("tiny", 50)
+
+
+# ----------------------------------------------------------------------------- one verdict per finding
+
+
+def test_the_largest_experiment_supersedes_the_others_and_links_them(reports, tmp_path):
+    """FL vs alpha-CE (0.9) in the 3-seed sweep (yes), a 5-seed follow-up (yes) and an 8-seed
+    until-settled run (no): `ablate findings` states the 8-seed verdict and marks the others
+    superseded, each linking the other."""
+    write(reports, "focal-vs-alpha-ce", [gamma(2.0, 31.0, ci=1.0, n=5, n_runs=5), alpha_ce(0.9, 27.0, ci=1.0, n=5, n_runs=5)])
+    write(reports, "until-settled/focal-vs-alpha-ce", [gamma(2.0, 30.0, ci=1.5, n=8, n_runs=8, n_collapsed=0),
+                                                       alpha_ce(0.9, 24.0, ci=6.5, n=8, n_runs=8, n_collapsed=1)])
+    write(reports, "alpha-ce", [alpha_ce(0.9, 27.0, ci=1.0)])  # the sweep's best alpha-CE is 0.9 here
+    verdicts, follow_ups = findings.evaluate(reports), findings.evaluate(reports, findings.FOLLOW_UPS)
+    standing = findings.supersede(verdicts + follow_ups)
+    group = [v for v in verdicts + follow_ups if v.comparison == findings.FL_VS_ALPHA_CE]
+    current = [v for v in group if v.superseded_by is None and v.holds is not None]
+    assert len(current) == 1 and current[0].seeds == 8 and current[0].holds is False  # CIs overlap
+    assert "mean-based, resting on collapsed seeds: a=0.9 1" in current[0].ours
+    three = next(v for v in verdicts if "beats the best alpha-CE" in v.finding)
+    assert three.holds is True and three.superseded_by is current[0] and three not in standing
+    text = findings.holds_text(three)
+    assert text.startswith("superseded by 8 seeds, [until-settled/focal-vs-alpha-ce]") and "(was yes)" in text
+    assert "supersedes 3 seeds, [gamma-sweep](gamma-sweep/README.md): yes" in findings.holds_text(current[0])
+    # The CLI writes the same into findings.md.
+    result = CliRunner().invoke(app, ["findings", "--reports", str(reports)])
+    assert result.exit_code == 0, result.output
+    written = (reports / "findings.md").read_text()
+    assert written.count("superseded by 8 seeds") == 2 and "| **no** (8 seeds," in written
+
+
+def test_a_tie_in_seeds_goes_to_the_later_experiment():
+    a = findings.Verdict("a", "", "", True, "c", 3, "x")
+    b = findings.Verdict("b", "", "", False, "c", 3, "y")
+    unmeasured = findings.Verdict("u", "", "", None, "c", 0, "")
+    assert findings.supersede([a, unmeasured, b]) == [unmeasured, b] and a.superseded_by is b

@@ -19,7 +19,7 @@ from ablate.report import write_report
 from ablate.report.build import report_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("*/runs.csv"))
+REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("**/runs.csv"))
 # Tags and run info that tracking.Tracker.load_runs reads as they are (not JSON-parsed params).
 INTEGERS = ("cell_index", "seed", "start_time")
 STRINGS = ("run_id", "run_name", "status", "cell", "outcome", "config_hash", "run_dir", "parent_run_id")
@@ -59,16 +59,45 @@ def load_runs_csv(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("folder", REPORTS, ids=[p.name for p in REPORTS])
+@pytest.mark.parametrize("folder", REPORTS, ids=[str(p.relative_to(ROOT / "reports")) for p in REPORTS])
 def test_committed_report_tables_regenerate(folder: Path, tmp_path: Path):
     runs = load_runs_csv(folder / "runs.csv")
     histories = pd.DataFrame(columns=["run_id", "key", "step", "value"])
-    spec = report_spec(load_experiment(str(ROOT / "experiments" / f"{folder.name}.toml")))
+    spec = report_spec(load_experiment(str(ROOT / "experiments" / f"{folder.name}.toml")))  # until-settled/NAME too
     paths = write_report(runs, histories, spec, tmp_path)
     # runs.csv too: it shows that load_runs_csv gives back the frame the report was written from.
     for key, name in (("table", "table.md"), ("table_tex", "table.tex"), ("results", "results.csv"),
                       ("runs", "runs.csv")):
         assert paths[key].read_text() == (folder / name).read_text(), f"{folder.name}/{name} differs"
+    # The README's provenance (with the collapsed-seeds line) is the one the report writes.
+    assert _section(paths["readme"].read_text(), "## Provenance") == _section((folder / "README.md").read_text(),
+                                                                               "## Provenance")
+
+
+def _section(text: str, title: str) -> str:
+    """From `title` to the next "## " heading (or the end), trailing blank lines dropped."""
+    start = text.index(title)
+    end = text.find("\n## ", start + len(title))
+    return text[start: len(text) if end < 0 else end].rstrip()
+
+
+SETTLED = sorted(p.parent for p in (ROOT / "reports").glob("**/sequential.json"))
+
+
+@pytest.mark.parametrize("folder", SETTLED, ids=[p.name for p in SETTLED])
+def test_committed_adaptive_sections_regenerate(folder: Path, tmp_path: Path):
+    """sequential.csv / _readings.csv / .json and the README's Adaptive seeds section, from runs.csv
+    and the rule recorded in sequential.json (the verdicts re-judged by today's machinery)."""
+    from ablate.report.adaptive import write_sequential
+    from ablate.sequential import SequentialRule
+
+    record = json.loads((folder / "sequential.json").read_text())
+    rule = SequentialRule.from_dict(record["rule"], str(folder / "sequential.json"))
+    paths, text = write_sequential(rule, [tuple(c) for c in record["comparisons"]],
+                                   load_runs_csv(folder / "runs.csv"), tmp_path)
+    for path in paths.values():
+        assert path.read_text() == (folder / path.name).read_text(), f"{folder.name}/{path.name} differs"
+    assert _section((folder / "README.md").read_text(), "## Adaptive seeds") == text.rstrip()
 
 
 def test_every_committed_report_is_checked():

@@ -13,7 +13,8 @@ import pytest
 from scipy import stats
 
 from ablate.errors import AblateError
-from ablate.sequential import (SequentialRule, State, Verdict, critical_values, default_comparisons,
+from ablate.sequential import (SequentialRule, State, Verdict, critical_values, default_comparisons, first_futile,
+                               futility_thresholds, statistic_paths, stopping_look,
                                first_settled, fixed_equivalent, fixed_n_power, fixed_seeds_for_power, judge,
                                paired_t_paths, planning_table, seeds_to_run, simulate, spending_increments)
 
@@ -54,9 +55,11 @@ def test_critical_values_first_exact_then_decreasing_below_the_union_bound():
 def test_rule_dict_round_trips_and_records_its_boundaries():
     rule = SequentialRule(alpha=0.1, min_seeds=3, max_seeds=6, spending="pocock")
     record = json.loads(json.dumps(rule.to_dict()))  # as MLflow or a JSON file stores it
-    assert set(record["critical_t"]) == {"3", "4", "5", "6"}
+    assert set(record["critical"]) == {"3", "4", "5", "6"} and set(record["futility"]) == {"3", "4", "5", "6"}
     assert SequentialRule.from_dict(record) == rule
-    record["critical_t"]["4"] += 0.01
+    legacy = {k: v for k, v in record.items() if k not in ("critical", "futility", "test", "family", "curtail")}
+    assert SequentialRule.from_dict({**legacy, "critical_t": record["critical"]}) == rule  # records before issue 22
+    record["critical"]["4"] += 0.01
     with pytest.raises(AblateError, match="recorded critical values"):
         SequentialRule.from_dict(record)
     with pytest.raises(AblateError, match="unknown key"):
@@ -94,13 +97,17 @@ def test_clearly_separated_pair_settles_at_the_first_look():
     assert v.state is State.AGAINST and not v.needs_seed
 
 
-def test_identical_values_stay_open_to_max_seeds():
+def test_identical_values_stay_open_to_max_seeds_without_curtailment():
     values = seeds(*np.linspace(20, 30, 8))
+    plain = SequentialRule(curtail=False)
     for n in (2, 3, 5, 8):
-        v = judge(RULE, dict(list(values.items())[:n]), dict(list(values.items())[:n]))
+        v = judge(plain, dict(list(values.items())[:n]), dict(list(values.items())[:n]))
         assert v.state is State.OPEN and v.n == n
         assert v.at_max == (n == 8) and v.needs_seed == (n < 8)
     assert v.text() == "open at max seeds (8, +0.0)"
+    # With curtailment: zero differences at 4 seeds can reach at most |t_8| = sqrt(7) = 2.65 < 2.72.
+    v = judge(RULE, dict(list(values.items())[:5]), dict(list(values.items())[:5]))
+    assert v.curtailed and v.n == 4 and not v.needs_seed and v.label == "open, cannot settle"
 
 
 def test_a_moderate_lead_at_3_seeds_is_not_yet_settled_where_a_t_test_would_be():
@@ -127,7 +134,8 @@ def test_pairs_only_common_seeds_and_ignores_nan_and_extra_seeds():
     base = {0: 25.0, 1: 26.1, 2: 26.9, 3: 40.0, 5: 28.0}
     v = judge(RULE, cell, base)
     assert v.n == 3 and v.state is State.FOR  # seeds 0, 1, 2: 3 lacks the cell, 5 is NaN, 9 lacks the base
-    beyond = judge(RULE, {s: 30.0 + s % 2 for s in range(12)}, {s: 30.0 + s % 2 for s in range(12)})
+    beyond = judge(SequentialRule(curtail=False), {s: 30.0 + s % 2 for s in range(12)},
+                   {s: 30.0 + s % 2 for s in range(12)})
     assert beyond.n == 8 and beyond.at_max  # a fixed-n grid of 12 seeds is judged on its first 8
 
 
@@ -277,7 +285,59 @@ def test_looks_spend_alpha_as_planned_and_naive_retesting_does_not():
 def test_planning_table_rows():
     rows = planning_table(RULE, [0.0, 2.0], sd=1.6, num_sims=5_000, seed=1)
     assert [r["difference"] for r in rows] == [0.0, 2.0] and math.isnan(rows[0]["fixed_seeds"])
-    assert RULE.min_seeds <= rows[1]["expected_seeds"] < rows[0]["expected_seeds"] <= RULE.max_seeds
+    plain = planning_table(SequentialRule(curtail=False), [0.0, 2.0], sd=1.6, num_sims=5_000, seed=1)
+    assert RULE.min_seeds <= plain[1]["expected_seeds"] < plain[0]["expected_seeds"] <= RULE.max_seeds
+    # Curtailment stops most null comparisons early: fewer seeds at no difference than at 2 AP.
+    assert RULE.min_seeds <= rows[0]["expected_seeds"] < rows[1]["expected_seeds"] < plain[1]["expected_seeds"]
     oc = simulate(RULE, 2.0, 1.6, 5_000, np.random.default_rng(2))  # another stream: the same rates within noise
     assert abs(rows[1]["settled_for"] - oc.settled_for) < 0.05
     assert rows[1]["fixed_seeds"] == fixed_seeds_for_power(rows[1]["settled_for"], 2.0, 1.6 * math.sqrt(2), 0.05)
+
+
+# ----------------------------------------------------------------------------- curtailment
+
+
+def test_futility_thresholds_are_the_boundaries_consequence():
+    """At 7 seeds only the 8th can still settle: from |t_7| just above f_7 some 8th difference
+    takes |t_8| past c_8, from just below none does (a fine search over the 8th value)."""
+    f, c = futility_thresholds(RULE), critical_values(RULE)
+    assert np.isneginf(f[0]) and np.isneginf(f[-1])  # 3 seeds: even t = 0 can still settle; 8: nothing follows
+    assert f[1:-1] == pytest.approx([0.29, 1.07, 1.65, 2.19], abs=0.005)  # the issue's figures
+
+    def best_t8(t7: float) -> float:
+        base = np.array([-1.0, 1.0, -0.5, 0.5, 0.0, 0.3, -0.3])
+        base = (base - base.mean()) / base.std(ddof=1)  # mean 0, sd 1
+        d = base + t7 / math.sqrt(7)  # t_7 = mean / (1 / sqrt(7))
+        eighth = np.linspace(-50, 50, 200_001)
+        full = np.concatenate([np.broadcast_to(d, (len(eighth), 7)), eighth[:, None]], axis=1)
+        return float(np.abs(paired_t_paths(full)[:, -1]).max())
+
+    assert best_t8(f[4] + 0.01) > c[5] > best_t8(f[4] - 0.01)
+
+
+@pytest.mark.parametrize("test", ["t", "signed_rank"])
+def test_curtailment_changes_no_verdict_and_saves_seeds(test, capsys):
+    rule, plain = SequentialRule(test=test), SequentialRule(test=test, curtail=False)
+    rng = np.random.default_rng(20261205)
+    sd = 1.63
+    lines = [f"{test}: true diff | settled (both) | E[seeds] without curtailment | with"]
+    for difference in (0.0, 2.0, 3.0):
+        d = difference + sd * (rng.standard_normal((50_000, 8)) - rng.standard_normal((50_000, 8)))
+        paths = statistic_paths(rule, d)
+        settled, look = first_settled(paths, critical_values(rule))
+        futile, futile_look = first_futile(paths, futility_thresholds(rule))
+        # No path settles after a look that called it futile: stopping there changes no verdict.
+        assert not (futile & settled & (look > futile_look)).any()
+        with_cut = rule.min_seeds + stopping_look(rule, paths, settled, look)
+        without = rule.min_seeds + stopping_look(plain, paths, settled, look)
+        assert (with_cut <= without).all() and (with_cut[settled] == without[settled]).all()
+        lines.append(f"{difference:.0f} | {settled.mean():.4f} | {without.mean():.2f} | {with_cut.mean():.2f}")
+        if difference == 0:
+            assert without.mean() > 7.8 and with_cut.mean() < 5.6  # 7.92 -> ~5.3 for the t (issue 22)
+    # The verdicts themselves, one by one: the same with and without curtailment.
+    for row in d[:300]:
+        a, b = judge(rule, dict(enumerate(row)), dict(enumerate(np.zeros(8)))), \
+            judge(plain, dict(enumerate(row)), dict(enumerate(np.zeros(8))))
+        assert a.state == b.state and (a.state is State.OPEN or a.n == b.n)
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

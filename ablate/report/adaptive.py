@@ -1,11 +1,14 @@
 """The report's sections for adaptive seeds and budget curves (pure: tables in, files out).
 
 Adaptive seeds (`ablate run --until-settled`): one row per comparison with its verdict under the
-rule recorded with the runs (settled for / settled against / open at max seeds / open), the
-seeds it was judged on, the difference in AP points, the t statistic and the critical value it
-had to beat, and the seeds it spent beside the seeds a fixed-n design needs for the power the
-rule has at the measured difference and spread. Files: sequential.csv, sequential.json (the rule
-and the comparisons).
+rule recorded with the runs (settled for / settled against / open at max seeds / open, cannot
+settle / open), the question it answers and the error it controls (per comparison or
+family-wise), the seeds it was judged on, the difference in AP points raw and median-unbiased,
+the statistic and the critical value it had to beat, the collapsed seeds it rests on, and the
+seeds it spent beside the seeds a fixed-n design needs for the power the rule has at the adjusted
+difference and measured spread; then the same runs under the other tests and error controls
+(post hoc). Files: sequential.csv, sequential_readings.csv, sequential.json (the rule and the
+comparisons).
 
 Budget curves (`ablate run --budgets`): budgets/xM/results.csv per multiple M (results.csv's
 format, so `ablate findings` can judge each budget as it judges the report), budgets/results.csv
@@ -17,6 +20,7 @@ is in AP points, like ablate.findings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -32,11 +36,17 @@ from ablate.report.spec import ReportSpec
 from ablate.report.stats import t_interval
 from ablate.report.tables import markdown_table, results_table
 from ablate.runs import Outcome
-from ablate.sequential import SequentialRule, State, Verdict, fixed_seeds_for_power, judge, simulate
+from ablate.collapse import RULE, collapsed_seeds
+from ablate.family import judge_comparisons
+from ablate.sequential import SequentialRule, State, Verdict, fixed_seeds_for_power, simulate
+from ablate.sequential_estimate import adjusted_difference
 
-SEQUENTIAL_COLUMNS = ["cell", "comparator", "verdict", "n", "difference", "t", "critical", "seeds_run",
-                      "expected_seeds", "fixed_seeds"]
+SEQUENTIAL_COLUMNS = ["cell", "comparator", "verdict", "n", "difference", "adjusted", "median_difference",
+                      "statistic", "critical", "error", "collapsed_cell", "collapsed_comparator", "flags",
+                      "seeds_run", "expected_seeds", "fixed_seeds"]
 NUM_SIMS = 20_000  # per comparison: the rule's power and expected seeds to ~0.5%, in well under a second
+# The readings of the same runs the report sets beside the recorded rule's (post hoc: for comparison only).
+READINGS = (("t", "none"), ("t", "holm"), ("signed_rank", "none"), ("signed_rank", "holm"))
 
 
 # ----------------------------------------------------------------------------- adaptive seeds
@@ -58,71 +68,140 @@ def _spread(a: dict[int, float], b: dict[int, float]) -> float:
     return float(math.sqrt(np.mean(variances))) if len(variances) == 2 else math.nan
 
 
-def _design(rule: SequentialRule, verdict: Verdict, sd: float, seed: int) -> tuple[float, float]:
-    """(the rule's expected seeds, the fixed-n seeds of the same power) at the measured difference
-    and spread; NaN when they say nothing (no difference or no spread measured)."""
-    if not (math.isfinite(verdict.difference) and verdict.difference != 0 and math.isfinite(sd) and sd > 0):
+def _design(rule: SequentialRule, difference: float, sd: float, seed: int) -> tuple[float, float]:
+    """(the rule's expected seeds, the fixed-n seeds of the same power) at `difference` (the
+    adjusted one where the verdict has it) and the measured spread, per comparison at the rule's
+    alpha; NaN when they say nothing (no difference or no spread measured)."""
+    if not (math.isfinite(difference) and difference != 0 and math.isfinite(sd) and sd > 0):
         return math.nan, math.nan
-    oc = simulate(rule, verdict.difference, sd, NUM_SIMS, np.random.default_rng(seed))
+    oc = simulate(rule, difference, sd, NUM_SIMS, np.random.default_rng(seed))
     # A simulated power of 1 (every simulation settled) has no fixed-n equal: a fixed design only
     # approaches it. Cap it at the simulations' resolution.
     power = min(oc.power, 1.0 - 10.0 / NUM_SIMS)
     return oc.expected_seeds, float(fixed_seeds_for_power(power, oc.difference, oc.sd * math.sqrt(2.0), rule.alpha))
 
 
+def _judged_differences(verdict: Verdict, a: dict[int, float], b: dict[int, float]) -> tuple[list[int], np.ndarray]:
+    """(the seeds a paired verdict was judged on, their differences a - b), in seed order."""
+    seeds = sorted(set(a) & set(b))[: verdict.n]
+    return seeds, np.array([a[s] - b[s] for s in seeds], dtype=float)
+
+
+def _flags(rule: SequentialRule, verdict: Verdict, collapsed: int) -> str:
+    flags = []
+    if collapsed and rule.test == "t":
+        flags.append(f"mean-based verdict resting on {collapsed} collapsed seed(s)")
+    if verdict.state is not State.OPEN and verdict.n < rule.max_seeds:
+        flags.append("early stop: the raw difference is biased up (see adjusted)")
+    return "; ".join(flags)
+
+
 def sequential_table(rule: SequentialRule, comparisons: Sequence[tuple[str, str]], runs: pd.DataFrame) -> pd.DataFrame:
     """One row per comparison (SEQUENTIAL_COLUMNS); AP differences in points, cell - comparator."""
     finished = finished_ap(runs)
     attempted = runs.groupby("cell")["seed"].nunique().to_dict() if not runs.empty else {}
+    verdicts = judge_comparisons(rule, comparisons, finished)
     rows = []
     for i, (cell, other) in enumerate(comparisons):
         a, b = finished.get(cell, {}), finished.get(other, {})
-        verdict = judge(rule, a, b)
-        expected, fixed = _design(rule, verdict, _spread(a, b), seed=i)
-        state = "open at max seeds" if verdict.state is State.OPEN and verdict.at_max else verdict.state.value
-        rows.append({"cell": cell, "comparator": other, "verdict": state, "n": verdict.n,
-                     "difference": verdict.difference, "t": verdict.statistic, "critical": verdict.critical,
+        verdict = verdicts[(cell, other)]
+        seeds, d = _judged_differences(verdict, a, b)
+        adjusted = adjusted_difference(rule, verdict, d) if len(d) >= rule.min_seeds else math.nan
+        planning = adjusted if math.isfinite(adjusted) else verdict.difference
+        expected, fixed = _design(rule, planning, _spread(a, b), seed=i)
+        lost = [len(set(collapsed_seeds(side)) & set(seeds)) for side in (a, b)]
+        rows.append({"cell": cell, "comparator": other, "verdict": verdict.label, "n": verdict.n,
+                     "difference": verdict.difference, "adjusted": adjusted,
+                     "median_difference": float(np.median(d)) if len(d) else math.nan,
+                     "statistic": verdict.statistic, "critical": verdict.critical, "error": rule.error_text,
+                     "collapsed_cell": lost[0], "collapsed_comparator": lost[1],
+                     "flags": _flags(rule, verdict, sum(lost)),
                      "seeds_run": max(attempted.get(cell, 0), attempted.get(other, 0)),
                      "expected_seeds": expected, "fixed_seeds": fixed})
     return pd.DataFrame(rows, columns=SEQUENTIAL_COLUMNS)
+
+
+def readings_table(rule: SequentialRule, comparisons: Sequence[tuple[str, str]], runs: pd.DataFrame) -> pd.DataFrame:
+    """The same runs judged by each of READINGS (the recorded rule's other fields kept): one row
+    per comparison, one column per reading, the verdict's text."""
+    finished = finished_ap(runs)
+    out = pd.DataFrame({"cell": [c for c, _ in comparisons], "comparator": [o for _, o in comparisons]})
+    for test, family in READINGS:
+        other = dataclasses.replace(rule, test=test, family=family)
+        verdicts = judge_comparisons(other, comparisons, finished)
+        out[reading_name(test, family)] = [verdicts[pair].text() for pair in comparisons]
+    return out
+
+
+def reading_name(test: str, family: str) -> str:
+    return f"{test.replace('_', '-')}, {'family-wise (Holm)' if family == 'holm' else 'per comparison'}"
 
 
 def _number(value: float, fmt: str) -> str:
     return "—" if not math.isfinite(value) else format(value, fmt)
 
 
-def sequential_markdown(rule: SequentialRule, table: pd.DataFrame) -> str:
-    """The README section: the rule in one paragraph, the verdicts, how to read them."""
-    critical = ", ".join(f"{n}: {c:.2f}" for n, c in rule.to_dict()["critical_t"].items())
+def sequential_markdown(rule: SequentialRule, table: pd.DataFrame, readings: pd.DataFrame | None = None) -> str:
+    """The README section: the rule in one paragraph, the verdicts, how to read them, other readings."""
+    record = rule.to_dict()
+    critical = ", ".join(f"{n}: {c:.2f}" for n, c in record["critical"].items())
+    futility = ", ".join(f"{n}: {f:.2f}" for n, f in record["futility"].items() if f is not None) or "none"
+    statistic = "paired t" if rule.test == "t" else "exact signed-rank V = W+ - n(n+1)/4"
     shown = pd.DataFrame({
         "cell": table["cell"], "vs": table["comparator"], "verdict": table["verdict"], "seeds": table["n"],
-        "AP diff": [_number(d, "+.1f") for d in table["difference"]], "t": [_number(t, ".2f") for t in table["t"]],
-        "critical": [_number(c, ".2f") for c in table["critical"]], "seeds run": table["seeds_run"],
+        "AP diff": [_number(d, "+.1f") for d in table["difference"]],
+        "adjusted": [_number(d, "+.1f") for d in table["adjusted"]],
+        "median diff": [_number(d, "+.1f") for d in table["median_difference"]],
+        "statistic": [_number(t, ".2f") for t in table["statistic"]],
+        "critical": [_number(c, ".2f") for c in table["critical"]], "error controlled": table["error"],
+        "collapsed": [f"{c} / {o}" for c, o in zip(table["collapsed_cell"], table["collapsed_comparator"])],
+        "flags": [f or "—" for f in table["flags"]], "seeds run": table["seeds_run"],
         "rule: E[seeds]": [_number(e, ".1f") for e in table["expected_seeds"]],
         "fixed-n, same power": [_number(f, ".0f") for f in table["fixed_seeds"]]})
-    return "\n\n".join([
+    family = ("One comparison: its error is the family's." if len(table) == 1 else
+              f"The comparisons are read as one family: Holm's step-down over the group-sequential tests holds "
+              f"the chance of any wrong verdict among the {len(table)} at {rule.alpha:g}." if rule.family == "holm" else
+              f"Each verdict controls its own error only (alpha {rule.alpha:g} per comparison); read as a family of "
+              f"{len(table)}, the chance that some verdict is wrong is larger (`ablate report --family` reads "
+              "them family-wise).")
+    parts = [
         "## Adaptive seeds",
-        f"Rule, fixed before the runs and recorded on their parent run (`sequential.json`): paired t over "
-        f"common seeds, looks at {rule.min_seeds}..{rule.max_seeds} seeds, two-sided alpha {rule.alpha:g} spent "
-        f"{rule.spending.replace('_', '-')}-type; a look settles when |t| exceeds its critical value "
-        f"({critical}).",
+        f"Rule, fixed before the runs and recorded on their parent run (`sequential.json`): {statistic} over common "
+        f"seeds, looks at {rule.min_seeds}..{rule.max_seeds} seeds, two-sided alpha {rule.alpha:g} spent "
+        f"{rule.spending.replace('_', '-')}-type; a look settles when |statistic| exceeds its critical value "
+        f"({critical}). Curtailment {'on' if rule.curtail else 'off'}: a comparison whose |statistic| is at or below "
+        f"({futility}) can no longer settle and stops drawing seeds.",
+        f"Question each verdict answers: {rule.question}. Error controlled: {rule.error_text}. {family}",
         markdown_table(shown),
-        "AP diff: mean of cell - comparator over the seeds of the deciding look, in AP points. Seeds run: the "
-        "seeds the busier of the two cells ran. E[seeds] and fixed-n: at the measured difference and seed "
-        "spread, the seeds per cell this rule spends on average, and those a fixed-n paired t-test at the same "
+        "AP diff: mean of cell - comparator over the seeds of the deciding look, in AP points; adjusted: its "
+        "median-unbiased estimate for this design (ablate.sequential_estimate; — where the comparison is still open "
+        "before max seeds or was curtailed); median diff: the median per-seed difference. Collapsed: collapsed "
+        f"seeds ({RULE}) among the judged seeds, cell / comparator. Seeds run: the seeds the busier of the two cells "
+        "ran. E[seeds] and fixed-n: at the adjusted difference (the raw one where there is none) and the measured "
+        "seed spread, the seeds per cell this rule spends on average, and those a fixed-n paired t-test at the same "
         "alpha needs for the power the rule has there (— when no difference or spread was measured). "
-        "Per-comparison details in [sequential.csv](sequential.csv)."])
+        "Per-comparison details in [sequential.csv](sequential.csv)."]
+    if readings is not None:
+        parts += ["Other readings of the same runs (post hoc, for comparison; the verdict above is the recorded "
+                  "rule's): the paired t (mean AP) and the signed-rank (a typical seed), per comparison and "
+                  "family-wise, all with curtailment. \"open (n seeds)\": the runs stopped (the recorded rule settled) before this "
+                  "reading could decide; it would have asked for more seeds.", markdown_table(readings.rename(columns={"comparator": "vs"}))]
+    return "\n\n".join(parts)
 
 
 def write_sequential(rule: SequentialRule, comparisons: Sequence[tuple[str, str]], runs: pd.DataFrame,
                      out_dir: Path) -> tuple[dict[str, Path], str]:
-    """sequential.csv and sequential.json in out_dir; returns ({key: path}, the README section)."""
+    """sequential.csv, sequential_readings.csv and sequential.json in out_dir; returns ({key: path},
+    the README section)."""
     table = sequential_table(rule, comparisons, runs)
-    paths = {"sequential": out_dir / "sequential.csv", "sequential_rule": out_dir / "sequential.json"}
+    readings = readings_table(rule, comparisons, runs)
+    paths = {"sequential": out_dir / "sequential.csv", "sequential_readings": out_dir / "sequential_readings.csv",
+             "sequential_rule": out_dir / "sequential.json"}
     table.to_csv(paths["sequential"], index=False)
+    readings.to_csv(paths["sequential_readings"], index=False)
     paths["sequential_rule"].write_text(json.dumps({"rule": rule.to_dict(), "comparisons": list(comparisons)},
                                                    indent=1) + "\n")
-    return paths, sequential_markdown(rule, table)
+    return paths, sequential_markdown(rule, table, readings)
 
 
 # ----------------------------------------------------------------------------- budget curves

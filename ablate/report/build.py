@@ -40,10 +40,11 @@ def report_spec(exp: Experiment, command: str = "") -> ReportSpec:
 
 
 def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, command: str | None = None,
-                 say=None) -> dict[str, Path]:
+                 say=None, family: bool = False) -> dict[str, Path]:
     """Write reports/NAME from the tracked runs and attach it to their grid's parent run; returns
     the files written. `extra`: the --data / --set values, None when none were given (then the
-    tracked runs' own are used). `say(line)` is told which ones were used and where the report went."""
+    tracked runs' own are used). `say(line)` is told which ones were used and where the report went.
+    family: judge the recorded comparisons as one family (Holm) whatever the recorded rule says."""
     tracker = tracking.Tracker(exp.name, tracking.init_store())
     tracked = tracker.load_runs()
     chosen = resolve_overrides(exp, extra, tracked, tracker.override_sets())
@@ -56,9 +57,15 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
     from ablate import adaptive
 
     recorded = adaptive.recorded_rule(exp, tracker.parent_tags(adaptive.RULE_TAG))
+    if recorded is not None and family:
+        import dataclasses
+
+        recorded = (dataclasses.replace(recorded[0], family="holm"), recorded[1])
     budgets = adaptive.recorded_budgets(tracker.parent_tags(adaptive.BUDGETS_TAG))
     max_seeds = recorded[0].max_seeds if recorded else None
-    spec = report_spec(exp, command or reproduce_command(exp, chosen, runs, max_seeds, budgets))
+    flags = "" if not recorded else ((" --test signed-rank" if recorded[0].test == "signed_rank" else "")
+                                     + (" --family" if recorded[0].family == "holm" else ""))
+    spec = report_spec(exp, command or reproduce_command(exp, chosen, runs, max_seeds, budgets, flags))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, skipped = loss_cdf_figure(exp, runs, out_dir)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ablate.collapse import collapsed_seeds
 from ablate.report.spec import METRICS, ReportSpec
 from ablate.runs import Outcome
 
@@ -143,6 +144,8 @@ def _cell_row(cell: str, index: int, group: pd.DataFrame, spec: ReportSpec) -> d
         values = finished[metric] if metric in finished else pd.Series(dtype=float)
         mean, std, ci95, _ = summarize(values)
         row.update({f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": ci95})
+    ap = dict(zip(finished["seed"], 100 * finished["AP"].astype(float))) if "AP" in finished else {}  # points
+    row["n_collapsed"] = len(collapsed_seeds(ap))  # ablate.collapse.RULE
     row["seeds"] = " ".join(str(s) for s in sorted(finished["seed"]))
     row["run_ids"] = " ".join(finished["run_id"])
     # The rest of the config (constant within a cell) lets paper_rows match keys the cells do not vary.
@@ -166,7 +169,8 @@ def aggregate(runs: pd.DataFrame, spec: ReportSpec) -> pd.DataFrame:
 
     Columns: cell, cell_index, the varied keys, n (finished seeds), n_runs, n_diverged, n_failed,
     n_pruned, n_interrupted, n_other, `<metric>_mean/_std/_ci95` for each of METRICS (finished runs
-    only; std and ci95 NaN below two values), seeds and run_ids of the finished runs, then the
+    only; std and ci95 NaN below two values), n_collapsed (finished seeds that collapsed by
+    ablate.collapse.RULE), seeds and run_ids of the finished runs, then the
     cells' other config keys.
     """
     _check_runs(runs, spec)

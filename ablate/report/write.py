@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ablate.collapse import RULE, collapsed_seeds
 from ablate.report.plots import curves_unavailable, plot_ap, plot_deltas, plot_loss_curves
 from ablate.report.spec import ReportSpec
 from ablate.report.stats import NOT_FINISHED, baseline_cell
@@ -44,7 +45,23 @@ def _provenance(results: pd.DataFrame, runs: pd.DataFrame) -> str:
                          for outcome, group in others.groupby("outcome", sort=False))
         ids = ", ".join(f"`{i}`" for i in row["run_ids"].split()) or "none finished"
         lines.append(f"- **{row['cell']}**: {ids}" + (f"; {note}" if note else ""))
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + collapsed_text(runs)
+
+
+def collapsed_text(runs: pd.DataFrame) -> str:
+    """The README's line on collapsed seeds (ablate.collapse): the rule, then each cell that has
+    any with its seeds and APs, or "none"."""
+    finished = runs[runs["outcome"] == Outcome.FINISHED] if "AP" in runs else runs.iloc[:0]
+    found = []
+    for cell, group in finished.groupby("cell", sort=False):
+        ap = dict(zip(group["seed"], 100 * group["AP"].astype(float)))
+        seeds = collapsed_seeds(ap)
+        if seeds:
+            found.append(f"**{cell}** {len(seeds)} of {len(ap)} (" + ", ".join(f"seed {s}: {ap[s]:.1f} AP" for s in seeds)
+                         + f"; median {float(pd.Series(list(ap.values())).median()):.1f})")
+    listed = "; ".join(found) if found else "none"
+    return (f"Collapsed seeds ({RULE}; results.csv's n_collapsed): {listed}. A mean over a collapsed "
+            "seed moves by several AP: read mean-based comparisons that include one with care.")
 
 
 def _readme(spec: ReportSpec, table_md: str, plots: dict[str, Path], skipped: dict[str, str],
