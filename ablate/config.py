@@ -194,9 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"),
     "model.trunk_norm": ("auto", "bn", "frozen_bn"),
     "model.head_norm": ("none", "gn"),
-    "loss.cls": ("ce", "alpha_ce", "focal", "focal_star", "ohem"),
     "loss.normalizer": ("batch", "ema"),
-    "loss.box": ("smooth_l1", "l1", "giou"),
     "train.backend": ("auto", "gloo", "nccl"),
 }
 
@@ -305,6 +303,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
+def choices_of(key: str) -> tuple[str, ...] | None:
+    """The values `key` may take, where it is a choice: the loss names come from the registries of
+    ablate.losses (the one list of them; imported only when a loss is chosen, as it imports torch)."""
+    if key in ("loss.cls", "loss.box"):
+        from ablate import losses
+
+        return tuple(losses.CLS_LOSSES if key == "loss.cls" else losses.BOX_LOSSES)
+    return CHOICES.get(key)
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
     """A copy of `cfg` with dotted-key `overrides` applied and validated.
 
@@ -316,7 +324,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, known)}")
         value = _coerce(value, _field_type(key), key, source)
-        choices = CHOICES.get(key)
+        choices = choices_of(key)
         if choices and value not in choices:
             raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
         section, _, name = key.partition(".")

@@ -44,10 +44,12 @@ class DetectionLoss:
         if normalizer not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {normalizer!r} (known: {', '.join(NORMALIZERS)})")
         self.cls_loss = losses.get_cls_loss(cls_loss)
-        self.cls_params = {"alpha": alpha, "gamma": gamma, "beta": beta, "ohem_batch": ohem_batch,
-                           "ohem_nms": ohem_nms, "ohem_fg_fraction": ohem_fg_fraction}
+        # Each loss gets the hyper-parameters it declares (losses.Registry.params_for).
+        self.cls_params = losses.CLS_LOSSES.params_for(cls_loss, {
+            "alpha": alpha, "gamma": gamma, "beta": beta, "ohem_batch": ohem_batch, "ohem_nms": ohem_nms,
+            "ohem_fg_fraction": ohem_fg_fraction})
         self.box_loss = losses.get_box_loss(box_loss)
-        self.box_params = {"smooth_l1_beta": smooth_l1_beta}
+        self.box_params = losses.BOX_LOSSES.params_for(box_loss, {"smooth_l1_beta": smooth_l1_beta})
         self.box_loss_weight = box_loss_weight
         self.normalizer = normalizer
         self.normalizer_momentum = normalizer_momentum

@@ -12,11 +12,12 @@ loss to a matched batch and return its unnormalised sum (see `ClsTargets`, `regi
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -349,18 +350,25 @@ class ClsTargets:
 
 
 class Registry(dict):
-    """name -> function, filled by the `register(name)` decorator; `find(name)` names the known ones
-    when `name` is not one of them."""
+    """name -> function, filled by the `register(name)` decorator: the one list of a kind's names
+    (the config's choices come from it). Each function declares its hyper-parameters as keyword-only
+    arguments; `params_for(name, given)` hands it those and nothing else, so that a misspelt or
+    unknown hyper-parameter is an error naming it, never a default taken in silence."""
 
     def __init__(self, kind: str):
         super().__init__()
         self.kind = kind
+        self.declared: dict[str, tuple[str, ...]] = {}  # name -> its keyword-only hyper-parameters
 
     def register(self, name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
         def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
             if name in self:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
+            kinds = {p.name: p.kind for p in inspect.signature(fn).parameters.values()}
+            if inspect.Parameter.VAR_KEYWORD in kinds.values():
+                raise ValueError(f"{self.kind} {name!r}: declare its hyper-parameters by name, not **kwargs")
             self[name] = fn
+            self.declared[name] = tuple(k for k, kind in kinds.items() if kind is inspect.Parameter.KEYWORD_ONLY)
             return fn
         return add
 
@@ -369,13 +377,22 @@ class Registry(dict):
             raise ValueError(f"unknown {self.kind} {name!r} (known: {', '.join(self)})")
         return self[name]
 
+    def params_for(self, name: str, given: dict[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters of `given` that loss `name` declares; ValueError naming any key that
+        no loss of this registry declares (a misspelling)."""
+        known = {param for params in self.declared.values() for param in params}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"{self.kind}: no loss takes {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(sorted(known))})")
+        return {k: v for k, v in given.items() if k in self.declared[name]}
 
-# name -> fn(logits [B, N, K], targets, **hyper-parameters) -> scalar: the loss summed over valid
-# anchors and classes, not yet normalised. Each takes the hyper-parameters it uses by keyword and
-# ignores the rest, so that a criterion can hand the same set to any of them.
+
+# name -> fn(logits [B, N, K], targets, *, its hyper-parameters) -> scalar: the loss summed over
+# valid anchors and classes, not yet normalised.
 ClsLossFn = Callable[..., Tensor]
 CLS_LOSSES = Registry("classification loss")  # the `loss.cls` values
-# name -> fn(pred_deltas [F, 4], gt_boxes [F, 4], anchors [F, 4], box_coder, **hyper-parameters)
+# name -> fn(pred_deltas [F, 4], gt_boxes [F, 4], anchors [F, 4], box_coder, *, its hyper-parameters)
 # -> scalar: the loss summed over the F foreground anchors, not yet normalised.
 BoxLossFn = Callable[..., Tensor]
 BOX_LOSSES = Registry("box loss")  # the `loss.box` values
@@ -386,22 +403,22 @@ register_box_loss, get_box_loss = BOX_LOSSES.register, BOX_LOSSES.find
 # CE, alpha-CE and FL are one family (FL with gamma 0 is alpha-CE; alpha None drops the balance):
 # all three take the fused path.
 @register_cls_loss("ce")
-def ce_sum(logits: Tensor, targets: ClsTargets, **_) -> Tensor:
+def ce_sum(logits: Tensor, targets: ClsTargets) -> Tensor:
     return focal_loss_sum(logits, targets.positive_index(logits.shape[-1]), targets.valid, 0.0, None)
 
 
 @register_cls_loss("alpha_ce")
-def alpha_ce_sum(logits: Tensor, targets: ClsTargets, *, alpha: float = 0.25, **_) -> Tensor:
+def alpha_ce_sum(logits: Tensor, targets: ClsTargets, *, alpha: float = 0.25) -> Tensor:
     return focal_loss_sum(logits, targets.positive_index(logits.shape[-1]), targets.valid, 0.0, alpha)
 
 
 @register_cls_loss("focal")
-def focal_sum(logits: Tensor, targets: ClsTargets, *, gamma: float = 2.0, alpha: float = 0.25, **_) -> Tensor:
+def focal_sum(logits: Tensor, targets: ClsTargets, *, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
     return focal_loss_sum(logits, targets.positive_index(logits.shape[-1]), targets.valid, gamma, alpha)
 
 
 @register_cls_loss("focal_star")
-def focal_star_sum(logits: Tensor, targets: ClsTargets, *, gamma: float = 2.0, beta: float = 1.0, **_) -> Tensor:
+def focal_star_sum(logits: Tensor, targets: ClsTargets, *, gamma: float = 2.0, beta: float = 1.0) -> Tensor:
     """FL* with the appendix's best setting (gamma 2, beta 1) by default."""
     per_elem = focal_star(logits, targets.one_hot(logits), gamma, beta)
     return (per_elem * targets.valid[..., None]).sum()
@@ -409,7 +426,7 @@ def focal_star_sum(logits: Tensor, targets: ClsTargets, *, gamma: float = 2.0, b
 
 @register_cls_loss("ohem")
 def ohem_sum(logits: Tensor, targets: ClsTargets, *, ohem_batch: int = 128, ohem_nms: float = 0.7,
-             ohem_fg_fraction: float | None = None, **_) -> Tensor:
+             ohem_fg_fraction: float | None = None) -> Tensor:
     """CE over the examples `ohem_select` keeps (Table 1d), ignored anchors never among them."""
     per_elem = sigmoid_ce(logits, targets.one_hot(logits))
     selected = ohem_select(per_elem.detach().sum(-1), targets.pred_boxes(), targets.is_fg, targets.valid,
@@ -419,16 +436,16 @@ def ohem_sum(logits: Tensor, targets: ClsTargets, *, ohem_batch: int = 128, ohem
 
 @register_box_loss("smooth_l1")
 def smooth_l1_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder, *,
-                  smooth_l1_beta: float = 0.11, **_) -> Tensor:
+                  smooth_l1_beta: float = 0.11) -> Tensor:
     return smooth_l1(pred_deltas, box_coder.encode(gt_boxes, anchors), smooth_l1_beta).sum()
 
 
 @register_box_loss("l1")
-def l1_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder, **_) -> Tensor:
+def l1_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder) -> Tensor:
     return smooth_l1(pred_deltas, box_coder.encode(gt_boxes, anchors), 0.0).sum()
 
 
 @register_box_loss("giou")
-def giou_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder, **_) -> Tensor:
+def giou_sum(pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor, box_coder: BoxCoder) -> Tensor:
     """1 - GIoU of the decoded boxes: the loss is on boxes, not on deltas."""
     return giou_loss(box_coder.decode(pred_deltas, anchors), gt_boxes).sum()

@@ -25,17 +25,21 @@ def test_components_do_not_import_the_config(name):
 
 
 def test_criterion_gets_every_loss_and_matcher_key():
-    cfg = build_config("paper", {"loss.cls": "ohem", "loss.alpha": 0.5, "loss.gamma": 1.0, "loss.beta": 0.5,
-                                 "loss.ohem_batch": 64, "loss.ohem_nms": 0.6, "loss.ohem_fg_fraction": 0.25,
-                                 "loss.normalizer": "ema", "loss.normalizer_momentum": 0.8, "loss.box": "giou",
-                                 "loss.smooth_l1_beta": 0.2, "loss.box_loss_weight": 2.0,
-                                 "model.box_weights": [10.0, 10.0, 5.0, 5.0], "matcher.fg_iou_thresh": 0.6,
-                                 "matcher.bg_iou_thresh": 0.3, "matcher.allow_low_quality": False})
-    crit = builders.build_criterion(cfg)
+    keys = {"loss.cls": "ohem", "loss.alpha": 0.5, "loss.gamma": 1.0, "loss.beta": 0.5,
+            "loss.ohem_batch": 64, "loss.ohem_nms": 0.6, "loss.ohem_fg_fraction": 0.25,
+            "loss.normalizer": "ema", "loss.normalizer_momentum": 0.8, "loss.box": "giou",
+            "loss.smooth_l1_beta": 0.2, "loss.box_loss_weight": 2.0,
+            "model.box_weights": [10.0, 10.0, 5.0, 5.0], "matcher.fg_iou_thresh": 0.6,
+            "matcher.bg_iou_thresh": 0.3, "matcher.allow_low_quality": False}
+    crit = builders.build_criterion(build_config("paper", keys))
     assert crit.cls_loss is losses.CLS_LOSSES["ohem"] and crit.box_loss is losses.BOX_LOSSES["giou"]
-    assert crit.cls_params == {"alpha": 0.5, "gamma": 1.0, "beta": 0.5, "ohem_batch": 64, "ohem_nms": 0.6,
-                               "ohem_fg_fraction": 0.25}
-    assert crit.box_params == {"smooth_l1_beta": 0.2} and crit.box_loss_weight == 2.0
+    assert crit.cls_params == {"ohem_batch": 64, "ohem_nms": 0.6, "ohem_fg_fraction": 0.25}
+    assert crit.box_params == {} and crit.box_loss_weight == 2.0
+    # each loss gets its own keys of the config: alpha to focal, gamma and beta to FL*, the beta to smooth L1
+    focal = builders.build_criterion(build_config("paper", {**keys, "loss.cls": "focal", "loss.box": "smooth_l1"}))
+    assert focal.cls_params == {"gamma": 1.0, "alpha": 0.5} and focal.box_params == {"smooth_l1_beta": 0.2}
+    star = builders.build_criterion(build_config("paper", {**keys, "loss.cls": "focal_star"}))
+    assert star.cls_params == {"gamma": 1.0, "beta": 0.5}
     assert (crit.normalizer, crit.normalizer_momentum) == ("ema", 0.8)
     m = crit.matcher
     assert (m.fg_iou_thresh, m.bg_iou_thresh, m.allow_low_quality) == (0.6, 0.3, False)

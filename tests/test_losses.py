@@ -436,11 +436,36 @@ def _targets(valid=(True, True, True)) -> losses.ClsTargets:
                              valid=torch.tensor([list(valid)]), pred_boxes=lambda: boxes)
 
 
-def test_every_config_choice_has_a_registered_loss():
-    from ablate.config import CHOICES
+def test_the_configs_loss_choices_are_the_registries():
+    from ablate.config import ConfigError, apply_overrides, build_config, choices_of
 
-    assert set(losses.CLS_LOSSES) == set(CHOICES["loss.cls"])
-    assert set(losses.BOX_LOSSES) == set(CHOICES["loss.box"])
+    assert choices_of("loss.cls") == ("ce", "alpha_ce", "focal", "focal_star", "ohem")
+    assert choices_of("loss.box") == ("smooth_l1", "l1", "giou")
+    with pytest.raises(ConfigError, match="'loss.cls' must be one of ce, alpha_ce, focal, focal_star, ohem"):
+        apply_overrides(build_config("tiny"), {"loss.cls": "softmax"}, "--set")
+
+
+def test_each_loss_declares_its_hyper_parameters_and_gets_only_those():
+    assert losses.CLS_LOSSES.declared == {"ce": (), "alpha_ce": ("alpha",), "focal": ("gamma", "alpha"),
+                                          "focal_star": ("gamma", "beta"),
+                                          "ohem": ("ohem_batch", "ohem_nms", "ohem_fg_fraction")}
+    assert losses.BOX_LOSSES.declared == {"smooth_l1": ("smooth_l1_beta",), "l1": (), "giou": ()}
+    given = {"alpha": 0.5, "gamma": 1.0, "beta": 0.5}
+    assert losses.CLS_LOSSES.params_for("focal_star", given) == {"gamma": 1.0, "beta": 0.5}
+    assert losses.CLS_LOSSES.params_for("ce", given) == {}
+
+
+def test_a_hyper_parameter_no_loss_declares_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"classification loss: no loss takes 'gama' \(known: alpha, beta, gamma"):
+        losses.CLS_LOSSES.params_for("focal", {"gama": 1.0, "alpha": 0.25})
+    with pytest.raises(TypeError, match="gama"):  # called directly, a misspelling is no silent default either
+        losses.focal_sum(torch.zeros(1, 3, 2), _targets(), gama=1.0)
+
+
+def test_a_loss_taking_any_keyword_is_refused_at_registration():
+    with pytest.raises(ValueError, match=r"'test_only_any': declare its hyper-parameters by name"):
+        losses.register_cls_loss("test_only_any")(lambda logits, targets, **kwargs: logits.sum())
+    assert "test_only_any" not in losses.CLS_LOSSES
 
 
 def test_unknown_loss_names_raise_and_list_the_known_ones():
@@ -453,7 +478,7 @@ def test_unknown_loss_names_raise_and_list_the_known_ones():
 
 def test_register_adds_a_name_once():
     @losses.register_cls_loss("test_only_zero")
-    def zero(logits, targets, **_):
+    def zero(logits, targets):
         return logits.sum() * 0
 
     try:
@@ -475,7 +500,8 @@ def test_registered_cls_losses_by_hand_at_zero_logits():
     logits = torch.zeros(1, 3, 2)
     log2 = math.log(2)
     params = {"alpha": 0.25, "gamma": 2.0, "beta": 1.0, "ohem_batch": 128, "ohem_nms": 0.7, "ohem_fg_fraction": None}
-    got = {name: fn(logits, _targets(), **params).item() for name, fn in losses.CLS_LOSSES.items()}
+    got = {name: fn(logits, _targets(), **losses.CLS_LOSSES.params_for(name, params)).item()
+           for name, fn in losses.CLS_LOSSES.items()}
     # 6 elements at p = 0.5: CE log 2 each; alpha-CE 0.25 / 0.75 of it for the 1 positive / 5 negatives;
     # FL a further (1 - p_t)^2 = 1/4; FL* (gamma 2, beta 1) log(1 + e^-1) / 2 each; OHEM keeps all 3 anchors.
     assert got["ce"] == pytest.approx(6 * log2, rel=1e-6)
@@ -484,7 +510,8 @@ def test_registered_cls_losses_by_hand_at_zero_logits():
     assert got["focal_star"] == pytest.approx(6 * math.log1p(math.exp(-1)) / 2, rel=1e-6)
     assert got["ohem"] == pytest.approx(6 * log2, rel=1e-6)
     # an ignored anchor (a2) drops out of every one of them: 2 of the 3 anchors remain
-    ignored = {name: fn(logits, _targets((True, True, False)), **params).item() for name, fn in losses.CLS_LOSSES.items()}
+    ignored = {name: fn(logits, _targets((True, True, False)), **losses.CLS_LOSSES.params_for(name, params)).item()
+               for name, fn in losses.CLS_LOSSES.items()}
     assert ignored["ce"] == pytest.approx(4 * log2, rel=1e-6)
     assert ignored["ohem"] == pytest.approx(4 * log2, rel=1e-6)
     assert ignored["focal_star"] == pytest.approx(4 * math.log1p(math.exp(-1)) / 2, rel=1e-6)
