@@ -482,7 +482,7 @@ def report(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
 @friendly_errors
 def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations' reports.")] = Path("reports"),
              readme: Annotated[Path | None, typer.Option(
-                 help="Also write the table between the findings markers of this file (e.g. README.md).")] = None) -> None:
+                 help="Also write the table between the findings markers of this file (e.g. docs/results.md).")] = None) -> None:
     """The paper's Table 1 findings checked against the reports: paper, ours (mean, 95% CI, seeds),
     whether each holds. Writes REPORTS/findings.md."""
     from rich.table import Table

@@ -46,7 +46,7 @@ from ablate.errors import AblateError
 MISSED_BEATS = 3  # beats an owner may miss before its work is taken for abandoned
 # A stall is this many typical steps without an advance: far above a slow step, an evaluation
 # batch of large images, a garbage-collection pause or a resume checkpoint (0.03 s for the tiny
-# preset, 0.7-1.6 s for ResNet-50-FPN, against its 0.2 s step: README "Many machines").
+# preset, 0.7-1.6 s for ResNet-50-FPN, against its 0.2 s step: docs/many-machines.md).
 STALL_STEPS = 50
 # ... and never below this: a run's first steps (lazy CUDA init, cuDNN's autotuning, a loader's
 # workers starting) are slow and unmeasured yet.

@@ -308,7 +308,7 @@ def visible_gpus() -> list[str]:
 
 
 # What one CPU worker of the tiny preset holds at its peak, with room to spare (measured: see
-# README "Speed" and benchmarks/grid_time.py); caps the default number of workers on small machines.
+# docs/speed.md "Grid throughput" and benchmarks/grid_time.py); caps the default number of workers on small machines.
 WORKER_MEMORY = 2 * 2**30
 
 
@@ -320,7 +320,7 @@ def default_jobs(runs: int, nproc: int = 1, gpus_per_cell: int = 1, visible: lis
 
     One worker per core, each with one thread, because small models scale across processes better
     than across threads: on 2 cores two 1-thread workers did 1.3x the runs per hour of one 2-thread
-    worker (tiny preset; README "Speed"). $ABLATE_JOBS, when set, replaces the machine's count."""
+    worker (tiny preset; docs/speed.md). $ABLATE_JOBS, when set, replaces the machine's count."""
     configured = os.environ.get("ABLATE_JOBS", "").strip()
     if configured:
         if not configured.isdigit() or int(configured) < 1:
