@@ -488,12 +488,12 @@ def findings(reports: Annotated[Path, typer.Option(help="Folder of the ablations
     from rich.table import Table
 
     from ablate.errors import AblateError
-    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, evaluate, headline_markdown,
+    from ablate.findings import (FOLLOW_UP_HEADER, FOLLOW_UPS, across_budgets, headline_markdown, judge_reports,
                                  holds_text, markdown, measured_budgets, replace_between_markers, supersede)
     from ablate.paths import check_writable_folder
 
     check_writable_folder(reports, "--reports")
-    verdicts, follow_ups = evaluate(reports), evaluate(reports, FOLLOW_UPS)
+    verdicts, follow_ups = judge_reports(reports), judge_reports(reports, FOLLOW_UPS)
     supersede(verdicts + follow_ups)  # one verdict per comparison: the largest experiment's
     # Reports measured at several budgets (`ablate run --budgets`): each finding judged at every one.
     budgets = bool(measured_budgets(reports))

@@ -145,7 +145,7 @@ class AcrossBudgets:
 def holds_at_every_budget(judge: Callable[[T], bool | None], results: Mapping[float, T]) -> AcrossBudgets:
     """judge (one budget's results -> holds, None when not measured) at every budget of `results`.
 
-    A judge that raises KeyError counts as not measured at that budget, as `findings.evaluate`
+    A judge that raises KeyError counts as not measured at that budget, as `findings.judge_reports`
     treats a missing report or cell.
     """
     per_budget: dict[float, bool | None] = {}

@@ -207,11 +207,11 @@ class Experiment:
         return cells
 
 
-def format_value(value: Any) -> str:
+def format_override_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
+        return "[" + ",".join(format_override_value(v) for v in value) + "]"
     return "none" if value is None else str(value)
 
 
@@ -220,7 +220,7 @@ def cell_label(overrides: dict[str, Any]) -> str:
     parts = []
     for key, value in overrides.items():
         alias = ALIASES.get(key, key.split(".")[-1])
-        parts.append(format_value(value) if alias == "" else f"{alias}={format_value(value)}")
+        parts.append(format_override_value(value) if alias == "" else f"{alias}={format_override_value(value)}")
     return " ".join(parts)
 
 

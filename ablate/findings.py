@@ -59,7 +59,7 @@ class CellStats:
 
 
 @dataclass
-class Verdict:
+class FindingVerdict:
     finding: str
     paper: str
     ours: str
@@ -69,8 +69,8 @@ class Verdict:
     comparison: str = ""
     seeds: int = 0  # the fewer of its two cells' finished seeds
     report: str = ""  # the report folder it was judged on, for the links
-    superseded_by: Verdict | None = field(default=None, repr=False)
-    supersedes: list[Verdict] = field(default_factory=list, repr=False)
+    superseded_by: FindingVerdict | None = field(default=None, repr=False)
+    supersedes: list[FindingVerdict] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ FL_VS_ALPHA_CE = "FL (gamma 2, alpha 0.25) vs alpha-CE (alpha 0.9), pi 0.01, 800
 
 
 def comparing(comparison: str, judge: Judge) -> Judge:
-    """judge, marked as a check of `comparison` (see Verdict.comparison)."""
+    """judge, marked as a check of `comparison` (see FindingVerdict.comparison)."""
     judge.comparison = comparison  # type: ignore[attr-defined]
     return judge
 
@@ -375,7 +375,7 @@ FOLLOW_UPS: tuple[tuple[str, str, Judge], ...] = (
 )
 
 
-def evaluate(reports_dir: Path, checks: tuple[tuple[str, str, Judge], ...] = CHECKS) -> list[Verdict]:
+def judge_reports(reports_dir: Path, checks: tuple[tuple[str, str, Judge], ...] = CHECKS) -> list[FindingVerdict]:
     """Every check (CHECKS, or FOLLOW_UPS) over reports_dir; one whose report or cell is missing
     is 'not measured'."""
     reports = Reports(reports_dir)
@@ -387,16 +387,16 @@ def evaluate(reports_dir: Path, checks: tuple[tuple[str, str, Judge], ...] = CHE
             basis = rest[0] if rest else basis
         except KeyError as e:
             ours, holds = f"not measured: no {e.args[0]}", None
-        verdicts.append(Verdict(finding, paper, ours, holds, getattr(judge, "comparison", ""), basis.seeds,
+        verdicts.append(FindingVerdict(finding, paper, ours, holds, getattr(judge, "comparison", ""), basis.seeds,
                                 basis.report))
     return verdicts
 
 
-def supersede(verdicts: list[Verdict]) -> list[Verdict]:
+def supersede(verdicts: list[FindingVerdict]) -> list[FindingVerdict]:
     """One verdict per comparison: among the measured verdicts sharing a comparison id, the one on
     the most seeds (the later in `verdicts` on a tie) stands and the others are superseded by it.
     Sets superseded_by / supersedes in place; returns the verdicts that stand."""
-    groups: dict[str, list[Verdict]] = {}
+    groups: dict[str, list[FindingVerdict]] = {}
     for v in verdicts:
         if v.comparison and v.holds is not None:
             groups.setdefault(v.comparison, []).append(v)
@@ -412,11 +412,11 @@ def _mark(holds: bool | None) -> str:
     return {True: "yes", False: "**no**", None: "not measured"}[holds]
 
 
-def _link(v: Verdict, prefix: str) -> str:
+def _link(v: FindingVerdict, prefix: str) -> str:
     return f"{v.seeds} seeds, [{v.report}]({prefix}{v.report}/README.md)"
 
 
-def holds_text(v: Verdict, prefix: str = "") -> str:
+def holds_text(v: FindingVerdict, prefix: str = "") -> str:
     """The holds column: yes / **no** / not measured, or "superseded by ... (was yes)", or the
     standing verdict with the ones it supersedes linked."""
     if v.superseded_by is not None:
@@ -483,7 +483,7 @@ FINDING_HEADER = "| finding (pass rule) | paper | ours: AP mean [95% CI] (seeds)
 FOLLOW_UP_HEADER = "| hypothesis (pass rule) | for the failing finding | ours | holds |"
 
 
-def markdown(verdicts: list[Verdict], header: str = FINDING_HEADER, across: list[AcrossBudgets] | None = None,
+def markdown(verdicts: list[FindingVerdict], header: str = FINDING_HEADER, across: list[AcrossBudgets] | None = None,
              link_prefix: str = "") -> str:
     """The verdicts as a Markdown table; with `across`, a column for whether each holds at every budget."""
     lines = [header + (" at every budget |" if across else ""), "|:---|:---|:---|:---|" + (":---|" if across else "")]

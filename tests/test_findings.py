@@ -60,7 +60,7 @@ def reports(tmp_path: Path) -> Path:
 
 
 def test_every_finding_is_judged_from_the_reports(reports):
-    verdicts = findings.evaluate(reports)
+    verdicts = findings.judge_reports(reports)
     assert len(verdicts) == len(findings.CHECKS)
     by_rule = {v.finding: v for v in verdicts}
     assert all(v.holds is not None for v in verdicts)
@@ -77,7 +77,7 @@ def test_overlapping_cis_or_a_wrong_peak_fail(reports):
     write(reports, "alpha-ce", [alpha_ce(0.25, 3.0, ci=1.0), alpha_ce(0.99, 29.5, ci=1.0)])
     write(reports, "gamma-sweep", [gamma(g, ap, ci=1.5) for g, ap in ((0.0, 27.0), (0.5, 32.0), (2.0, 31.0),
                                                                      (5.0, 20.0))])
-    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    by_rule = {v.finding: v for v in findings.judge_reports(reports)}
     assert next(v for f, v in by_rule.items() if "lies in [0.5, 0.9]" in f).holds is False  # best alpha 0.99
     # 31.0 - 29.5 < 2, and [29.5, 32.5] overlaps [28.5, 30.5]
     assert next(v for f, v in by_rule.items() if "best alpha-CE" in f).holds is False
@@ -87,7 +87,7 @@ def test_overlapping_cis_or_a_wrong_peak_fail(reports):
 def test_one_seed_or_a_missing_report_is_not_measured(reports):
     write(reports, "alpha-ce", [alpha_ce(0.25, 3.0, ci=None, n=1), alpha_ce(0.75, 27.0, ci=None, n=1)])
     (reports / "anchors" / "results.csv").unlink()
-    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    by_rule = {v.finding: v for v in findings.judge_reports(reports)}
     assert next(v for f, v in by_rule.items() if "clearly worse" in f).holds is None  # no CI from one seed
     anchors = next(v for f, v in by_rule.items() if "3 scales" in f)
     assert anchors.holds is None and "anchors/results.csv" in anchors.ours
@@ -96,7 +96,7 @@ def test_one_seed_or_a_missing_report_is_not_measured(reports):
 def test_prior_rules_count_unfinished_seeds(reports):
     write(reports, "prior-init", [prior("ce", None, float("nan"), n=0, n_diverged=3),
                                   prior("ce", 0.01, 8.0, ci=2.0, n=2, n_runs=3), prior("focal", 0.01, 31.0, ci=1.0)])
-    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    by_rule = {v.finding: v for v in findings.judge_reports(reports)}
     collapse = next(v for f, v in by_rule.items() if "without the prior" in f)
     assert collapse.holds is True and "3 diverged" in collapse.ours
     assert next(v for f, v in by_rule.items() if "both CE and FL train" in f).holds is False  # a seed did not finish
@@ -134,14 +134,14 @@ def _prior_schedule(reports: Path, ce: tuple[float, float], n_runs: int = 3) -> 
 def test_follow_up_ce_prior_schedule_rule(reports):
     # prior-init's CE at 800 iterations scores 8.0 (the fixture)
     _prior_schedule(reports, (12.0, 20.0))
-    slow = findings.evaluate(reports, findings.FOLLOW_UPS)[0]
+    slow = findings.judge_reports(reports, findings.FOLLOW_UPS)[0]
     assert slow.holds is True and "800 it: CE 8.0" in slow.ours and "3200 it: CE 20.0 ± 1.0, FL 33.0" in slow.ours
     _prior_schedule(reports, (12.0, 11.0))  # falls at 3200: not a matter of schedule length
-    assert findings.evaluate(reports, findings.FOLLOW_UPS)[0].holds is False
+    assert findings.judge_reports(reports, findings.FOLLOW_UPS)[0].holds is False
     _prior_schedule(reports, (12.0, 20.0), n_runs=4)  # a seed at 3200 did not finish
-    assert findings.evaluate(reports, findings.FOLLOW_UPS)[0].holds is False
+    assert findings.judge_reports(reports, findings.FOLLOW_UPS)[0].holds is False
     (reports / "prior-schedule" / "results.csv").unlink()
-    assert findings.evaluate(reports, findings.FOLLOW_UPS)[0].holds is None
+    assert findings.judge_reports(reports, findings.FOLLOW_UPS)[0].holds is None
 
 
 def test_cli_writes_the_follow_ups(reports, tmp_path):
@@ -159,14 +159,14 @@ def test_follow_up_focal_lead_over_five_seeds(reports):
                                              alpha_ce(0.9, 27.0, ci=ci, n=5, n_runs=5)])
 
     five_seeds(31.0, 1.0)
-    lead = next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
+    lead = next(v for v in findings.judge_reports(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
     assert lead.holds is True and "+4.0" in lead.ours and "(n=5)" in lead.ours
     five_seeds(31.0, 2.5)  # [28.5, 33.5] overlaps [24.5, 29.5]
-    assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
+    assert next(v for v in findings.judge_reports(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
     five_seeds(28.5, 0.1)  # disjoint, but +1.5 < 2
-    assert next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
+    assert next(v for v in findings.judge_reports(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding).holds is False
     write(reports, "focal-vs-alpha-ce", [gamma(2.0, 31.0, ci=1.0, n=3, n_runs=3), alpha_ce(0.9, 27.0, ci=1.0, n=3, n_runs=3)])
-    three = next(v for v in findings.evaluate(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
+    three = next(v for v in findings.judge_reports(reports, findings.FOLLOW_UPS) if "5 seeds" in v.finding)
     assert three.holds is None and "(n=3)" in three.ours  # 3 seeds do not test a 5-seed hypothesis
 
 
@@ -180,7 +180,7 @@ def test_follow_up_budget_curves_judged_at_every_budget(reports):
     budget(reports, "budget-curves", 31.0, 3.0, 28.5)  # x1 as the report's own results.csv
     for multiple, (focal, ce, a) in {1: (31.0, 3.0, 28.5), 2: (50.0, 48.0, 45.0), 4: (66.0, 70.0, 60.0)}.items():
         budget(reports / "budget-curves" / "budgets", f"x{multiple}", focal, ce, a)
-    verdicts = findings.evaluate(reports, findings.FOLLOW_UPS)
+    verdicts = findings.judge_reports(reports, findings.FOLLOW_UPS)
     over_budgets = findings.across_budgets(reports, findings.FOLLOW_UPS)
     over_ce, over_alpha = [v for v in verdicts if "Budget curves" in v.finding]
     assert "beats CE" in over_ce.finding and over_ce.holds is True and "; CE ce: 3.0" in over_ce.ours
@@ -204,12 +204,12 @@ def test_follow_up_budget_curves_judged_at_every_budget(reports):
 
 def test_a_renamed_cell_keeps_its_verdict(reports):
     """Checks find cells by config values: relabelling every cell changes no verdict, only the names shown."""
-    before = findings.evaluate(reports)
+    before = findings.judge_reports(reports)
     for results in reports.glob("*/results.csv"):
         frame = pd.read_csv(results)
         frame["cell"] = [f"renamed {i}" for i in range(len(frame))]
         frame.to_csv(results, index=False)
-    after = findings.evaluate(reports)
+    after = findings.judge_reports(reports)
     assert [v.holds for v in after] == [v.holds for v in before]
     assert all(v.holds is not None for v in after) and "renamed" in after[0].ours
 
@@ -217,7 +217,7 @@ def test_a_renamed_cell_keeps_its_verdict(reports):
 def test_a_cell_no_row_has_is_not_measured_with_the_values(reports):
     write(reports, "gamma-sweep", [gamma(g, ap, ci=1.0) for g, ap in ((0.0, 27.0), (1.0, 29.0), (5.0, 20.0))])
     write(reports, "anchors", [{"cell": "nine", "model.num_scales": 3, "AP": 31.0, "ci": 1.0}])  # no ratios column
-    by_rule = {v.finding: v for v in findings.evaluate(reports)}
+    by_rule = {v.finding: v for v in findings.judge_reports(reports)}
     fl = next(v for f, v in by_rule.items() if "best alpha-CE" in f)
     assert fl.holds is None
     assert fl.ours.startswith("not measured: no cell with loss.cls=focal, loss.gamma=2, loss.alpha=0.25 in ")
@@ -230,7 +230,7 @@ def test_a_cell_several_rows_have_is_an_error(reports):
     write(reports, "gamma-sweep", [gamma(2.0, 31.0, ci=1.0), gamma(2.0, 30.0, ci=1.0, cell="g=2 again"),
                                    gamma(0.0, 27.0, ci=1.0), gamma(5.0, 20.0, ci=1.0)])
     with pytest.raises(AblateError, match=r"gamma-sweep: 2 cells have loss.cls=focal, loss.gamma=2, loss.alpha=0.25"):
-        findings.evaluate(reports)
+        findings.judge_reports(reports)
     result = CliRunner().invoke(app, ["findings", "--reports", str(reports)])
     assert result.exit_code == 1 and "Traceback" not in result.output and "g=2 again" in result.output
 
@@ -260,7 +260,7 @@ def test_the_largest_experiment_supersedes_the_others_and_links_them(reports, tm
     write(reports, "until-settled/focal-vs-alpha-ce", [gamma(2.0, 30.0, ci=1.5, n=8, n_runs=8, n_collapsed=0),
                                                        alpha_ce(0.9, 24.0, ci=6.5, n=8, n_runs=8, n_collapsed=1)])
     write(reports, "alpha-ce", [alpha_ce(0.9, 27.0, ci=1.0)])  # the sweep's best alpha-CE is 0.9 here
-    verdicts, follow_ups = findings.evaluate(reports), findings.evaluate(reports, findings.FOLLOW_UPS)
+    verdicts, follow_ups = findings.judge_reports(reports), findings.judge_reports(reports, findings.FOLLOW_UPS)
     standing = findings.supersede(verdicts + follow_ups)
     group = [v for v in verdicts + follow_ups if v.comparison == findings.FL_VS_ALPHA_CE]
     current = [v for v in group if v.superseded_by is None and v.holds is not None]
@@ -279,7 +279,7 @@ def test_the_largest_experiment_supersedes_the_others_and_links_them(reports, tm
 
 
 def test_a_tie_in_seeds_goes_to_the_later_experiment():
-    a = findings.Verdict("a", "", "", True, "c", 3, "x")
-    b = findings.Verdict("b", "", "", False, "c", 3, "y")
-    unmeasured = findings.Verdict("u", "", "", None, "c", 0, "")
+    a = findings.FindingVerdict("a", "", "", True, "c", 3, "x")
+    b = findings.FindingVerdict("b", "", "", False, "c", 3, "y")
+    unmeasured = findings.FindingVerdict("u", "", "", None, "c", 0, "")
     assert findings.supersede([a, unmeasured, b]) == [unmeasured, b] and a.superseded_by is b

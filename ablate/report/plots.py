@@ -19,7 +19,7 @@ from matplotlib.transforms import ScaledTranslation
 
 from ablate.report.spec import ReportSpec
 from ablate.report.stats import baseline_cell, is_missing, t_interval
-from ablate.report.tables import cell_status, display_value, format_value, header
+from ablate.report.tables import cell_status, display_value, format_cell, header
 from ablate.runs import Outcome
 
 DPI = 120
@@ -64,7 +64,7 @@ def _numeric(values: Sequence[Any]) -> bool:
 
 def _label_of(cell: pd.Series, keys: Sequence[str]) -> str:
     """"gamma=2, alpha=0.25": a cell's values of `keys` with their table headers."""
-    return ", ".join(f"{header(k)}={format_value(display_value(k, cell[k]))}" for k in keys)
+    return ", ".join(f"{header(k)}={format_cell(display_value(k, cell[k]))}" for k in keys)
 
 
 def _hue_labels(spec: ReportSpec, cells: pd.DataFrame, x_key: str | None) -> tuple[list | None, str | None]:
@@ -74,7 +74,7 @@ def _hue_labels(spec: ReportSpec, cells: pd.DataFrame, x_key: str | None) -> tup
     varied keys then become the hue so that each cell keeps its own line.
     """
     if spec.hue is not None:
-        return [format_value(display_value(spec.hue, v)) for v in cells[spec.hue]], header(spec.hue)
+        return [format_cell(display_value(spec.hue, v)) for v in cells[spec.hue]], header(spec.hue)
     if x_key is None:
         return None, None
     x_values = [display_value(x_key, v) for v in cells[x_key]]
@@ -93,7 +93,7 @@ def _plot_frame(runs: pd.DataFrame, cells: pd.DataFrame, spec: ReportSpec) -> tu
         x_values = [display_value(x_key, v) for v in cells[x_key]]
     numeric = x_key is not None and _numeric(x_values)
     if not numeric:
-        x_values = [format_value(v) for v in x_values]
+        x_values = [format_cell(v) for v in x_values]
     hues, hue_title = _hue_labels(spec, cells, x_key)
     by_cell = {"_x": dict(zip(cells["cell"], x_values))}
     if hues is not None:

@@ -69,7 +69,7 @@ def display_value(key: str, value: Any) -> Any:
     return value
 
 
-def format_value(value: Any) -> str:
+def format_cell(value: Any) -> str:
     """Text of a displayed value: floats without trailing zeros (0.25, 2, 0.999)."""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
@@ -121,7 +121,7 @@ def _delta_text(row: pd.Series, base: str) -> str:
 
 def _table_row(row: pd.Series, spec: ReportSpec, base: str) -> dict[str, str]:
     """One row of the displayed table, all text."""
-    out = {header(k): format_value(display_value(k, row[k])) if applies(k, row) else MISSING for k in spec.varied}
+    out = {header(k): format_cell(display_value(k, row[k])) if applies(k, row) else MISSING for k in spec.varied}
     status = cell_status(row)
     for metric in TABLE_METRICS:
         out[metric] = mean_std_text(row, metric) if status is None else (status if metric == "AP" else MISSING)
