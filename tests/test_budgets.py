@@ -84,7 +84,7 @@ def test_holds_at_every_budget():
 
     def judge(r: dict) -> bool | None:
         if "gap" not in r:
-            raise KeyError("gap")  # a missing report: not measured, as in findings.evaluate
+            raise KeyError("gap")  # a missing report: not measured, as in findings.judge_reports
         return None if r["gap"] is None else r["gap"] > 0
 
     partial = holds_at_every_budget(judge, {1.0: {"gap": 28.1}, 2.0: {"gap": None}, 4.0: {}})
