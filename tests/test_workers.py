@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import queue
 
 import pytest
 
@@ -41,45 +43,9 @@ def test_visible_gpus_follow_cuda_visible_devices_or_the_device_count(monkeypatc
     assert workers.visible_gpus() == ["0", "1", "2", "3"]
 
 
-def test_worker_processes_get_disjoint_gpus_and_a_share_of_the_threads(monkeypatch):
-    """run_processes hands each process its CUDA_VISIBLE_DEVICES (set before CUDA starts)."""
-    started = []
-
-    class FakeProcess:
-        def __init__(self, target, args, daemon):
-            self.args, self.exitcode = args, 0
-            started.append(args)
-
-        def start(self):
-            pass
-
-        def is_alive(self):
-            return False
-
-        def join(self):
-            pass
-
-    class FakeContext:
-        Process = FakeProcess
-
-        def Queue(self):  # noqa: N802
-            import queue
-
-            return queue.Queue()
-
-    monkeypatch.setattr(workers.mp, "get_context", lambda kind: FakeContext())
-    monkeypatch.setattr(workers, "visible_gpus", lambda: ["0", "1", "2", "3"])
-    monkeypatch.setattr(workers.os, "cpu_count", lambda: 8)
-    options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
-    workers.run_processes("grid", "g", 2, options, show_progress=False, total=4, gpus_per_cell=2)
-    assert [(a[2].gpus, a[2].threads) for a in started] == [("0,1", 4), ("2,3", 4)]
-
-
-def test_a_process_ended_for_a_stalled_run_is_replaced(monkeypatch):
-    """A worker process that ends with lease.STALLED_EXIT (its run stalled) gets a fresh one in its
-    place, with the same settings; the stall is counted, not as a crash."""
-    exits = iter([lease.STALLED_EXIT, 0, 0])  # worker 0 stalls once, then its replacement and worker 1 finish
-    started = []
+def fake_processes(monkeypatch, started: list, exits) -> None:
+    """Worker processes that run nothing: each one's arguments go to `started`, and its exit code
+    is the next of `exits` once started."""
 
     class FakeProcess:
         def __init__(self, target, args, daemon):
@@ -99,11 +65,28 @@ def test_a_process_ended_for_a_stalled_run_is_replaced(monkeypatch):
         Process = FakeProcess
 
         def Queue(self):  # noqa: N802
-            import queue
-
             return queue.Queue()
 
     monkeypatch.setattr(workers.mp, "get_context", lambda kind: FakeContext())
+
+
+def test_worker_processes_get_disjoint_gpus_and_a_share_of_the_threads(monkeypatch):
+    """run_processes hands each process its CUDA_VISIBLE_DEVICES (set before CUDA starts)."""
+    started = []
+    fake_processes(monkeypatch, started, itertools.repeat(0))
+    monkeypatch.setattr(workers, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 8)
+    options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
+    workers.run_processes("grid", "g", 2, options, show_progress=False, total=4, gpus_per_cell=2)
+    assert [(a[2].gpus, a[2].threads) for a in started] == [("0,1", 4), ("2,3", 4)]
+
+
+def test_a_process_ended_for_a_stalled_run_is_replaced(monkeypatch):
+    """A worker process that ends with lease.STALLED_EXIT (its run stalled) gets a fresh one in its
+    place, with the same settings; the stall is counted, not as a crash."""
+    exits = iter([lease.STALLED_EXIT, 0, 0])  # worker 0 stalls once, then its replacement and worker 1 finish
+    started = []
+    fake_processes(monkeypatch, started, exits)
     monkeypatch.setattr(workers, "visible_gpus", lambda: [])
     options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
     outcomes = workers.run_processes("grid", "g", 2, options, show_progress=False, total=2)
