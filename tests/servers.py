@@ -22,6 +22,26 @@ from pathlib import Path
 
 USER, PASSWORD = "ablate", "s3cret-pw"
 
+# The server tests' grid: three cells long enough to be killed or hung mid-way (each writes a
+# resume checkpoint every 20 of its 100 iterations), short enough for the suite.
+THREE_CELL_GRID = """
+description = "three cells for the server tests"
+preset = "tiny"
+seeds = [0]
+
+[config]
+synth.num_train = 64
+synth.num_val = 16
+train.batch_size = 8
+train.iterations = 100
+train.warmup_iters = 10
+train.log_every = 5
+data.num_workers = 0
+
+[grid]
+"loss.gamma" = [0.0, 1.0, 2.0]
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:

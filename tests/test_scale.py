@@ -27,25 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, str(REPO / "cli.py")]
 pytestmark = pytest.mark.slow
 
-# Three cells long enough to be killed mid-way (each writes a resume checkpoint every 20 of its
-# 100 iterations), short enough for the suite.
-GRID = """
-description = "three cells for the many-workers test"
-preset = "tiny"
-seeds = [0]
-
-[config]
-synth.num_train = 64
-synth.num_val = 16
-train.batch_size = 8
-train.iterations = 100
-train.warmup_iters = 10
-train.log_every = 5
-data.num_workers = 0
-
-[grid]
-"loss.gamma" = [0.0, 1.0, 2.0]
-"""
+GRID = servers.THREE_CELL_GRID
 
 
 @pytest.fixture(scope="module")
