@@ -332,14 +332,13 @@ def check_count(value: int, minimum: int, option: str) -> None:
 
 def report_outcomes(name: str, outcomes) -> None:
     from ablate.runs import Outcome
-    from ablate.workers import WORKER_CRASHED
 
     if outcomes:
         console.print(escape(f"{name}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
                              + f"; browse with `ablate ui {name}`, tabulate with `ablate report {name}`"))
     if outcomes.get(Outcome.INTERRUPTED):
         raise typer.Exit(130)
-    if outcomes.get(Outcome.FAILED) or outcomes.get(WORKER_CRASHED):
+    if outcomes.get(Outcome.FAILED) or outcomes.get(Outcome.WORKER_CRASHED):
         raise typer.Exit(4)
 
 
@@ -388,7 +387,7 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
             raise AblateError(f"{flag} goes with --until-settled")
     if until_settled and (budgets or force):
         raise AblateError(f"--until-settled does not combine with {'--budgets' if budgets else '--force'}")
-    from ablate import adaptive, grid  # torch, MLflow, Optuna: only once the input is known good
+    from ablate import adaptive, grid, rounds  # torch, MLflow, Optuna: only once the input is known good
     from ablate.budgets import parse_budgets
 
     multiples = parse_budgets(budgets) if budgets is not None else None
@@ -399,9 +398,9 @@ def run(experiment: Annotated[str, typer.Argument(help="Experiment name (experim
     common = {"options": options, "jobs": jobs, "gpus_per_cell": max(gpus_per_cell, options.nproc), "dry_run": dry_run,
               "console": console, "show_progress": progress}
     if until_settled:
-        outcomes = adaptive.run_until_settled(exp, seed_values, overrides, max_seeds, test=test, family=family, **common)
+        outcomes = rounds.run_until_settled(exp, seed_values, overrides, max_seeds, test=test, family=family, **common)
     elif multiples:
-        outcomes = adaptive.run_budget_grid(exp, seed_values, overrides, multiples, force=force, **common)
+        outcomes = rounds.run_budget_grid(exp, seed_values, overrides, multiples, force=force, **common)
     else:
         outcomes = grid.run_grid(exp, seed_values, overrides, force=force, **common)
     report_outcomes(exp.name, outcomes)
@@ -439,14 +438,14 @@ def search(experiment: Annotated[str, typer.Argument(help="Experiment name or pa
            seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
            set_: SetOption = None, data: DataOption = None, progress: ProgressOption = True) -> None:
     """Optuna TPE over the space the experiment declares, pruning on the intermediate AP."""
-    from ablate import grid
+    from ablate import search as tpe_search
     from ablate.experiments import load_experiment
 
     exp = load_experiment(experiment)
     n = trials if trials is not None else (exp.search.trials if exp.search else 0)
-    grid.check_search(exp, n, jobs, seed)
+    tpe_search.check_search(exp, n, jobs, seed)
     options = worker_options(None, None, 0)
-    best = grid.run_search(exp, n, overrides_from(set_, data), options=options, jobs=jobs, seed=seed,
+    best = tpe_search.run_search(exp, n, overrides_from(set_, data), options=options, jobs=jobs, seed=seed,
                            console=console, show_progress=progress)
     if best:
         params, value = best

@@ -18,7 +18,8 @@ from ablate.config import Config, apply_overrides, config_hash, flatten
 
 
 class Outcome(StrEnum):
-    """How a run ended. A str, so that tags, CSV columns and DataFrames compare equal to it."""
+    """How a run ended, or why a queued run was not trained. A str, so that tags, CSV columns,
+    DataFrames and the outcome counts `ablate run` prints compare equal to it."""
 
     FINISHED = "finished"  # trained and evaluated
     DIVERGED = "diverged"  # the loss stopped being finite: a result of the cell, not rerun
@@ -28,6 +29,17 @@ class Outcome(StrEnum):
     # No progress for its stall timeout (a stuck kernel, a deadlocked loader, a hung collective):
     # its process was ended and the run goes back to the queue, resumed from its last checkpoint.
     STALLED = "stalled"
+    # A queued run no worker trained: another process had finished it or was training it when
+    # this worker came to it (the tracking store said so).
+    SKIPPED = "skipped (done elsewhere)"
+    # A queue entry whose worker process died (it trained nothing more; the run is queued again),
+    WORKER_GONE = "worker gone"
+    # or that a new `ablate run` replaced (its folder's private queue is planned afresh),
+    SUPERSEDED = "superseded"
+    # or a search trial pulled but not used: the search had its trials already.
+    UNUSED = "unused"
+    # A worker process that exited with an error (counted per process, not per run).
+    WORKER_CRASHED = "worker crashed"
 
     @property
     def is_done(self) -> bool:

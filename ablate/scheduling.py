@@ -44,6 +44,11 @@ RETRIES_ATTR = "retries"  # user attribute: failed attempts of its run before th
 # A stale trial, or a run whose rank died, is enqueued again at most this often: a cell that kills
 # every worker that takes it (out of memory, say) must not circle forever.
 MAX_RETRIES = 3
+PARENT_ATTR = "ablate_parent_run"  # study user attribute: the MLflow parent run of the grid
+# Study user attribute: the grid's whole plan, done cells included, as [cell, cell index, config
+# hash] triples, so that whichever worker closes the parent run can summarise the grid on it
+# (the queue itself only holds what was left to run).
+PLAN_ATTR = "ablate_grid_plan"
 # Outcomes whose run goes back into the queue at once, to resume from its checkpoint.
 REQUEUED = frozenset({Outcome.INTERRUPTED, Outcome.STALLED})
 
@@ -62,6 +67,20 @@ def state_dir() -> Path:
     path = Path.cwd() / ".ablate"
     path.mkdir(exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def folder_lock(name: str) -> Iterator[None]:
+    """One coordinator per ablation and working folder at a time: the folder's private queue (the
+    journal, reset by each `ablate run`) relies on it. A shared queue needs none: its enqueueing
+    is idempotent under the queue's own lock."""
+    path = state_dir() / f"{name}.lock"
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AblateError(f"{path}: another `ablate run/search {name}` is running in this folder") from None
+        yield
 
 
 def storage_url(option: str | None = None) -> str | None:
@@ -192,7 +211,7 @@ def fail_dead_trials(study: optuna.Study) -> int:
     failed = 0
     for trial in dead:
         try:  # another worker may fail it first
-            study._storage.set_trial_user_attr(trial._trial_id, OUTCOME_ATTR, "worker gone")
+            study._storage.set_trial_user_attr(trial._trial_id, OUTCOME_ATTR, str(Outcome.WORKER_GONE))
             study.tell(trial.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError):
             continue
@@ -240,7 +259,7 @@ def reset_queue(study: optuna.Study) -> int:
         cleared += 1
     while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial = study.ask()  # pops the oldest waiting trial
-        trial.set_user_attr(OUTCOME_ATTR, "superseded")
+        trial.set_user_attr(OUTCOME_ATTR, str(Outcome.SUPERSEDED))
         study.tell(trial, state=TrialState.FAIL)
         cleared += 1
     return cleared
@@ -283,7 +302,7 @@ def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlann
         trial = study.ask()
         text = trial.user_attrs.get(PLANNED_ATTR)
         if text is None:  # another worker took the last waiting one: the sampler made this one up
-            trial.set_user_attr(OUTCOME_ATTR, "unused")
+            trial.set_user_attr(OUTCOME_ATTR, str(Outcome.UNUSED))
             study.tell(trial, state=TrialState.FAIL)
             continue
         planned = PlannedRun.from_json(text)
@@ -318,7 +337,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult | None) ->
     changing nothing, when the trial was failed as stale meanwhile (its worker was too slow to
     beat): its retry carries the run on, and the tracking store, not this trial, holds the result."""
     try:
-        trial.set_user_attr(OUTCOME_ATTR, "skipped" if result is None else str(result.outcome))
+        trial.set_user_attr(OUTCOME_ATTR, str(Outcome.SKIPPED if result is None else result.outcome))
         if result is not None and result.value is not None:
             study.tell(trial, result.value)
         elif result is not None and result.outcome is Outcome.PRUNED:

@@ -33,15 +33,6 @@ from ablate.errors import AblateError, mask_urls, one_line
 from ablate.runner import WorldSizeMismatch, run_training
 from ablate.runs import Outcome, PlannedRun, RunResult
 
-# Counted beside the outcomes: a run another process had finished or was running when this
-# worker came to it (the tracking store said so), and a worker process that died.
-SKIPPED = "skipped (done elsewhere)"
-WORKER_CRASHED = "worker crashed"
-PARENT_ATTR = "ablate_parent_run"  # study user attribute: the MLflow parent run of the grid
-# Study user attribute: the grid's whole plan, done cells included, as [cell, cell index, config
-# hash] triples, so that whichever worker closes the parent run can summarise the grid on it
-# (the queue itself only holds what was left to run).
-PLAN_ATTR = "ablate_grid_plan"
 
 
 @dataclass(frozen=True)
@@ -194,7 +185,7 @@ def result_of(summary: dict, run_id: str | None = None) -> RunResult:
 
 
 def count_key(result: RunResult | None) -> str:
-    return SKIPPED if result is None else str(result.outcome)
+    return str(Outcome.SKIPPED if result is None else result.outcome)
 
 
 def counts_text(outcomes: Counter) -> str:
@@ -207,7 +198,7 @@ def counts_text(outcomes: Counter) -> str:
 def open_queue(name: str, storage: str | None) -> tuple[scheduling.optuna.Study, str]:
     """The grid's study and its parent run id, as the coordinator left them."""
     study = scheduling.load_grid_study(name, scheduling.storage(storage))
-    parent_id = study.user_attrs.get(PARENT_ATTR)
+    parent_id = study.user_attrs.get(scheduling.PARENT_ATTR)
     if not parent_id:
         raise AblateError(f"queue '{name}': no grid was planned into it; run `ablate run {name}` first")
     return study, parent_id
@@ -267,7 +258,7 @@ def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str, name:
         return
     try:
         if tracker.is_running(parent_id):
-            plan = [tuple(entry) for entry in study.user_attrs.get(PLAN_ATTR, [])]
+            plan = [tuple(entry) for entry in study.user_attrs.get(scheduling.PLAN_ATTR, [])]
             # Imported here: the report's statistics (scipy, pandas) cost every worker ~1.5 s of
             # start-up, and only the worker that closes the grid needs them.
             from ablate.summary import write_grid_summary
@@ -351,10 +342,11 @@ def gpu_assignment(jobs: int, gpus_per_cell: int, visible: list[str]) -> list[st
     return [",".join(visible[w * gpus_per_cell:(w + 1) * gpus_per_cell]) for w in range(jobs)]
 
 
-def _process_main(target: str, name: str, options: WorkerOptions, cwd: str, messages, worker: int,
-                  extra: dict) -> None:
-    """Entry of a worker process: its GPUs, threads and folder, then the loop (`target`), with
-    progress sent to the parent as ("start", (label, iterations)), ("step", i), ("end", key)."""
+def _process_main(target: Callable[..., object], name: str, options: WorkerOptions, cwd: str, messages,
+                  worker: int, extra: dict) -> None:
+    """Entry of a worker process: its GPUs, threads and folder, then the loop `target` (`work`, or
+    ablate.search's `work`), with progress sent to the parent as ("start", (label, iterations)),
+    ("step", i), ("end", key)."""
     if options.gpus is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = options.gpus
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent passes a hangup on as SIGTERM (signals.forward_to)
@@ -363,19 +355,16 @@ def _process_main(target: str, name: str, options: WorkerOptions, cwd: str, mess
     os.chdir(cwd)
     if options.threads:
         torch.set_num_threads(options.threads)
-    on_start = lambda p: messages.put((worker, "start", (f"{p.cell} s{p.seed}", p.config["train.iterations"])))  # noqa: E731
-    on_step = lambda step: messages.put((worker, "step", step))  # noqa: E731
-    on_end = lambda key: messages.put((worker, "end", key))  # noqa: E731
     try:
         with signals.graceful_stop() as stop:
-            if target == "grid":
-                work(name, options, stop=stop, on_start=on_start, on_step=on_step, on_end=on_end)
-            else:
-                from ablate.grid import search_work
-
+            if target is work:
+                work(name, options, stop=stop,
+                     on_start=lambda p: messages.put((worker, "start", (f"{p.cell} s{p.seed}", p.config["train.iterations"]))),
+                     on_step=lambda step: messages.put((worker, "step", step)),
+                     on_end=lambda key: messages.put((worker, "end", key)))
+            else:  # a search: its trials report themselves, `shares[worker]` of them
                 shares = extra.pop("shares")
-                search_work(name, options, stop=stop, messages=messages, worker=worker, trials=shares[worker],
-                            **extra)
+                target(name, options, stop=stop, messages=messages, worker=worker, trials=shares[worker], **extra)
     except AblateError as e:  # a user error: one line, as the CLI would print it, never a traceback
         print(f"error: worker {worker}: {mask_urls(one_line(e))}", file=sys.stderr)
         sys.exit(1)
@@ -383,7 +372,7 @@ def _process_main(target: str, name: str, options: WorkerOptions, cwd: str, mess
         sys.exit(130)
 
 
-def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, show_progress: bool,
+def run_processes(target: Callable[..., object], name: str, jobs: int, options: WorkerOptions, show_progress: bool,
                   total: int | None, gpus_per_cell: int = 1, **extra) -> Counter:
     """`jobs` worker processes, each with its own GPUs (when there are any) and an equal share of
     the CPU threads; this process only draws the progress and forwards a stop."""
@@ -424,5 +413,5 @@ def run_processes(target: str, name: str, jobs: int, options: WorkerOptions, sho
         p.join()
     crashed = sum(1 for p in procs if p.exitcode not in (0, 130, -signal.SIGTERM, lease.STALLED_EXIT))
     if crashed:
-        outcomes[WORKER_CRASHED] += crashed
+        outcomes[str(Outcome.WORKER_CRASHED)] += crashed
     return outcomes

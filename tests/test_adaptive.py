@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ablate import adaptive
+from ablate import adaptive, rounds
 from ablate.errors import AblateError, ConfigError
 from ablate.experiments import load_experiment
 from ablate.report.adaptive import sequential_table, write_budgets
@@ -133,7 +133,7 @@ class FakeStore:
 
 def settle(store: FakeStore, rule: SequentialRule, run_round=None):
     exp = store.exp
-    return adaptive.settle(exp, {}, rule, adaptive.comparisons_of(exp), adaptive.seed_pool(exp.seeds, rule),
+    return rounds.settle(exp, {}, rule, adaptive.comparisons_of(exp), adaptive.seed_pool(exp.seeds, rule),
                            run_round or store.run_round, store.load_runs)
 
 
@@ -228,7 +228,7 @@ def test_run_budgets_runs_each_budget_with_its_tags_and_stops_on_a_failure(smoke
         calls.append((overrides, cells, tags))
         return Counter(failed=1) if overrides.get("train.iterations") == 48 else Counter(finished=2)
 
-    outcomes = adaptive.run_budgets(smoke, {"loss.gamma": 1.0}, (1.0, 2.0, 4.0, 8.0), run_group)
+    outcomes = rounds.run_budgets(smoke, {"loss.gamma": 1.0}, (1.0, 2.0, 4.0, 8.0), run_group)
     assert [c[0] for c in calls] == [{"loss.gamma": 1.0}, {"loss.gamma": 1.0, "train.iterations": 24},
                                      {"loss.gamma": 1.0, "train.iterations": 48}]
     assert calls[1][2] == {adaptive.BUDGETS_TAG: "1,2,4,8", adaptive.BUDGET_TAG: "2"}
@@ -238,7 +238,7 @@ def test_run_budgets_runs_each_budget_with_its_tags_and_stops_on_a_failure(smoke
 
 def test_a_budget_shorter_than_the_warm_up_is_refused_before_any_run(smoke):
     with pytest.raises(ConfigError, match="warm-up"):
-        adaptive.run_budgets(smoke, {}, (1.0, 0.25), lambda *a: pytest.fail("ran"))
+        rounds.run_budgets(smoke, {}, (1.0, 0.25), lambda *a: pytest.fail("ran"))
 
 
 # ----------------------------------------------------------------------------- the report's sections

@@ -13,7 +13,10 @@ def test_outcome_is_a_string_and_done_means_finished_or_diverged():
     assert Outcome("finished") is Outcome.FINISHED and Outcome.DIVERGED == "diverged"
     assert {o for o in Outcome if o.is_done} == DONE == {Outcome.FINISHED, Outcome.DIVERGED}
     with pytest.raises(ValueError):
-        Outcome("superseded")
+        Outcome("finishd")
+    # What the queue and the workers count besides a run's end are members too, never free strings.
+    assert {str(o) for o in Outcome if o not in DONE} >= {"skipped (done elsewhere)", "worker crashed",
+                                                         "worker gone", "superseded", "unused"}
 
 
 def test_planned_runs_are_every_cell_by_seed_resolved():

@@ -77,7 +77,7 @@ def test_worker_processes_get_disjoint_gpus_and_a_share_of_the_threads(monkeypat
     monkeypatch.setattr(workers, "visible_gpus", lambda: ["0", "1", "2", "3"])
     monkeypatch.setattr(workers.os, "cpu_count", lambda: 8)
     options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
-    workers.run_processes("grid", "g", 2, options, show_progress=False, total=4, gpus_per_cell=2)
+    workers.run_processes(workers.work, "g", 2, options, show_progress=False, total=4, gpus_per_cell=2)
     assert [(a[2].gpus, a[2].threads) for a in started] == [("0,1", 4), ("2,3", 4)]
 
 
@@ -89,7 +89,7 @@ def test_a_process_ended_for_a_stalled_run_is_replaced(monkeypatch):
     fake_processes(monkeypatch, started, exits)
     monkeypatch.setattr(workers, "visible_gpus", lambda: [])
     options = workers.WorkerOptions(tracking_uri="sqlite:///x.db")
-    outcomes = workers.run_processes("grid", "g", 2, options, show_progress=False, total=2)
+    outcomes = workers.run_processes(workers.work, "g", 2, options, show_progress=False, total=2)
     assert [a[5] for a in started] == [0, 1, 0]  # worker 0 started again
     assert started[2] == started[0]
     assert outcomes == {"stalled": 1}
