@@ -123,30 +123,30 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
 
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
-        summary = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
-    if summary.get("rank"):  # another process of a torchrun launch: rank 0 reports the run
-        raise typer.Exit({Outcome.FINISHED: 0, Outcome.INTERRUPTED: 130}.get(summary["status"], 3))
-    if summary["status"] is Outcome.INTERRUPTED:
-        kept = (f"resume checkpoint {summary['resume_checkpoint']} (go on with --resume or the same command)"
+        run = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
+    if run.rank:  # another process of a torchrun launch: rank 0 reports the run
+        raise typer.Exit({Outcome.FINISHED: 0, Outcome.INTERRUPTED: 130}.get(run.outcome, 3))
+    if run.outcome is Outcome.INTERRUPTED:
+        kept = (f"resume checkpoint {run.resume_checkpoint} (go on with --resume or the same command)"
                 if spec else "no resume checkpoint (--checkpoint-every N writes one)")
-        console.print(escape(f"interrupted at iteration {summary['iterations']}: {kept}; run folder "
-                             f"{summary['run_dir']}"), style="yellow")
+        console.print(escape(f"interrupted at iteration {run.iterations}: {kept}; run folder {run.run_dir}"),
+                      style="yellow")
         raise typer.Exit(130)
     if spec:
         discard_resume(spec.path)
-    print_summary(summary)
-    if summary["status"] is not Outcome.FINISHED:
+    print_summary(run)
+    if run.outcome is not Outcome.FINISHED:
         raise typer.Exit(3)
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    if summary["status"] == "diverged":
-        console.print(f"[red]diverged[/red] at iteration {summary['diverged_at']} (non-finite loss); "
-                      f"logged metrics kept in {escape(summary['run_dir'])}")
+def print_summary(run) -> None:
+    if run.outcome == "diverged":
+        console.print(f"[red]diverged[/red] at iteration {run.diverged_at} (non-finite loss); "
+                      f"logged metrics kept in {escape(run.run_dir)}")
         return
-    console.print(f"[green]finished[/green] {summary['iterations']} iterations in {summary['train_seconds']:.0f} s: "
-                  + format_metrics(summary["metrics"]))
-    console.print(escape(f"run folder: {summary['run_dir']}"))
+    console.print(f"[green]finished[/green] {run.iterations} iterations in {run.train_seconds:.0f} s: "
+                  + format_metrics(run.metrics))
+    console.print(escape(f"run folder: {run.run_dir}"))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -246,10 +246,11 @@ def show(experiment: Annotated[str, typer.Argument(help="Experiment name or path
     seed_values = seed_list(exp, seeds)
     from ablate import grid, tracking  # torch, MLflow, Optuna: only once the input is known good
     from ablate.results import command_flags, resolve_overrides
+    from ablate.runs import runs_frame
 
     tracker = tracking.Tracker(exp.name, tracking.init_store())
     given = given_overrides(set_, data)
-    overrides = resolve_overrides(exp, given, tracker.load_runs(), tracker.override_sets(), "show")
+    overrides = resolve_overrides(exp, given, runs_frame(tracker.load_runs()), tracker.override_sets(), "show")
     if overrides and given is None:
         console.print(escape(f"the tracked runs were made with{command_flags(overrides)}: showing those"),
                       soft_wrap=True, highlight=False)

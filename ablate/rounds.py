@@ -23,7 +23,7 @@ from ablate.adaptive import (BUDGET_TAG, BUDGETS_TAG, Pair, budget_groups, compa
 from ablate.budgets import budgets_text
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
-from ablate.runs import Outcome
+from ablate.runs import Outcome, runs_frame
 from ablate.sequential import SequentialRule, State, Verdict, seeds_to_run
 
 # Outcomes after which a round stops the loop: a rerun of the command retries them, and adding
@@ -47,7 +47,7 @@ def settle(exp: Experiment, extra: dict[str, Any], rule: SequentialRule, compari
     """Judge, run the seeds the open comparisons need, judge again, until none needs any.
 
     run_round runs exactly the (cell, seed) pairs it is given and returns the count of each
-    outcome; load_runs reads the tracking store (Tracker.load_runs). A round that ends with a
+    outcome; load_runs reads the tracking store (runs_frame of Tracker.load_runs). A round that ends with a
     failed or interrupted run, or that adds no done run, ends the loop: running the command
     again retries it.
     """
@@ -124,12 +124,13 @@ def run_until_settled(exp: Experiment, seeds: Sequence[int], extra: dict[str, An
                              parent_tags=rule_tags(rule, comparisons))
 
     if dry_run:  # the first round's plan only: later rounds depend on its results
-        tracked = tracked_ap(exp, extra, tracker.load_runs())
+        tracked = tracked_ap(exp, extra, runs_frame(tracker.load_runs()))
         verdicts = judge_all(rule, comparisons, tracked.finished)
         todo = seeds_to_run(rule, comparisons, verdicts, tracked.finished, tracked.attempted,
                             seed_pool(seeds, rule))
         return run_round(todo) if todo else Counter()
-    result = settle(exp, extra, rule, comparisons, seed_pool(seeds, rule), run_round, tracker.load_runs, say)
+    result = settle(exp, extra, rule, comparisons, seed_pool(seeds, rule), run_round,
+                    lambda: runs_frame(tracker.load_runs()), say)
     for (cell, other), verdict in result.verdicts.items():
         say(f"{cell} vs {other}: {verdict.text()}")
     say(f"stopped after {result.rounds} round(s): {result.stopped}; `ablate report {exp.name}` tabulates the verdicts")

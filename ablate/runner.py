@@ -36,7 +36,7 @@ from ablate.config import Config, config_hash, from_dict, to_dict
 from ablate.errors import AblateError, DataError, one_line
 from ablate.evaluation import save_results
 from ablate.paths import NAME_MAX, check_writable_folder
-from ablate.runs import Outcome
+from ablate.runs import Outcome, RunRecord
 
 
 def set_seed(seed: int) -> None:
@@ -79,10 +79,10 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
-def run_training(cfg: Config, **kwargs) -> dict[str, Any]:
+def run_training(cfg: Config, **kwargs) -> RunRecord:
     """Train, checkpoint and evaluate one config (see `train_and_evaluate` for the arguments), on
     one process or, under torchrun or with train.nproc > 1, as rank 0 of several (DDP: see
-    ablate.distributed). Returns rank 0's summary."""
+    ablate.distributed). Returns rank 0's record of the run."""
     launched = distributed.from_env()
     if launched is None and cfg.train.nproc == 1:
         return train_and_evaluate(cfg, **kwargs)
@@ -122,8 +122,8 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
                        on_log: Callable[[int, dict[str, float]], None] | None = None, eval_every: int = 0,
                        on_eval: Callable[[int, dict[str, float]], bool] | None = None,
                        resume: ResumeSpec | None = None, stop: Callable[[], bool] | None = None,
-                       ranks: distributed.Ranks = distributed.SINGLE) -> dict[str, Any]:
-    """Train, checkpoint and evaluate one config; returns the summary (also in summary.json).
+                       ranks: distributed.Ranks = distributed.SINGLE) -> RunRecord:
+    """Train, checkpoint and evaluate one config; returns its record (also in summary.json).
 
     `console` None keeps it quiet (grid workers); `progress` is a display to add the bars to.
     Every `eval_every` iterations the val metrics go to `on_eval(iteration, metrics)`, which may stop
@@ -214,14 +214,12 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
                                on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None,
                                state=state, stop=stop, save_every=resume.every if resume else 0,
                                save_state=save_state if resume else None, ranks=ranks)
-    summary: dict[str, Any] = {"status": outcome.status, "iterations": outcome.iterations,
-                               "diverged_at": outcome.diverged_at, "train_seconds": outcome.seconds,
-                               "resumed_from": saved["iteration"] if saved else None, "processes": ranks.world_size,
-                               "config_hash": config_hash(cfg), "run_dir": str(run_dir),
-                               "data": {"root": str(root or train_set.ann_file), **train_set.stats.as_dict()},
-                               "anchors": balance}
+    record = RunRecord(outcome.status, iterations=outcome.iterations, diverged_at=outcome.diverged_at,
+                       train_seconds=outcome.seconds, resumed_from=saved["iteration"] if saved else None,
+                       processes=ranks.world_size, config_hash=config_hash(cfg), run_dir=str(run_dir),
+                       data={"root": str(root or train_set.ann_file), **train_set.stats.as_dict()}, anchors=balance)
     if outcome.status is Outcome.INTERRUPTED:
-        summary["resume_checkpoint"] = str(resume.path) if resume else None
+        record.resume_checkpoint = str(resume.path) if resume else None
     with phases("write"):  # the model first: a plot that fails must not cost it
         if outcome.status is Outcome.FINISHED:
             save_checkpoint(run_dir / "checkpoint.pt", net, cfg, *classes, outcome.iterations)
@@ -232,10 +230,10 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
             metrics, records = evaluate()
             save_results(records, run_dir / "detections.json")
             write_json(run_dir / "eval.json", metrics)
-        summary.update(metrics=metrics, eval_seconds=phases.seconds["eval"])
-    summary["phase_seconds"] = phases.seconds
-    write_json(run_dir / "summary.json", summary)
-    return summary
+        record.metrics, record.eval_seconds = metrics, phases.seconds["eval"]
+    record.phase_seconds = phases.seconds
+    write_json(run_dir / "summary.json", record.summary_json())
+    return record
 
 
 @contextlib.contextmanager
@@ -344,7 +342,7 @@ def build_training_parts(cfg: Config, train_set, device: torch.device, ranks: di
 
 
 def train_other_share(cfg: Config, train_set, device: torch.device, ranks: distributed.Ranks,
-                      saved: dict[str, Any] | None, resume: ResumeSpec | None, stop) -> dict[str, Any]:
+                      saved: dict[str, Any] | None, resume: ResumeSpec | None, stop) -> RunRecord:
     """A rank other than 0: the same parts and loop as rank 0, on its share of each batch; it
     joins rank 0's resume checkpoints (its RNG states) and writes nothing itself."""
     model, optimizer, scheduler, criterion, state, loader = build_training_parts(cfg, train_set, device, ranks, saved)
@@ -358,7 +356,7 @@ def train_other_share(cfg: Config, train_set, device: torch.device, ranks: distr
                            iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
                            show_progress=False, state=state, stop=stop, save_every=resume.every if resume else 0,
                                save_state=save_state if resume else None, ranks=ranks)
-    return {"status": outcome.status, "iterations": outcome.iterations, "rank": ranks.rank}
+    return RunRecord(outcome.status, iterations=outcome.iterations, rank=ranks.rank)
 
 
 def start_rngs(cfg: Config, saved: dict[str, Any] | None, ranks: distributed.Ranks) -> None:

@@ -3,8 +3,9 @@
 A `PlannedRun` is made once, by the planner, from the experiment file: it carries the resolved,
 flattened config of one cell x seed and its hash. Everything downstream (the queue, a worker on
 another machine, the tracking store) works from that object and never re-reads the file, which
-may have been edited since. A `RunResult` is what the trainer hands back: an `Outcome`, the final
-metrics, the files written and, once tracked, the tracking run id.
+may have been edited since. A `RunRecord` is a run once it ended: what the trainer hands back (an
+`Outcome`, the final metrics, its folder), what the worker adds once it is tracked (the tracking
+run id, the files), and what the tracking store gives back to the reports.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Outcome(StrEnum):
 
 
 DONE = frozenset({Outcome.FINISHED, Outcome.DIVERGED})
+# The outcomes a tracked run ends with (the others count queue entries and worker processes).
+RUN_ENDS = frozenset({Outcome.FINISHED, Outcome.DIVERGED, Outcome.FAILED, Outcome.INTERRUPTED, Outcome.PRUNED,
+                      Outcome.STALLED})
 
 
 @dataclass(frozen=True)
@@ -102,20 +106,82 @@ class PlannedRun:
 
 
 @dataclass
-class RunResult:
-    """What one run ended with: its outcome, final metrics (fractions in [0, 1]), the files it wrote
-    (name -> path), the tracking run id once tracked, the error line of a failed run, and
-    `retry`: a failure that another attempt may not meet (a rank of the run died), so the run
-    goes back to the queue at once, to resume from its checkpoint."""
+class RunRecord:
+    """One run that ended: how (`outcome`), its final metrics (COCO ones as fractions in [0, 1])
+    and where its files are. The one shape of a run after training, filled in three places:
+
+    - the runner (ablate.runner) writes the training side and returns it (also as summary.json);
+    - the worker that tracked the run adds its tracking `run_id`, the `artifacts` of its folder,
+      and for a failure the `error` line and `retry` (a failure another attempt may not meet: a
+      rank of the run died, so it goes back to the queue at once, to resume from its checkpoint);
+    - `Tracker.load_runs` reads it back from the tracking store, with the identity of its cell
+      (`cell`, `seed`, ...), the config it was trained with (`params`) and every metric logged.
+
+    `runs_frame` makes the table the reports and the results selection read, one row per record.
+    """
 
     outcome: Outcome
     metrics: dict[str, float] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)
+    # What training says of itself (ablate.runner).
+    iterations: int = 0
+    train_seconds: float | None = None
+    diverged_at: int | None = None
+    resumed_from: int | None = None  # the iteration its resume checkpoint held
+    processes: int = 1  # processes that trained it together (DDP)
+    rank: int = 0  # the process that returned it: only rank 0 reports a run
+    run_dir: str | None = None
+    resume_checkpoint: str | None = None  # an interrupted run's, to go on from
+    anchors: dict[str, float] = field(default_factory=dict)  # ablate.analysis.anchor_balance of its train set
+    data: dict[str, Any] = field(default_factory=dict)  # its data source and train-split statistics
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    eval_seconds: float | None = None
+    # What the worker that tracked it adds.
     run_id: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)  # file name -> path, and "run_dir"
     error: str | None = None
     retry: bool = False
+    # What the tracking store holds besides (Tracker.load_runs).
+    experiment: str | None = None
+    cell: str | None = None
+    cell_index: int = -1
+    seed: int = -1
+    config_hash: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # the flattened config, as logged
+    run_name: str | None = None
+    status: str | None = None  # MLflow's run status (RUNNING, FINISHED, FAILED, KILLED)
+    start_time: int | None = None  # ms since the epoch
+    parent_run_id: str | None = None
 
     @property
     def value(self) -> float | None:
         """The AP of a finished run: what the queue's trial completes with."""
         return self.metrics.get("AP") if self.outcome is Outcome.FINISHED else None
+
+    def summary_json(self) -> dict[str, Any]:
+        """What the run folder's summary.json holds: the training side."""
+        out: dict[str, Any] = {"status": str(self.outcome), "iterations": self.iterations,
+                               "diverged_at": self.diverged_at, "train_seconds": self.train_seconds,
+                               "resumed_from": self.resumed_from, "processes": self.processes,
+                               "config_hash": self.config_hash, "run_dir": self.run_dir, "data": self.data,
+                               "anchors": self.anchors}
+        if self.outcome is Outcome.INTERRUPTED:
+            out["resume_checkpoint"] = self.resume_checkpoint
+        if self.outcome is Outcome.FINISHED:
+            out.update(metrics=self.metrics, eval_seconds=self.eval_seconds)
+        out["phase_seconds"] = self.phase_seconds
+        return out
+
+    def row(self) -> dict[str, Any]:
+        """Its row of `runs_frame`: identity and tracking columns, then each param, then each metric."""
+        return {"run_id": self.run_id, "run_name": self.run_name, "status": self.status,
+                "start_time": self.start_time, "cell": self.cell, "cell_index": self.cell_index, "seed": self.seed,
+                "outcome": str(self.outcome), "config_hash": self.config_hash, "run_dir": self.run_dir,
+                "parent_run_id": self.parent_run_id, **self.params, **self.metrics}
+
+
+def runs_frame(records: list[RunRecord]):
+    """The runs as a table (pandas), one row per record (RunRecord.row): what `ablate report`,
+    `show` and the adaptive seeds select from."""
+    import pandas as pd  # only where a table is wanted: workers and the queue never build one
+
+    return pd.DataFrame([record.row() for record in records])

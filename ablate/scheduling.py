@@ -35,7 +35,7 @@ from ablate.errors import AblateError, mask_url
 from ablate.paths import check_writable_folder
 from ablate import lease
 from ablate.lease import heartbeat_seconds, process_owner
-from ablate.runs import Outcome, PlannedRun, RunResult
+from ablate.runs import Outcome, PlannedRun, RunRecord
 
 PLANNED_ATTR = "ablate_planned_run"  # user attribute: the PlannedRun (JSON) an enqueued trial stands for
 OUTCOME_ATTR = "outcome"  # user attribute: how the trial's run ended, for Optuna's dashboard
@@ -58,7 +58,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 # Runs one planned run; None when the tracking store said it is done or running elsewhere.
-RunPlanned = Callable[[PlannedRun], RunResult | None]
+RunPlanned = Callable[[PlannedRun], RunRecord | None]
 
 
 def state_dir() -> Path:
@@ -242,7 +242,7 @@ class TrialClaim:
 
     def give_back_stalled(self, idle: float) -> None:
         retries = self.trial.user_attrs.get(RETRIES_ATTR, 0)
-        if _tell(self.study, self.trial, RunResult(Outcome.STALLED)) and retries < MAX_RETRIES:
+        if _tell(self.study, self.trial, RunRecord(Outcome.STALLED)) and retries < MAX_RETRIES:
             enqueue(self.study, [self.planned], retries=retries + 1)
 
 
@@ -316,7 +316,7 @@ def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlann
             with lease.LEASE.hold(TrialClaim(study, trial, planned)):
                 result = run_planned(planned)
         except BaseException:
-            if _tell(study, trial, RunResult(Outcome.INTERRUPTED)):
+            if _tell(study, trial, RunRecord(Outcome.INTERRUPTED)):
                 enqueue(study, [planned])
             raise
         # An interrupted or stalled run goes back into the queue, unless its trial was failed as
@@ -332,7 +332,7 @@ def work_grid(study: optuna.Study, num_trials: int | None, run_planned: RunPlann
     return pulled
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult | None) -> bool:
+def _tell(study: optuna.Study, trial: optuna.Trial, result: RunRecord | None) -> bool:
     """Close a trial from its run's result: COMPLETE with the AP, PRUNED, or FAIL. Returns False,
     changing nothing, when the trial was failed as stale meanwhile (its worker was too slow to
     beat): its retry carries the run on, and the tracking store, not this trial, holds the result."""
@@ -373,7 +373,7 @@ def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, 
 
 
 Reporter = Callable[[int, float], bool]
-RunSearchTrial = Callable[[int, dict[str, Any], Reporter], RunResult]
+RunSearchTrial = Callable[[int, dict[str, Any], Reporter], RunRecord]
 
 
 def work_search(study: optuna.Study, num_trials: int, space: dict[str, dict[str, Any]],
@@ -395,7 +395,7 @@ def work_search(study: optuna.Study, num_trials: int, space: dict[str, dict[str,
         try:
             result = run_trial(trial.number, overrides, report)
         except BaseException:
-            _tell(study, trial, RunResult(Outcome.INTERRUPTED))
+            _tell(study, trial, RunRecord(Outcome.INTERRUPTED))
             raise
         _tell(study, trial, result)
 

@@ -19,7 +19,7 @@ from ablate.engine import progress_bar
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
 from ablate.grid import prepare_data
-from ablate.runs import Outcome, PlannedRun, RunResult
+from ablate.runs import Outcome, PlannedRun, RunRecord
 from ablate.workers import WorkerOptions
 
 
@@ -31,7 +31,7 @@ def work(name: str, options: WorkerOptions, *, exp: Experiment, trials: int, ext
     study = scheduling.search_study(name, scheduling.storage(options.storage), spec.direction, seed, warmup_steps=0)
     tracker = tracking.Tracker(name, options.tracking_uri)
 
-    def run_trial(number: int, values: dict[str, Any], report) -> RunResult:
+    def run_trial(number: int, values: dict[str, Any], report) -> RunRecord:
         overrides = {**extra, **values}
         planned = PlannedRun.from_config(name, f"trial {number}", number, exp.base_config(overrides), overrides,
                                          list(values))

@@ -20,6 +20,7 @@ from ablate.report.spec import ReportSpec
 from ablate.report.stats import aggregate, ci_bounds, is_missing, mean_std_text, percent
 from ablate.report.tables import markdown_table
 from ablate.results import pick_runs
+from ablate.runs import runs_frame
 from ablate.tracking import PERCENT_DECIMALS, cell_route, report_route
 
 # The table columns of the summary (the paper's Table 1 reports these three).
@@ -122,7 +123,7 @@ def report_note(name: str, table_md: str, files: list[Path], experiment_id: str 
 def write_grid_summary(tracker, parent_id: str, planned: list[tuple[str, int, str]], name: str) -> bool:
     """Put the summary of the planned runs (cell, cell index, config hash) on the grid's parent
     run `parent_id`; False when none of them has a tracked run."""
-    runs = pick_runs(planned, tracker.load_runs())
+    runs = pick_runs(planned, runs_frame(tracker.load_runs()))
     if runs.empty:
         return False
     cells = cell_table(runs)

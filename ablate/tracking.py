@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ from ablate.errors import AblateError, mask_url, mask_urls
 from ablate.paths import check_writable_folder
 from ablate import lease
 from ablate.lease import process_owner
-from ablate.runs import DONE, Outcome, PlannedRun
+from ablate.runs import DONE, Outcome, PlannedRun, RunRecord
 
 # MLflow announces its schema migrations at INFO level on every fresh store: keep the terminal for
 # the progress bars.
@@ -430,21 +429,22 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG}cell` != ''",
                                        max_results=50_000, order_by=["attributes.start_time DESC"])
 
-    def load_runs(self) -> pd.DataFrame:
-        """One row per child run: ids, tags, the typed config params and the final metrics."""
-        rows = []
-        for run in self._child_runs():
-            tags = run.data.tags
-            row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                   "start_time": run.info.start_time, "cell": tags.get(f"{TAG}cell"),
-                   "cell_index": int(tags.get(f"{TAG}cell_index", -1)), "seed": int(tags.get(f"{TAG}seed", -1)),
-                   "outcome": tags.get(f"{TAG}outcome", str(Outcome.INTERRUPTED)),
-                   "config_hash": tags.get(f"{TAG}config_hash"), "run_dir": tags.get(f"{TAG}run_dir"),
-                   "parent_run_id": tags.get("mlflow.parentRunId")}
-            row.update({k: _parse_param(v) for k, v in run.data.params.items()})
-            row.update(from_mlflow(run.data.metrics, tags.get(AP_UNIT[0])))
-            rows.append(row)
-        return pd.DataFrame(rows)
+    def load_runs(self) -> list[RunRecord]:
+        """Every child run, newest first, as a RunRecord: ids, tags, the typed config params and
+        the metrics (runs_frame makes the table)."""
+        return [self._record(run) for run in self._child_runs()]
+
+    def _record(self, run) -> RunRecord:
+        tags = run.data.tags
+        outcome = tags.get(f"{TAG}outcome", "")  # none yet: the run is still going, or was cut off
+        return RunRecord(Outcome(outcome) if outcome in set(Outcome) else Outcome.INTERRUPTED,
+                         from_mlflow(run.data.metrics, tags.get(AP_UNIT[0])), run_dir=tags.get(f"{TAG}run_dir"),
+                         run_id=run.info.run_id, experiment=self.name, cell=tags.get(f"{TAG}cell"),
+                         cell_index=int(tags.get(f"{TAG}cell_index", -1)), seed=int(tags.get(f"{TAG}seed", -1)),
+                         config_hash=tags.get(f"{TAG}config_hash"),
+                         params={k: _parse_param(v) for k, v in run.data.params.items()}, run_name=run.info.run_name,
+                         status=run.info.status, start_time=run.info.start_time,
+                         parent_run_id=tags.get("mlflow.parentRunId"))
 
     def parent_tags(self, key: str) -> list[dict[str, str]]:
         """The tags of this ablation's parent runs (the grids' runs, not the cells') that have tag

@@ -31,7 +31,7 @@ from ablate.distributed import RankLost
 from ablate.engine import progress_bar
 from ablate.errors import AblateError, mask_urls, one_line
 from ablate.runner import WorldSizeMismatch, run_training
-from ablate.runs import Outcome, PlannedRun, RunResult
+from ablate.runs import Outcome, PlannedRun, RunRecord
 
 
 
@@ -70,7 +70,7 @@ def resumable_run_id(path: Path) -> str | None:
 
 def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, progress: Progress | None,
                 *, options: WorkerOptions | None = None, stop: Callable[[], bool] | None = None, on_log=None,
-                eval_every: int = 0, on_eval=None, claim: bool = True) -> RunResult | None:
+                eval_every: int = 0, on_eval=None, claim: bool = True) -> RunRecord | None:
     """Train one planned run as an MLflow child run. Returns None when the tracking store says the
     run is done or running elsewhere (`claim`), or when another worker took it over meanwhile;
     never raises for a failing run (it is recorded)."""
@@ -96,7 +96,7 @@ def run_tracked(planned: PlannedRun, tracker: tracking.Tracker, parent_id: str, 
 
 def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress: Progress | None,
                    resume: ResumeSpec | None, previous: str | None, *, stop, on_log, eval_every: int,
-                   on_eval) -> RunResult | None:
+                   on_eval) -> RunRecord | None:
     """run_tracked's part once the run is this worker's: train, record, and record failures."""
     if resume is not None:
         if previous and previous != child.run_id:  # the checkpoint belongs to a run we did not take over
@@ -114,16 +114,16 @@ def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress:
         return bool(on_eval and on_eval(step, metrics))
 
     try:
-        summary = run_training(cfg, name=planned.name.replace(" ", "_"), console=None,
-                               show_progress=progress is not None, progress=progress, on_log=log,
-                               eval_every=eval_every, on_eval=evaluate if on_eval else None, resume=resume, stop=stop)
-        return record(child, summary, resume)
+        run = run_training(cfg, name=planned.name.replace(" ", "_"), console=None,
+                           show_progress=progress is not None, progress=progress, on_log=log,
+                           eval_every=eval_every, on_eval=evaluate if on_eval else None, resume=resume, stop=stop)
+        return record(child, run, resume)
     except tracking.LostClaim:  # taken for dead and taken over: the other worker records the run
         return None
     except tracking.TrackingUnreachable as e:  # the checkpoint stays; the cell goes back to the queue
         print(f"error: {planned.experiment}: run '{planned.name}' left to resume: {one_line(e)}", file=sys.stderr,
               flush=True)
-        return RunResult(Outcome.INTERRUPTED, run_id=child.run_id, error=one_line(e))
+        return RunRecord(Outcome.INTERRUPTED, run_id=child.run_id, error=one_line(e))
     except KeyboardInterrupt:
         with contextlib.suppress(tracking.LostClaim):
             child.end(Outcome.INTERRUPTED)
@@ -143,29 +143,30 @@ def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress:
             return None
         except tracking.TrackingUnreachable:
             pass  # the failure is said on the console; the cell is rerun
-        return RunResult(Outcome.FAILED, run_id=child.run_id, error=error, retry=retry)
+        return RunRecord(Outcome.FAILED, run_id=child.run_id, error=error, retry=retry)
 
 
-def record(child: tracking.ChildRun, summary: dict, resume: ResumeSpec | None) -> RunResult:
+def record(child: tracking.ChildRun, run: RunRecord, resume: ResumeSpec | None) -> RunRecord:
     """Log a run's final metrics and files and close it; the resume checkpoint of a run that is
-    over goes (an interrupted run keeps it for the next attempt)."""
-    result = result_of(summary, child.run_id)
-    if summary.get("resumed_from") is not None:
-        child.set_tags({"resumed_from": summary["resumed_from"]})
-    if summary.get("processes", 1) > 1:  # trained by several processes (DDP); one run all the same
-        child.set_tags({"processes": summary["processes"]})
-    if result.outcome is not Outcome.INTERRUPTED:
-        final = {"train_seconds": summary["train_seconds"], "bg_per_fg": summary["anchors"]["bg_per_fg"],
-                 "fg_per_image": summary["anchors"]["fg_per_image"], **result.metrics}
-        if summary.get("diverged_at") is not None:
-            final["diverged_at"] = summary["diverged_at"]
-        child.log_metrics(final, summary["iterations"])
-        child.set_tags({"run_dir": summary["run_dir"]})
-        child.log_artifacts(Path(summary["run_dir"]))
-    child.end(result.outcome, history=read_history(Path(summary["run_dir"]) / "metrics.jsonl"))
-    if resume is not None and result.outcome is not Outcome.INTERRUPTED:
+    over goes (an interrupted run keeps it for the next attempt). Returns the record with its
+    run id and files."""
+    run.run_id, run.artifacts = child.run_id, folder_files(Path(run.run_dir))
+    if run.resumed_from is not None:
+        child.set_tags({"resumed_from": run.resumed_from})
+    if run.processes > 1:  # trained by several processes (DDP); one run all the same
+        child.set_tags({"processes": run.processes})
+    if run.outcome is not Outcome.INTERRUPTED:
+        final = {"train_seconds": run.train_seconds, "bg_per_fg": run.anchors["bg_per_fg"],
+                 "fg_per_image": run.anchors["fg_per_image"], **run.metrics}
+        if run.diverged_at is not None:
+            final["diverged_at"] = run.diverged_at
+        child.log_metrics(final, run.iterations)
+        child.set_tags({"run_dir": run.run_dir})
+        child.log_artifacts(Path(run.run_dir))
+    child.end(run.outcome, history=read_history(Path(run.run_dir) / "metrics.jsonl"))
+    if resume is not None and run.outcome is not Outcome.INTERRUPTED:
         discard_resume(resume.path)
-    return result
+    return run
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -176,15 +177,13 @@ def read_history(path: Path) -> list[dict[str, float]]:
         return []
 
 
-def result_of(summary: dict, run_id: str | None = None) -> RunResult:
-    """The RunResult of a run_training summary: its outcome, metrics and run folder's files."""
-    run_dir = Path(summary["run_dir"])
+def folder_files(run_dir: Path) -> dict[str, str]:
+    """{"run_dir": the folder, file name: path for each file in it}."""
     files = {p.name: str(p) for p in sorted(run_dir.iterdir()) if p.is_file()} if run_dir.is_dir() else {}
-    return RunResult(Outcome(summary["status"]), dict(summary.get("metrics", {})),
-                     {"run_dir": str(run_dir), **files}, run_id)
+    return {"run_dir": str(run_dir), **files}
 
 
-def count_key(result: RunResult | None) -> str:
+def count_key(result: RunRecord | None) -> str:
     return str(Outcome.SKIPPED if result is None else result.outcome)
 
 
@@ -215,7 +214,7 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
     outcomes: Counter = Counter()
     unreachable = False
 
-    def run(planned: PlannedRun) -> RunResult | None:
+    def run(planned: PlannedRun) -> RunRecord | None:
         nonlocal unreachable
         lease.LEASE.label = f"{planned.experiment}: run '{planned.name}' ({planned.config_hash})"
         if on_start:
@@ -227,7 +226,7 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
         except tracking.TrackingUnreachable as e:  # before the run was claimed: it waits in the queue
             print(f"error: {planned.experiment}: run '{planned.name}' left in the queue: {one_line(e)}",
                   file=sys.stderr, flush=True)
-            result = RunResult(Outcome.INTERRUPTED, error=one_line(e))
+            result = RunRecord(Outcome.INTERRUPTED, error=one_line(e))
         if result is not None and result.outcome is Outcome.INTERRUPTED and result.error:
             unreachable = True  # this worker stops: the next cell would wait for the server as long
         if result is not None and result.outcome is Outcome.FAILED:
@@ -243,7 +242,7 @@ def work(name: str, options: WorkerOptions, *, stop: Callable[[], bool], progres
     return outcomes
 
 
-def report_failure(planned: PlannedRun, result: RunResult) -> None:
+def report_failure(planned: PlannedRun, result: RunRecord) -> None:
     """A failed cell's reason on the console, not only in its run's error tag: the grid goes on, so
     this line is all the user sees of it before the summary (stderr: a worker process's is the
     terminal's, and a live progress display prints it above the bars)."""

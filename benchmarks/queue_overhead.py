@@ -32,7 +32,7 @@ import servers  # noqa: E402
 
 from ablate import scheduling, tracking  # noqa: E402
 from ablate.config import build_config  # noqa: E402
-from ablate.runs import Outcome, PlannedRun, RunResult  # noqa: E402
+from ablate.runs import Outcome, PlannedRun, RunRecord  # noqa: E402
 
 
 def planned_runs(n: int, name: str) -> list[PlannedRun]:
@@ -47,12 +47,12 @@ def overhead_per_cell(storage: str | Path, tracking_uri: str, cells: int, name: 
     parent = tracker.start_parent("bench")
     scheduling.enqueue(study, planned_runs(cells, name))
 
-    def run(planned: PlannedRun) -> RunResult | None:
+    def run(planned: PlannedRun) -> RunRecord | None:
         child = tracker.claim(planned, parent)
         if child is None:
             return None
         child.end(Outcome.FINISHED)
-        return RunResult(Outcome.FINISHED, {"AP": 0.0}, run_id=child.run_id)
+        return RunRecord(Outcome.FINISHED, {"AP": 0.0}, run_id=child.run_id)
 
     t0 = time.perf_counter()
     assert scheduling.work_grid(study, None, run) == cells
@@ -79,7 +79,7 @@ def pickup_seconds(storage: str, name: str, heartbeat: int) -> float:
     killed = time.perf_counter()
     started: list[float] = []
     scheduling.work_grid(study, None, lambda planned: started.append(time.perf_counter())
-                         or RunResult(Outcome.FINISHED, {"AP": 0.0}))
+                         or RunRecord(Outcome.FINISHED, {"AP": 0.0}))
     return started[0] - killed
 
 

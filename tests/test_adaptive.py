@@ -95,7 +95,7 @@ def test_max_seeds_below_the_first_look_is_one_line():
 
 
 class FakeStore:
-    """A faithful fake of the tracked runs: rows as Tracker.load_runs returns them (cell, seed,
+    """A faithful fake of the tracked runs: rows as runs_frame(Tracker.load_runs()) makes them (cell, seed,
     config hash of the planned run, outcome, AP as a fraction), filled by run_round."""
 
     def __init__(self, exp, means: dict[str, float], sd: float = 1.0, diverge: set | None = None):

@@ -760,9 +760,9 @@ def test_a_failing_plot_never_costs_the_checkpoint(tmp_path: Path, monkeypatch):
                                 "train.iterations": 2, "train.log_every": 1, "train.out_dir": str(tmp_path / "runs")})
     with pytest.warns(UserWarning, match="loss_curve.png not drawn"):
         summary = runner.run_training(cfg, name="plot", console=None, show_progress=False)
-    assert summary["status"] is Outcome.FINISHED
-    assert (Path(summary["run_dir"]) / "checkpoint.pt").is_file()
-    assert (Path(summary["run_dir"]) / "eval.json").is_file()
+    assert summary.outcome is Outcome.FINISHED
+    assert (Path(summary.run_dir) / "checkpoint.pt").is_file()
+    assert (Path(summary.run_dir) / "eval.json").is_file()
 
 
 def test_an_animated_gif_decodes_to_its_first_frame(tmp_path: Path):

@@ -221,4 +221,4 @@ def test_a_train_split_without_boxes_warns(tiny_coco, tmp_path):
     cfg = build_config("tiny", {**data_overrides(f"coco:{tiny_coco}", "t"), "train.iterations": 1,
                                 "train.batch_size": 2, "train.out_dir": str(tmp_path / "quiet")})
     with pytest.warns(UserWarning, match="the train split has no boxes to learn from"):
-        assert run_training(cfg, console=None, show_progress=False)["status"] == "finished"
+        assert run_training(cfg, console=None, show_progress=False).outcome == "finished"

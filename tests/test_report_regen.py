@@ -17,6 +17,7 @@ import pytest
 from ablate.experiments import load_experiment
 from ablate.report import write_report
 from ablate.report.build import report_spec
+from ablate.runs import Outcome, RunRecord, runs_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("**/runs.csv"))
@@ -40,23 +41,21 @@ def _metric(text: str) -> float:
 
 
 def load_runs_csv(path: Path) -> pd.DataFrame:
-    """runs.csv as the runs frame the report was written from: params (dotted columns) JSON-parsed,
-    metrics floats, ids and tags as text, rows built like load_runs builds them (dtypes inferred)."""
+    """runs.csv as the runs frame the report was written from: each row back to the RunRecord
+    Tracker.load_runs made of its run (params, the dotted columns, JSON-parsed; metrics floats;
+    ids and tags as text), then runs_frame of them, as `ablate report` builds its table."""
     raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    rows = []
-    for record in raw.to_dict("records"):
-        row: dict[str, Any] = {}
-        for column, text in record.items():
-            if column in INTEGERS:
-                row[column] = int(text)
-            elif column in STRINGS:
-                row[column] = text or None
-            elif "." in column:
-                row[column] = _param(text)
-            else:
-                row[column] = _metric(text)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    records = []
+    for row in raw.to_dict("records"):
+        known = {column: (int(text) if column in INTEGERS else text or None)
+                 for column, text in row.items() if column in INTEGERS + STRINGS}
+        record = RunRecord(Outcome(known.pop("outcome")),
+                           {column: _metric(text) for column, text in row.items()
+                            if column not in known and column != "outcome" and "." not in column},
+                           params={column: _param(text) for column, text in row.items() if "." in column}, **known)
+        records.append(record)
+    frame = runs_frame(records)
+    return frame[list(raw.columns)]  # the file's column order
 
 
 @pytest.mark.parametrize("folder", REPORTS, ids=[str(p.relative_to(ROOT / "reports")) for p in REPORTS])

@@ -24,7 +24,7 @@ from ablate.checkpoint import ResumeSpec, discard_resume, load_resume, save_resu
 from ablate.config import build_config, config_hash
 from ablate.errors import AblateError
 from ablate.runner import run_training
-from ablate.runs import Outcome
+from ablate.runs import Outcome, RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("iteration", "lr", "loss", "loss_cls", "loss_box_reg", "num_fg", "num_bg", "num_ignored")
@@ -45,7 +45,7 @@ def tiny(tmp_path: Path, **overrides):
                                  "train.out_dir": str(tmp_path / "runs"), **overrides})
 
 
-def train(cfg, **kwargs) -> dict:
+def train(cfg, **kwargs) -> RunRecord:
     return run_training(cfg, name="t", console=None, show_progress=False, **kwargs)
 
 
@@ -55,17 +55,17 @@ def stop_after(n: int):
     return lambda: next(calls) == n
 
 
-def logged(summary: dict) -> list[dict]:
-    lines = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+def logged(run_dir: str | Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [{k: m[k] for k in LOSSES} for m in map(json.loads, lines)]
 
 
-def assert_same_run(resumed: dict, full: dict) -> None:
-    assert resumed["status"] == full["status"] == Outcome.FINISHED
-    assert logged(resumed) == logged(full)  # every logged step, exactly
+def assert_same_run(resumed: RunRecord, full: RunRecord) -> None:
+    assert resumed.outcome is full.outcome is Outcome.FINISHED
+    assert logged(resumed.run_dir) == logged(full.run_dir)  # every logged step, exactly
     for key in ("AP", "AP50", "AP75", "AR100"):
-        assert resumed["metrics"][key] == full["metrics"][key]
-    detections = [(Path(s["run_dir"]) / "detections.json").read_bytes() for s in (resumed, full)]
+        assert resumed.metrics[key] == full.metrics[key]
+    detections = [(Path(s.run_dir) / "detections.json").read_bytes() for s in (resumed, full)]
     assert detections[0] == detections[1]
 
 
@@ -80,19 +80,19 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, one_thr
     saved = []
     spec = ResumeSpec(tmp_path / "ck" / "resume.pt", every=4, meta={"run_id": "r1"}, on_saved=saved.append)
     stopped = train(cfg, resume=spec, stop=stop_after(10))
-    assert (stopped["status"], stopped["iterations"], stopped["resume_checkpoint"]) == (
+    assert (stopped.outcome, stopped.iterations, stopped.resume_checkpoint) == (
         Outcome.INTERRUPTED, 10, str(spec.path))
-    assert "metrics" not in stopped and saved == [4, 8, 10]  # every 4, and when stopped
+    assert stopped.metrics == {} and saved == [4, 8, 10]  # every 4, and when stopped
     sidecar = json.loads(spec.path.with_suffix(".json").read_text())
     assert (sidecar["iteration"], sidecar["config_hash"], sidecar["meta"]) == (10, config_hash(cfg), {"run_id": "r1"})
-    assert [m["iteration"] for m in logged(stopped)] == [4, 8]
+    assert [m["iteration"] for m in logged(stopped.run_dir)] == [4, 8]
 
     resumed = train(cfg, resume=spec)
-    assert resumed["resumed_from"] == 10 and full["resumed_from"] is None
-    assert resumed["run_dir"] == stopped["run_dir"]  # the run goes on in its folder
+    assert resumed.resumed_from == 10 and full.resumed_from is None
+    assert resumed.run_dir == stopped.run_dir  # the run goes on in its folder
     assert saved == [4, 8, 10, 12, 16, 20]
     assert_same_run(resumed, full)  # the interval 9-12 spans the stop: its means still match
-    assert resumed["train_seconds"] >= stopped["train_seconds"]
+    assert resumed.train_seconds >= stopped.train_seconds
 
 
 @pytest.mark.slow
@@ -115,9 +115,9 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, one_th
 
 def test_stop_without_a_resume_spec_ends_interrupted_without_a_checkpoint(tmp_path, one_thread):
     cfg = tiny(tmp_path, **{"train.iterations": 6})
-    summary = train(cfg, stop=stop_after(2))
-    assert (summary["status"], summary["iterations"], summary["resume_checkpoint"]) == (Outcome.INTERRUPTED, 2, None)
-    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["status"] == Outcome.INTERRUPTED
+    run = train(cfg, stop=stop_after(2))
+    assert (run.outcome, run.iterations, run.resume_checkpoint) == (Outcome.INTERRUPTED, 2, None)
+    assert json.loads((Path(run.run_dir) / "summary.json").read_text())["status"] == Outcome.INTERRUPTED
 
 
 def test_a_resume_checkpoint_of_another_config_is_refused(tmp_path):
@@ -265,5 +265,5 @@ def test_ablate_train_stopped_by_sigterm_resumes_to_the_same_result(tmp_path):
     assert summary["resumed_from"] == stopped_at
     evals = [json.loads((run / "eval.json").read_text()) for run in runs]
     assert {k: evals[0][k] for k in ("AP", "AP50", "AP75")} == {k: evals[1][k] for k in ("AP", "AP50", "AP75")}
-    assert logged({"run_dir": runs[0]}) == logged({"run_dir": runs[1]})
+    assert logged(runs[0]) == logged(runs[1])
     assert (runs[0] / "detections.json").read_bytes() == (runs[1] / "detections.json").read_bytes()

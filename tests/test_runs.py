@@ -6,7 +6,7 @@ import pytest
 
 from ablate.config import config_hash
 from ablate.experiments import load_experiment
-from ablate.runs import DONE, Outcome, PlannedRun, RunResult
+from ablate.runs import DONE, Outcome, PlannedRun, RunRecord, runs_frame
 
 
 def test_outcome_is_a_string_and_done_means_finished_or_diverged():
@@ -50,10 +50,34 @@ def test_planned_run_rejects_unknown_fields_and_bad_config():
         broken.build_config()
 
 
-def test_run_result_value_is_the_ap_of_a_finished_run_only():
-    assert RunResult(Outcome.FINISHED, {"AP": 0.31}).value == 0.31
-    assert RunResult(Outcome.DIVERGED, {"AP": 0.0}).value is None
-    assert RunResult(Outcome.FAILED, error="boom").value is None
+def test_run_record_value_is_the_ap_of_a_finished_run_only():
+    assert RunRecord(Outcome.FINISHED, {"AP": 0.31}).value == 0.31
+    assert RunRecord(Outcome.DIVERGED, {"AP": 0.0}).value is None
+    assert RunRecord(Outcome.FAILED, error="boom").value is None
+
+
+def test_summary_json_holds_the_training_side_of_the_record():
+    finished = RunRecord(Outcome.FINISHED, {"AP": 0.31}, iterations=12, train_seconds=3.5, run_dir="runs/a",
+                         anchors={"bg_per_fg": 900.0}, eval_seconds=0.5, phase_seconds={"train": 3.5},
+                         run_id="not-training's", cell="focal")
+    summary = finished.summary_json()
+    assert list(summary) == ["status", "iterations", "diverged_at", "train_seconds", "resumed_from", "processes",
+                             "config_hash", "run_dir", "data", "anchors", "metrics", "eval_seconds", "phase_seconds"]
+    assert summary["status"] == "finished" and type(summary["status"]) is str and summary["metrics"] == {"AP": 0.31}
+    interrupted = RunRecord(Outcome.INTERRUPTED, iterations=4, resume_checkpoint="ck/resume.pt").summary_json()
+    assert interrupted["resume_checkpoint"] == "ck/resume.pt" and "metrics" not in interrupted
+
+
+def test_runs_frame_has_one_row_per_record_params_then_metrics():
+    records = [RunRecord(Outcome.FINISHED, {"AP": 0.3, "loss": 0.9}, run_id="a", cell="focal", seed=0,
+                         params={"loss.gamma": 2.0, "loss": "a param the metric overrides"}),
+               RunRecord(Outcome.DIVERGED, run_id="b", cell="ce", seed=1, params={"loss.gamma": 0.0})]
+    frame = runs_frame(records)
+    assert list(frame.columns[:11]) == ["run_id", "run_name", "status", "start_time", "cell", "cell_index", "seed",
+                                        "outcome", "config_hash", "run_dir", "parent_run_id"]
+    assert frame["outcome"].tolist() == ["finished", "diverged"] and frame["loss.gamma"].tolist() == [2.0, 0.0]
+    assert frame.loc[0, "loss"] == 0.9  # a metric wins over a param of its name, as MLflow's run view shows
+    assert frame.loc[1, "AP"] != frame.loc[1, "AP"]  # NaN: no AP for the diverged run
 
 
 def test_the_planned_hash_is_the_hash_the_committed_reports_recorded():

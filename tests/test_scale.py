@@ -178,7 +178,7 @@ from ablate.runner import run_training
 exp = load_experiment(sys.argv[1])
 (planned,) = [p for p in exp.planned_runs([0]) if p.cell == sys.argv[2]]
 summary = run_training(planned.build_config(), name="reference", console=None, show_progress=False)
-print(json.dumps(summary["metrics"]))
+print(json.dumps(summary.metrics))
 """
 
 

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from ablate import lease, scheduling
 from ablate.errors import AblateError
 from ablate.experiments import load_experiment
-from ablate.runs import Outcome, PlannedRun, RunResult
+from ablate.runs import Outcome, PlannedRun, RunRecord
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_trial_params_keep_numbers_only():
 def test_enqueued_runs_come_back_in_order_and_trials_close_by_outcome(study):
     runs = load_experiment("gamma-sweep").planned_runs([0])[:3]
     scheduling.enqueue(study, runs)
-    results = iter([RunResult(Outcome.FINISHED, {"AP": 0.25}), RunResult(Outcome.DIVERGED), None])
+    results = iter([RunRecord(Outcome.FINISHED, {"AP": 0.25}), RunRecord(Outcome.DIVERGED), None])
     seen: list[PlannedRun] = []
 
     def run(planned: PlannedRun):
@@ -53,13 +53,13 @@ def test_an_interrupted_run_fails_its_trial_and_goes_back_into_the_queue(study):
     assert trial.state == TrialState.FAIL and trial.user_attrs["outcome"] == "interrupted"
     assert again.state == TrialState.WAITING and PlannedRun.from_json(again.user_attrs["ablate_planned_run"]) == planned
     # A run that ends interrupted (SIGTERM: checkpoint written) goes back the same way.
-    scheduling.work_grid(study, 1, lambda p: RunResult(Outcome.INTERRUPTED))
+    scheduling.work_grid(study, 1, lambda p: RunRecord(Outcome.INTERRUPTED))
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
 
 
 def test_a_stopped_worker_pulls_nothing_more(study):
     scheduling.enqueue(study, load_experiment("smoke").planned_runs([0]))
-    assert scheduling.work_grid(study, None, lambda p: RunResult(Outcome.FINISHED, {"AP": 0.1}), stop=lambda: True) == 0
+    assert scheduling.work_grid(study, None, lambda p: RunRecord(Outcome.FINISHED, {"AP": 0.1}), stop=lambda: True) == 0
 
 
 def test_a_worker_waits_for_running_trials_and_takes_a_dead_worker_s_run(study, monkeypatch):
@@ -71,7 +71,7 @@ def test_a_worker_waits_for_running_trials_and_takes_a_dead_worker_s_run(study, 
     dead.set_user_attr(scheduling.OWNER_ATTR, "this-host-is-gone:1:1.00")
     monkeypatch.setattr(lease, "owner_alive", lambda owner: not owner.startswith("this-host-is-gone"))
     ran = []
-    assert scheduling.work_grid(study, None, lambda p: ran.append(p) or RunResult(Outcome.FINISHED, {"AP": 0.2})) == 1
+    assert scheduling.work_grid(study, None, lambda p: ran.append(p) or RunRecord(Outcome.FINISHED, {"AP": 0.2})) == 1
     assert ran == [planned]
     states = [(t.state, t.user_attrs.get("outcome")) for t in study.get_trials()]
     assert states == [(TrialState.FAIL, "worker gone"), (TrialState.COMPLETE, "finished")]
@@ -87,7 +87,7 @@ def test_reset_queue_fails_running_and_drops_waiting_trials(study):
 
 def test_search_trials_close_as_complete_pruned_or_failed(tmp_path):
     study = scheduling.search_study("s", scheduling.storage(tmp_path / "s.journal"), "maximize", 0, 0)
-    results = iter([RunResult(Outcome.FINISHED, {"AP": 0.1}), RunResult(Outcome.PRUNED), RunResult(Outcome.FAILED)])
+    results = iter([RunRecord(Outcome.FINISHED, {"AP": 0.1}), RunRecord(Outcome.PRUNED), RunRecord(Outcome.FAILED)])
     drawn = []
 
     def run_trial(number, overrides, report):

@@ -15,7 +15,7 @@ from ablate import tracking
 from ablate.errors import AblateError
 from ablate.experiments import load_experiment
 from ablate.lease import owner_alive, process_owner
-from ablate.runs import Outcome
+from ablate.runs import RUN_ENDS, Outcome, runs_frame
 
 TAG = tracking.TAG
 
@@ -159,7 +159,7 @@ def test_a_worker_whose_run_was_taken_over_records_nothing(tracker, planned):
 def test_end_maps_outcomes_to_mlflow_statuses(tracker):
     parent = tracker.start_parent("run")
     statuses = {}
-    for seed, outcome in enumerate(Outcome):
+    for seed, outcome in enumerate(sorted(RUN_ENDS)):
         child = tracker.start_child(load_experiment("smoke").planned_runs([seed])[0], parent)
         child.end(outcome)
         statuses[outcome] = tracker.client.get_run(child.run_id).info.status
@@ -217,7 +217,7 @@ def test_coco_metrics_go_to_mlflow_in_percent_without_sentinels_and_come_back_as
     child.end(Outcome.FINISHED)
     logged = tracker.client.get_run(child.run_id).data.metrics
     assert logged == {"AP": 2.5419, "train_seconds": 3.5, "val_AP": 50.0}  # no -1, AP in percent (4 decimals)
-    [row] = tracker.load_runs().to_dict("records")
+    [row] = runs_frame(tracker.load_runs()).to_dict("records")
     assert row["AP"] == pytest.approx(0.025419, abs=1e-12) and row["val_AP"] == pytest.approx(0.5)
     assert row["train_seconds"] == 3.5 and "APm" not in row
     # Runs logged before (no unit tag) hold fractions, read as they are.

@@ -27,7 +27,7 @@ from ablate.results import command_flags, reproduce_command, resolve_overrides, 
 
 if TYPE_CHECKING:
     from ablate.sequential import SequentialRule
-from ablate.runs import Outcome
+from ablate.runs import Outcome, runs_frame
 
 FIGURE1_CAPTION = "the loss family (paper's Figure 1)"
 
@@ -46,7 +46,7 @@ def build_report(exp: Experiment, extra: dict[str, Any] | None, out_dir: Path, c
     tracked runs' own are used). `say(line)` is told which ones were used and where the report went.
     family: judge the recorded comparisons as one family (Holm) whatever the recorded rule says."""
     tracker = tracking.Tracker(exp.name, tracking.init_store())
-    tracked = tracker.load_runs()
+    tracked = runs_frame(tracker.load_runs())
     chosen = resolve_overrides(exp, extra, tracked, tracker.override_sets())
     if chosen and not extra and say:
         say(f"the tracked runs were made with{command_flags(chosen)}: reporting those")
@@ -114,7 +114,7 @@ def adaptive_sections(exp: Experiment, overrides: dict[str, Any], tracker: track
         written, text = write_sequential(*recorded, runs, out_dir)
         paths.update(written)
         sections.append(text)
-    per_budget = adaptive.budget_runs(exp, overrides, tracker.load_runs(), budgets) if budgets else {}
+    per_budget = adaptive.budget_runs(exp, overrides, runs_frame(tracker.load_runs()), budgets) if budgets else {}
     if per_budget:
         written, text = write_budgets(per_budget, spec, out_dir)
         paths.update(written)
