@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablate.budgets import budget_overrides
+from ablate.budgets import budget_overrides, parse_budgets
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
 from ablate.results import select_runs
@@ -41,6 +41,34 @@ BUDGETS_TAG = f"{TAG}budgets"
 BUDGET_TAG = f"{TAG}budget"
 
 Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class RunMode:
+    """Which runs `ablate run` adds: the grid as declared (`force`: done cells again too), seeds
+    until the comparisons settle (`until_settled`, with the rule's `max_seeds`, `test`, `family`),
+    or the grid at each multiple of `budgets` ('1,2,4')."""
+
+    force: bool = False
+    until_settled: bool = False
+    max_seeds: int | None = None
+    test: str | None = None
+    family: bool = False
+    budgets: str | None = None
+
+    def check(self, exp: Experiment) -> Sequence[float] | None:
+        """The flags checked together, before any store opens: one AblateError naming the first
+        bad one. Returns the budget multiples (None without --budgets)."""
+        for given, flag in ((self.max_seeds is not None, "--max-seeds"), (self.test is not None, "--test"),
+                            (self.family, "--family")):
+            if given and not self.until_settled:
+                raise AblateError(f"{flag} goes with --until-settled")
+        if self.until_settled and (self.budgets or self.force):
+            raise AblateError(f"--until-settled does not combine with {'--budgets' if self.budgets else '--force'}")
+        multiples = parse_budgets(self.budgets) if self.budgets is not None else None
+        if self.until_settled:
+            rule_of(exp, self.max_seeds)  # a bad --max-seeds in one line
+        return multiples
 
 
 # ----------------------------------------------------------------------------- what is compared, by which rule

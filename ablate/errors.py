@@ -77,3 +77,10 @@ def mask_urls(text: str) -> str:
     """`text` with the password of every URL in it replaced by *** (see `mask_url`): for messages
     and log lines that quote URLs among other words."""
     return _CREDENTIALS.sub(r"\1:***@", text)
+
+
+def check_at_least(value: int | None, minimum: int, option: str) -> None:
+    """An option's count of something (--jobs, --gpus-per-cell, --checkpoint-every): one
+    AblateError naming it when below `minimum`; None (not given) passes."""
+    if value is not None and value < minimum:
+        raise AblateError(f"{option}: must be >= {minimum}, got {value}")

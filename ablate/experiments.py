@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablate.config import PRESETS, Config, apply_overrides, build_config, check_seed, flatten
-from ablate.errors import ConfigError
+from ablate.config import PRESETS, Config, apply_overrides, build_config, check_seed, flatten, parse_set
+from ablate.errors import ConfigError, one_line
 from ablate.runs import PlannedRun
 
 TOP_LEVEL_KEYS = {"description", "preset", "data", "seeds", "baseline", "report", "config", "grid", "variants",
@@ -187,6 +187,15 @@ class Experiment:
             raise ConfigError(f"{source}: {cells:,} cells x {num_seeds:,} seeds = {cells * num_seeds:,} runs, more "
                               f"than one grid may plan ({MAX_RUNS:,}); use fewer seeds or split the experiment")
 
+    def seed_list(self, seeds: int | None = None) -> list[int]:
+        """Seeds 0..seeds-1 (`--seeds N`), else the file's."""
+        if seeds is None:
+            return self.seeds
+        if not 1 <= seeds <= 10_000:  # a grid of more seeds is a typo, and range() of it would fill the memory
+            raise ConfigError(f"--seeds: the number of seeds must be in [1, 10000], got {seeds}")
+        self.check_size(seeds, "--seeds")
+        return list(range(seeds))
+
     def cells(self) -> list[Cell]:
         """The grid product crossed with the variants (either may be empty; neither: one cell)."""
         axes = list(self.grid.items())
@@ -289,6 +298,22 @@ def list_experiments() -> list[Path]:
             if _is_file(path):
                 seen.setdefault(path.stem, path)
     return [seen[k] for k in sorted(seen)]
+
+
+def survey() -> tuple[list[tuple[str, ...] | str], list[str]]:
+    """`ablate list`: a row (name, cells, seeds, preset, description) per experiment file, only the
+    name for a file that does not load, and the error line of each of those (one bad file must not
+    hide the others)."""
+    rows, errors = [], []
+    for path in list_experiments():
+        try:
+            exp = load_experiment(str(path))
+        except ConfigError as e:
+            errors.append(one_line(e))
+            rows.append(path.stem)
+            continue
+        rows.append((exp.name, str(len(exp.cells())), str(exp.seeds), exp.preset, exp.description))
+    return rows, errors
 
 
 def _is_file(path: Path) -> bool:
@@ -572,3 +597,17 @@ def validate(exp: Experiment) -> None:
         for key in exp.search.space:
             if key not in known:
                 raise ConfigError(f"{exp.path}: 'search.space.{key}' is no config key")
+
+
+def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
+    """--set pairs and the --data shorthand as dotted-key overrides."""
+    out: dict[str, Any] = data_overrides(data, "--data") if data else {}
+    for assignment in sets or []:
+        key, value = parse_set(assignment)
+        out[key] = value
+    return out
+
+
+def given_overrides(sets: list[str] | None, data: str | None) -> dict[str, Any] | None:
+    """overrides_from, or None when neither flag was given (report and show then use the tracked runs')."""
+    return overrides_from(sets, data) if sets or data else None

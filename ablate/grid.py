@@ -27,7 +27,7 @@ from ablate.config import Config
 from ablate.errors import mask_url
 from ablate.experiments import Experiment
 from ablate.paths import check_writable_folder
-from ablate.runs import PlannedRun
+from ablate.runs import PlannedRun, runs_frame
 from ablate.workers import WorkerOptions
 
 
@@ -78,6 +78,21 @@ def print_plan(plan: Plan, console: Console) -> None:
         status = f"done ({plan.done[run.config_hash][:8]})" if run.config_hash in plan.done else "to run"
         table.add_row(str(run.cell_index), escape(run.cell), str(run.seed), run.config_hash, status)
     console.print(table)
+
+
+def show(exp: Experiment, seeds: list[int], given: dict[str, Any] | None, say: Callable[[str], None],
+         out: Console) -> None:
+    """`ablate show`: the plan (each cell x seed, its config hash, done or to run) and each cell's
+    overrides, with `given` overrides, else those the tracked runs were made with (said)."""
+    from ablate.results import command_flags, resolve_overrides
+
+    tracker = tracking.Tracker(exp.name, tracking.init_store())
+    overrides = resolve_overrides(exp, given, runs_frame(tracker.load_runs()), tracker.override_sets(), "show")
+    if overrides and given is None:
+        say(f"the tracked runs were made with{command_flags(overrides)}: showing those")
+    print_plan(make_plan(exp, seeds, overrides, tracker), out)
+    for cell in exp.cells():
+        out.print(escape(f"  {cell.name}: {cell.overrides}"), highlight=False)
 
 
 def run_grid(exp: Experiment, seeds: list[int], overrides: dict[str, Any], *, options: WorkerOptions,

@@ -1,10 +1,12 @@
-"""Detection on image files for `ablate infer`: decode, resize as in training, detect, draw, save.
+"""A trained checkpoint at work: `ablate infer` (detection on image files: decode, resize as in
+training, detect, draw, save) and `ablate eval` (COCO metrics on the val split).
 
-`detect_files` is an edge like the runner: it takes a checkpoint's whole config and has the
-builders make the device and post-processing from it."""
+Both are edges like the runner: they take a checkpoint's whole config and have the builders make
+the device, data and post-processing from it, as training did."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -47,3 +49,23 @@ def detect_files(model: torch.nn.Module, cfg: Config, class_names: Sequence[str]
                                 score_min=score_min)
         save_png(drawn, out_path)
         yield out_path, int((det["scores"] >= score_min).sum())
+
+
+def evaluate_checkpoint(checkpoint: Path, overrides: dict, out: Path, progress: bool) -> dict[str, float]:
+    """COCO metrics of a checkpoint on the val split its config (and `overrides`) name, with the
+    builders and evaluation training uses; writes out/detections.json and out/eval.json."""
+    from ablate import engine
+    from ablate.checkpoint import load_checkpoint
+    from ablate.evaluation import save_results
+    from ablate.paths import atomic_write
+
+    model, cfg, ckpt = load_checkpoint(checkpoint, overrides)
+    device = builders.resolve_device(cfg.train.device)
+    val_set, loader = builders.build_val_loader(cfg, builders.data_root(cfg, progress=progress), progress=progress)
+    builders.check_same_classes(ckpt["class_names"], val_set, f"the checkpoint {checkpoint}")
+    metrics, records = engine.evaluate(model.to(device), loader, val_set, builders.build_postprocess(cfg), device,
+                                       amp=cfg.train.amp, show_progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    save_results(records, out / "detections.json")
+    atomic_write(out / "eval.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))  # as runner.write_json
+    return metrics

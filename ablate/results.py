@@ -75,7 +75,7 @@ def choices(exp: Experiment, sets: list[dict[str, Any]], command: str) -> str:
 
 def command_flags(overrides: dict[str, Any]) -> str:
     """' --data coco:/x --set train.iterations=50': the flags that give `overrides` back
-    (cli.overrides_from's inverse), leading space included; '' for none."""
+    (experiments.overrides_from's inverse), leading space included; '' for none."""
     rest = dict(overrides)
     flags = []
     data = data_flag(rest)

@@ -18,9 +18,9 @@ import pandas as pd
 from rich.markup import escape
 
 from ablate import grid, tracking, workers
-from ablate.adaptive import (BUDGET_TAG, BUDGETS_TAG, Pair, budget_groups, comparisons_of, judge_all, rule_of,
-                             rule_tags, seed_pool, select_pairs, tracked_ap)
-from ablate.budgets import budgets_text
+from ablate.adaptive import (BUDGET_TAG, BUDGETS_TAG, Pair, RunMode, budget_groups, comparisons_of, judge_all,
+                             rule_of, rule_tags, seed_pool, select_pairs, tracked_ap)
+from ablate.budgets import budgets_text, parse_budgets
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
 from ablate.runs import Outcome, runs_frame
@@ -47,9 +47,9 @@ def settle(exp: Experiment, extra: dict[str, Any], rule: SequentialRule, compari
     """Judge, run the seeds the open comparisons need, judge again, until none needs any.
 
     run_round runs exactly the (cell, seed) pairs it is given and returns the count of each
-    outcome; load_runs reads the tracking store (runs_frame of Tracker.load_runs). A round that ends with a
-    failed or interrupted run, or that adds no done run, ends the loop: running the command
-    again retries it.
+    outcome; load_runs reads the tracking store (runs_frame of Tracker.load_runs). A round that
+    ends with a failed or interrupted run, or that adds no done run, ends the loop: running the
+    command again retries it.
     """
     outcomes: Counter = Counter()
     rounds = 0
@@ -97,8 +97,17 @@ def run_budgets(exp: Experiment, extra: dict[str, Any], budgets: Sequence[float]
     return outcomes
 
 
-
 # ----------------------------------------------------------------------------- `ablate run`
+
+
+def run(exp: Experiment, seeds: Sequence[int], extra: dict[str, Any], mode: RunMode, **common) -> Counter:
+    """`ablate run`: the grid as declared, or its rounds (`mode`, checked by the caller with
+    mode.check); `common` are run_grid's keyword arguments (options, jobs, console, ...)."""
+    if mode.until_settled:
+        return run_until_settled(exp, seeds, extra, mode.max_seeds, test=mode.test, family=mode.family, **common)
+    if mode.budgets:
+        return run_budget_grid(exp, seeds, extra, parse_budgets(mode.budgets), force=mode.force, **common)
+    return grid.run_grid(exp, list(seeds), extra, force=mode.force, **common)
 
 
 def run_until_settled(exp: Experiment, seeds: Sequence[int], extra: dict[str, Any], max_seeds: int | None, *,
@@ -141,6 +150,7 @@ def run_budget_grid(exp: Experiment, seeds: Sequence[int], extra: dict[str, Any]
                     options, jobs: int | None, gpus_per_cell: int, force: bool, dry_run: bool, console,
                     show_progress: bool) -> Counter:
     """`ablate run NAME --budgets 1,2,4`: the grid at each multiple of its schedule."""
+
     def run_group(overrides: dict[str, Any], cells: list[str], tags: dict[str, str]) -> Counter:
         return grid.run_grid(exp, list(seeds), overrides, options=options, jobs=jobs, gpus_per_cell=gpus_per_cell,
                              force=force, dry_run=dry_run, console=console, show_progress=show_progress,

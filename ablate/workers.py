@@ -29,7 +29,7 @@ from ablate import lease, scheduling, signals, tracking
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.distributed import RankLost
 from ablate.engine import progress_bar
-from ablate.errors import AblateError, mask_urls, one_line
+from ablate.errors import AblateError, check_at_least, mask_urls, one_line
 from ablate.runner import WorldSizeMismatch, run_training
 from ablate.runs import Outcome, PlannedRun, RunRecord
 
@@ -47,6 +47,35 @@ class WorkerOptions:
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of this worker (None: leave it)
     nproc: int = 1  # processes training each run together (DDP; train.nproc)
     stall_timeout: float | None = None  # seconds without progress before a run counts as stalled (lease)
+
+
+def resolve_options(storage: str | None = None, checkpoint_dir: Path | None = None,
+                    checkpoint_every: int | None = None, nproc: int | None = None,
+                    stall_timeout: float | None = None) -> WorkerOptions:
+    """The settings every worker of a grid shares, from the command's options and the environment,
+    each checked now in one line (a bad one would otherwise fail in every worker): the tracking
+    store, the queue (reached within seconds, or an error), the checkpoint folder, the processes
+    per run and the stall timeout."""
+    from ablate import builders, distributed
+    from ablate.paths import check_writable_folder
+
+    check_at_least(checkpoint_every, 0, "--checkpoint-every")
+    lease.configured_stall_timeout(stall_timeout)
+    if distributed.from_env() is not None:
+        raise AblateError("a grid's workers start each run's processes themselves: run `ablate run/worker "
+                          "--nproc N` without torchrun (torchrun is for `ablate train`)")
+    if nproc is not None and nproc != 1:
+        distributed.check_nproc(nproc, builders.resolve_device("auto"))
+    given = checkpoint_dir or os.environ.get("ABLATE_CHECKPOINT_DIR")
+    if given:  # the default, under ./.ablate, is the queue folder's, checked with it
+        check_writable_folder(given, "--checkpoint-dir" if checkpoint_dir else "ABLATE_CHECKPOINT_DIR")
+    folder = given or Path.cwd() / ".ablate" / "checkpoints"
+    url = scheduling.storage_url(storage)
+    if url:
+        scheduling.storage(url)  # the queue first: one line within seconds if it cannot be reached
+    return WorkerOptions(tracking_uri=tracking.init_store(), storage=url,
+                         checkpoint_dir=Path(folder).expanduser().resolve(), checkpoint_every=checkpoint_every,
+                         nproc=nproc or 1, stall_timeout=stall_timeout)
 
 
 def auto_checkpoint_every(iterations: int) -> int:
@@ -189,6 +218,14 @@ def count_key(result: RunRecord | None) -> str:
 
 def counts_text(outcomes: Counter) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+
+
+def exit_code(outcomes: Counter) -> int:
+    """What `ablate run/worker` exits with: 130 when a run was interrupted, 4 when one failed or a
+    worker process crashed (the others' results are kept), else 0."""
+    if outcomes.get(Outcome.INTERRUPTED):
+        return 130
+    return 4 if outcomes.get(Outcome.FAILED) or outcomes.get(Outcome.WORKER_CRASHED) else 0
 
 
 # ----------------------------------------------------------------------------- the worker loop

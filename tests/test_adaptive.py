@@ -85,6 +85,19 @@ def test_rule_flags_without_until_settled_are_one_line(flag: list[str]):
     assert result.exit_code == 1 and "Traceback" not in result.output and f"{flag[0]} goes with --until-settled" in result.output
 
 
+def test_run_mode_checks_its_flags_together_first_bad_one_named():
+    smoke = load_experiment(str(SMOKE))
+    assert adaptive.RunMode().check(smoke) is None
+    assert list(adaptive.RunMode(budgets="1,2").check(smoke)) == [1.0, 2.0]
+    assert adaptive.RunMode(until_settled=True, max_seeds=6, test="signed-rank").check(smoke) is None
+    for mode, needle in ((adaptive.RunMode(max_seeds=4), "--max-seeds goes with --until-settled"),
+                         (adaptive.RunMode(until_settled=True, force=True), "does not combine with --force"),
+                         (adaptive.RunMode(until_settled=True, budgets="1,2"), "does not combine with --budgets"),
+                         (adaptive.RunMode(until_settled=True, max_seeds=2), "--max-seeds 2")):
+        with pytest.raises(AblateError, match=needle):
+            mode.check(smoke)
+
+
 def test_max_seeds_below_the_first_look_is_one_line():
     with pytest.raises(AblateError) as err:
         adaptive.rule_of(load_experiment(str(SMOKE)), max_seeds=2)

@@ -10,7 +10,7 @@ import pytest
 from ablate.errors import AblateError
 from ablate.experiments import data_overrides, load_experiment
 from ablate.results import command_flags, reproduce_command, resolve_overrides, select_runs
-from cli import overrides_from
+from ablate.experiments import overrides_from
 
 COCO = data_overrides("coco:/data/coco 2017", "--data")  # every data key, as the CLI records it
 SHORT = {"train.iterations": 50}

@@ -97,3 +97,12 @@ def test_preset_makes_a_new_experiment_and_leaves_the_file_s_alone():
     assert other.planned_runs([0])[0].config["model.trunk"] == "resnet50"
     with pytest.raises(Exception, match="unknown preset 'huge'"):
         exp.with_preset("huge")
+
+
+def test_check_at_least_names_the_option():
+    from ablate.errors import AblateError, check_at_least
+
+    check_at_least(None, 1, "--jobs")  # not given
+    check_at_least(1, 1, "--jobs")
+    with pytest.raises(AblateError, match=r"^--gpus-per-cell: must be >= 1, got 0$"):
+        check_at_least(0, 1, "--gpus-per-cell")

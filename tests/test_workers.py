@@ -157,3 +157,27 @@ def test_a_parent_run_left_open_with_an_empty_queue_is_closed_by_the_next_run(tm
     grid.close_orphan_parent(study, tracker)
     assert tracker.client.get_run(parent).info.status == "KILLED"
     assert grid.open_parent(study, tracker, [0], 1) != parent  # the next grid gets a parent of its own
+
+
+def test_exit_code_of_a_grid_says_interrupted_then_failed_then_fine():
+    from collections import Counter
+
+    from ablate.runs import Outcome
+
+    assert workers.exit_code(Counter({"finished": 3, "skipped (done elsewhere)": 1})) == 0
+    assert workers.exit_code(Counter({"finished": 2, "failed": 1})) == 4
+    assert workers.exit_code(Counter({Outcome.WORKER_CRASHED: 1})) == 4
+    assert workers.exit_code(Counter({"failed": 1, "interrupted": 1})) == 130
+    assert workers.counts_text(Counter({"finished": 2, "failed": 1})) == "1 failed, 2 finished"
+
+
+def test_resolve_options_checks_each_option_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AblateError, match="--checkpoint-every: must be >= 0, got -2"):
+        workers.resolve_options(checkpoint_every=-2)
+    with pytest.raises(AblateError, match="--stall-timeout"):
+        workers.resolve_options(stall_timeout=-1.0)
+    monkeypatch.setenv("ABLATE_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    options = workers.resolve_options(checkpoint_every=5)
+    assert (options.checkpoint_dir, options.checkpoint_every, options.nproc, options.storage) == (
+        tmp_path / "ck", 5, 1, None)
