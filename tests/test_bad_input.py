@@ -742,29 +742,6 @@ def test_ablate_train_stopped_by_sighup_keeps_its_resume_checkpoint(tmp_path: Pa
     assert 5 <= json.loads(sidecar.read_text())["iteration"] < 400
 
 
-@pytest.mark.slow
-def test_a_failing_plot_never_costs_the_checkpoint(tmp_path: Path, monkeypatch):
-    """The loss-curve plot raised (a non-UTF-8 experiment name broke matplotlib's font code) before
-    checkpoint.pt was written: the model is saved first, and the plot's failure is a warning."""
-    from ablate import runner
-    from ablate.config import build_config
-    from ablate.runs import Outcome
-
-    def broken_plot(*args, **kwargs):
-        raise RuntimeError("FT2Font: cannot draw this title")
-
-    monkeypatch.setattr(runner, "loss_curve_png", broken_plot)
-    root = write_tiny_coco(tmp_path / "tiny")
-    cfg = build_config("tiny", {"data.source": "coco", "data.root": str(root), "data.cache_images": False,
-                                "data.min_size": 64, "data.max_size": 64, "train.batch_size": 2,
-                                "train.iterations": 2, "train.log_every": 1, "train.out_dir": str(tmp_path / "runs")})
-    with pytest.warns(UserWarning, match="loss_curve.png not drawn"):
-        summary = runner.run_training(cfg, name="plot", console=None, show_progress=False)
-    assert summary["status"] is Outcome.FINISHED
-    assert (Path(summary["run_dir"]) / "checkpoint.pt").is_file()
-    assert (Path(summary["run_dir"]) / "eval.json").is_file()
-
-
 def test_an_animated_gif_decodes_to_its_first_frame(tmp_path: Path):
     """torchvision decodes an animated GIF to [frames, 3, H, W], which the resize and the decoded-image
     store refused; PIL shows the first frame, and so does decode_image now."""
@@ -866,26 +843,6 @@ def test_a_database_tracking_store_is_tried_once_with_a_10_s_budget(monkeypatch)
     with pytest.raises(AblateError, match=r"tracking store postgresql\+psycopg://ablate:\*\*\*@127\.0\.0\.1:9/mlflow"):
         tracking._check_store(uri)
     assert seen == [{"connect_timeout": 10}] and created == []
-
-
-def test_running_out_of_memory_names_the_keys_to_lower():
-    """An allocation that fails while training (within the bounds: a big batch at 8192 px) is one
-    line naming data.max_size, train.batch_size and the anchor keys; other errors pass unchanged."""
-    import torch
-
-    from ablate.config import build_config
-    from ablate.errors import AblateError
-    from ablate.runner import out_of_memory_names_keys
-
-    cfg = build_config("tiny", {"data.max_size": 4096, "train.batch_size": 64})
-    for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-                  torch.OutOfMemoryError("CUDA out of memory")):
-        with pytest.raises(AblateError, match=r"out of memory .*data.max_size \(4096\), train.batch_size \(64\)"):
-            with out_of_memory_names_keys(cfg):
-                raise error
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        with out_of_memory_names_keys(cfg):
-            raise RuntimeError("shape mismatch")
 
 
 def test_credentials_are_masked_in_mlflow_logs():
