@@ -10,8 +10,9 @@ The same cases write the table of docs/bad-input.md, so its messages are the rea
 and `test_the_readme_table_is_the_real_output` fails when the table and the outputs part.
 Commands run in a scratch folder with relative paths, so the messages are the same on every machine.
 Cases that need a trained model share one, trained once (2 iterations on a 4-image COCO set).
-The cases' processes run side by side, one per core (`run_cases`): each costs seconds of start-up
-and imports, and one after another they took minutes. Each case is still its own test.
+The cases' processes run side by side, one per core (`run_cases`). Each is its own process, forked
+from a zygote that imported torch and the command line once (tests/cli_zygote.py): started fresh,
+each spent ~3.5 CPU seconds on imports, most of this file's minutes. Each case is still its own test.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from cli_zygote import Zygote  # noqa: E402
 from conftest import write_tiny_coco  # noqa: E402
 
 from ablate.errors import printable  # noqa: E402
@@ -507,11 +510,26 @@ def train_model(root: Path) -> None:
     torch.save(ckpt, root / "noclass.pt")
 
 
+_ZYGOTE: list[Zygote] = []  # started by the first command, closed by the module's `zygote` fixture
+_ZYGOTE_LOCK = threading.Lock()
+
+
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python cli.py *args` in its own process, forked from the module's zygote (tests/cli_zygote.py:
+    the imports done once, not in each of the ~75 commands)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
-    environ.update(PYTHONPATH=str(REPO), COLUMNS="200", **(env or {}))
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=environ,
-                          capture_output=True, text=True, timeout=300)
+    environ.update(PYTHONPATH=str(REPO), COLUMNS="200")
+    with _ZYGOTE_LOCK:
+        if not _ZYGOTE:
+            _ZYGOTE.append(Zygote(environ))  # the environment every command shares (no case's own)
+    return _ZYGOTE[0].run(args, cwd, {**environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def zygote():
+    yield
+    while _ZYGOTE:
+        _ZYGOTE.pop().close()
 
 
 @dataclass
