@@ -672,6 +672,7 @@ def test_grid_failure_leaves_the_grid_recorded(workspace: Path):
     assert run.data.tags["ablate.error"] in MESSAGES["grid-cell-fails"]
 
 
+@pytest.mark.slow  # three and two processes importing MLflow / torch: a race needs real processes
 def test_two_fresh_stores_at_once(tmp_path: Path):
     """Three processes opening one fresh sqlite store at once (two `ablate run` in a new folder):
     MLflow's schema migration raced and one failed; the lock file makes the others wait."""
