@@ -1,11 +1,13 @@
-"""ablate.analysis.anchor_balance with an injected anchor generator and matcher, by hand."""
+"""ablate.analysis: anchor_balance with an injected anchor generator and matcher, by hand; the
+focal loss curves of the paper's Figure 1."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from ablate.analysis import anchor_balance
+from ablate.analysis import anchor_balance, figure1_curves
 from ablate.matching import Matcher
 from ablate.model.anchors import AnchorGenerator
 
@@ -29,3 +31,12 @@ def test_anchor_balance_follows_the_injected_matcher():
     # fg >= 0.3 takes the 4 neighbours (1/3); bg < 0.2 leaves P4's covering anchor (1/4) ignored.
     b = anchor_balance([IMAGE], ONE_PER_CELL, Matcher(fg_iou_thresh=0.3, bg_iou_thresh=0.2))
     assert (b["fg_per_image"], b["ignored_per_image"], b["bg_per_image"]) == (5.0, 1.0, 80.0)
+
+
+def test_figure1_curves_are_the_focal_loss():
+    p = np.array([0.5, 0.9])
+    curves = {g: c.numpy() for g, c in figure1_curves(torch.tensor(p)).items()}
+    assert sorted(curves) == [0.0, 0.5, 1.0, 2.0, 5.0]
+    assert curves[0.0] == pytest.approx(-np.log(p))  # CE
+    assert curves[2.0] == pytest.approx(-(1 - p) ** 2 * np.log(p))
+    assert curves[5.0][1] == pytest.approx(-(0.1**5) * np.log(0.9))

@@ -10,8 +10,9 @@ The same cases write the table of docs/bad-input.md, so its messages are the rea
 and `test_the_readme_table_is_the_real_output` fails when the table and the outputs part.
 Commands run in a scratch folder with relative paths, so the messages are the same on every machine.
 Cases that need a trained model share one, trained once (2 iterations on a 4-image COCO set).
-The cases' processes run side by side, one per core (`run_cases`): each costs seconds of start-up
-and imports, and one after another they took minutes. Each case is still its own test.
+The cases' processes run side by side, one per core (`run_cases`). Each is its own process, forked
+from a zygote that imported torch and the command line once (tests/cli_zygote.py): started fresh,
+each spent ~3.5 CPU seconds on imports, most of this file's minutes. Each case is still its own test.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from cli_zygote import Zygote  # noqa: E402
 from conftest import write_tiny_coco  # noqa: E402
 
 from ablate.errors import printable  # noqa: E402
@@ -507,11 +510,26 @@ def train_model(root: Path) -> None:
     torch.save(ckpt, root / "noclass.pt")
 
 
+_ZYGOTE: list[Zygote] = []  # started by the first command, closed by the module's `zygote` fixture
+_ZYGOTE_LOCK = threading.Lock()
+
+
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python cli.py *args` in its own process, forked from the module's zygote (tests/cli_zygote.py:
+    the imports done once, not in each of the ~75 commands)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
-    environ.update(PYTHONPATH=str(REPO), COLUMNS="200", **(env or {}))
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=environ,
-                          capture_output=True, text=True, timeout=300)
+    environ.update(PYTHONPATH=str(REPO), COLUMNS="200")
+    with _ZYGOTE_LOCK:
+        if not _ZYGOTE:
+            _ZYGOTE.append(Zygote(environ))  # the environment every command shares (no case's own)
+    return _ZYGOTE[0].run(args, cwd, {**environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def zygote():
+    yield
+    while _ZYGOTE:
+        _ZYGOTE.pop().close()
 
 
 @dataclass
@@ -654,6 +672,7 @@ def test_grid_failure_leaves_the_grid_recorded(workspace: Path):
     assert run.data.tags["ablate.error"] in MESSAGES["grid-cell-fails"]
 
 
+@pytest.mark.slow  # three and two processes importing MLflow / torch: a race needs real processes
 def test_two_fresh_stores_at_once(tmp_path: Path):
     """Three processes opening one fresh sqlite store at once (two `ablate run` in a new folder):
     MLflow's schema migration raced and one failed; the lock file makes the others wait."""
@@ -740,29 +759,6 @@ def test_ablate_train_stopped_by_sighup_keeps_its_resume_checkpoint(tmp_path: Pa
     assert "interrupted at iteration" in output and "Traceback" not in output, output
     (sidecar,) = out.glob("resume-*.json")
     assert 5 <= json.loads(sidecar.read_text())["iteration"] < 400
-
-
-@pytest.mark.slow
-def test_a_failing_plot_never_costs_the_checkpoint(tmp_path: Path, monkeypatch):
-    """The loss-curve plot raised (a non-UTF-8 experiment name broke matplotlib's font code) before
-    checkpoint.pt was written: the model is saved first, and the plot's failure is a warning."""
-    from ablate import runner
-    from ablate.config import build_config
-    from ablate.runs import Outcome
-
-    def broken_plot(*args, **kwargs):
-        raise RuntimeError("FT2Font: cannot draw this title")
-
-    monkeypatch.setattr(runner, "loss_curve_png", broken_plot)
-    root = write_tiny_coco(tmp_path / "tiny")
-    cfg = build_config("tiny", {"data.source": "coco", "data.root": str(root), "data.cache_images": False,
-                                "data.min_size": 64, "data.max_size": 64, "train.batch_size": 2,
-                                "train.iterations": 2, "train.log_every": 1, "train.out_dir": str(tmp_path / "runs")})
-    with pytest.warns(UserWarning, match="loss_curve.png not drawn"):
-        summary = runner.run_training(cfg, name="plot", console=None, show_progress=False)
-    assert summary.outcome is Outcome.FINISHED
-    assert (Path(summary.run_dir) / "checkpoint.pt").is_file()
-    assert (Path(summary.run_dir) / "eval.json").is_file()
 
 
 def test_an_animated_gif_decodes_to_its_first_frame(tmp_path: Path):
@@ -866,26 +862,6 @@ def test_a_database_tracking_store_is_tried_once_with_a_10_s_budget(monkeypatch)
     with pytest.raises(AblateError, match=r"tracking store postgresql\+psycopg://ablate:\*\*\*@127\.0\.0\.1:9/mlflow"):
         tracking._check_store(uri)
     assert seen == [{"connect_timeout": 10}] and created == []
-
-
-def test_running_out_of_memory_names_the_keys_to_lower():
-    """An allocation that fails while training (within the bounds: a big batch at 8192 px) is one
-    line naming data.max_size, train.batch_size and the anchor keys; other errors pass unchanged."""
-    import torch
-
-    from ablate.config import build_config
-    from ablate.errors import AblateError
-    from ablate.runner import out_of_memory_names_keys
-
-    cfg = build_config("tiny", {"data.max_size": 4096, "train.batch_size": 64})
-    for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-                  torch.OutOfMemoryError("CUDA out of memory")):
-        with pytest.raises(AblateError, match=r"out of memory .*data.max_size \(4096\), train.batch_size \(64\)"):
-            with out_of_memory_names_keys(cfg):
-                raise error
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        with out_of_memory_names_keys(cfg):
-            raise RuntimeError("shape mismatch")
 
 
 def test_credentials_are_masked_in_mlflow_logs():

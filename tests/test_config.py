@@ -1,9 +1,9 @@
-"""ablate.config (defaults, overrides, hashing, presets), builders.lr_factor, experiments.load_experiment."""
+"""ablate.config (defaults, overrides, hashing, presets) and builders.lr_factor (experiment files:
+test_experiments.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,6 @@ from ablate.builders import lr_factor
 from ablate.config import (HASH_ALIASES, HASH_IF_SET, PRESETS, Config, TrainConfig, apply_overrides, build_config,
                            config_hash, flatten, from_dict, parse_set, to_dict, trunk_norm)
 from ablate.errors import ConfigError
-from ablate.experiments import load_experiment
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -324,76 +323,3 @@ def test_lr_factor_is_non_decreasing_in_warmup_then_non_increasing():
     assert all(a >= b for a, b in zip(values[30:], values[31:]))
     no_warmup = TrainConfig(iterations=300, warmup_iters=0)
     assert lr_factor(0, no_warmup) == 1.0
-
-
-# ----------------------------------------------------------------------------- load_experiment
-
-VALID = """
-description = "focal vs ce"
-preset = "tiny"
-seeds = [0, 1]
-
-[config]
-loss.cls = "ce"
-train.iterations = 10
-model.prior = 0.02
-"""
-
-
-def test_load_valid_experiment(tmp_path):
-    path = tmp_path / "my_exp.toml"
-    path.write_text(VALID)
-    exp = load_experiment(str(path))
-    assert exp.name == "my_exp"
-    assert exp.description == "focal vs ce"
-    assert exp.preset == "tiny" and exp.seeds == [0, 1]
-    assert exp.overrides == {"loss.cls": "ce", "train.iterations": 10, "model.prior": 0.02}
-    cfg = exp.base_config({"loss.gamma": 0.5})
-    assert (cfg.loss.cls, cfg.train.iterations, cfg.model.trunk, cfg.loss.gamma) == ("ce", 10, "tiny", 0.5)
-
-
-@pytest.mark.parametrize("text, message", [
-    ('preset = "tiny"\nseed = [0]\n', "unknown key 'seed'"),
-    ('seeds = ["a"]\n', "'seeds' must be a non-empty list of integers"),
-    ("seeds = 3\n", "'seeds' must be a non-empty list of integers"),
-    ("seeds = []\n", "'seeds' must be a non-empty list of integers"),
-    ("seeds = [true]\n", "'seeds' must be a non-empty list of integers"),
-    ('preset = 3\n', "'preset' must be a string"),
-    ('[config]\nloss.gama = 1.0\n', "unknown key 'loss.gama' \\(did you mean 'loss.gamma'\\?\\)"),
-    ('[config]\ntrain.iterations = "10"\n', "'train.iterations' must be int"),
-    ('[config]\nloss.alpha = 1.5\n', "'loss.alpha' must be in"),
-    ('config = 3\n', "'config' must be a table"),
-    ('seeds = [0\n', "malformed TOML"),
-    ('[report.loss_cdf]\ncell = "nope"\n', "'report.loss_cdf.cell' names no cell: 'nope'"),
-    ('[report.loss_cdf]\ngammas = [0.0]\n', "'report.loss_cdf.cell' is missing"),
-    ('[report.loss_cdf]\ncell = "base"\ngammas = ["2"]\n', "'report.loss_cdf.gammas' must be a non-empty list"),
-    ('[report.loss_cdf]\ncell = "base"\ngama = [2.0]\n', "unknown key 'report.loss_cdf.gama'"),
-    ('[loss_cdf]\ncell = "base"\n', "'loss_cdf' belongs in the \\[report\\] table now"),
-    ('x = "loss.gamma"\n', "'x' belongs in the \\[report\\] table now"),
-    ('[report]\npaper_table = "f"\n', "'report.paper_table' must be one of a, b, c, d, e"),
-    ('[report]\nxx = "loss.gamma"\n', "unknown key 'report.xx'"),
-])
-def test_bad_experiment_files_name_the_file(tmp_path, text, message):
-    path = tmp_path / "bad.toml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_experiment(str(path))
-    assert str(path) in str(info.value)
-    assert str(info.value).startswith(f"{path}: ")
-    assert re.search(message, str(info.value)), str(info.value)
-
-
-def test_loss_cdf_names_a_cell_and_its_gammas(tmp_path):
-    path = tmp_path / "fig4.toml"
-    path.write_text('[grid]\n"loss.gamma" = [0.0, 2.0]\n[report]\nx = "loss.gamma"\n'
-                    '[report.loss_cdf]\ncell = "g=2"\ngammas = [0, 1]\n')
-    exp = load_experiment(str(path))
-    assert (exp.report.loss_cdf.cell, exp.report.loss_cdf.gammas) == ("g=2", [0.0, 1.0])
-    assert exp.report.x == "loss.gamma" and exp.report.hue is None
-
-
-def test_unknown_preset_in_experiment_names_the_file(tmp_path):
-    path = tmp_path / "typo.toml"
-    path.write_text('preset = "tinyy"\n')
-    with pytest.raises(ConfigError, match=str(path)):
-        load_experiment(str(path))

@@ -54,27 +54,6 @@ def _one_error_line(result) -> str:
 # ----------------------------------------------------------------------------- --data
 
 
-def test_data_forms_set_every_data_key():
-    files = data_overrides("coco:train=ds/train/_annotations.coco.json,val=v/ann.json@v/images/", "--data")
-    assert files == {"data.source": "coco", "data.root": "", "data.train_annotations": "ds/train/_annotations.coco.json",
-                     "data.train_images": "", "data.val_annotations": "v/ann.json", "data.val_images": "v/images/"}
-    assert data_overrides("voc:/d/VOCdevkit/VOC2007", "x")["data.root"] == "/d/VOCdevkit/VOC2007"
-    # --data replaces an experiment's data: the split files of one do not leak into the other
-    assert data_overrides("coco:/coco", "x")["data.train_annotations"] == ""
-    assert data_overrides("synth", "x")["data.val_images"] == ""
-
-
-@pytest.mark.parametrize("data, message", [
-    ("coco:train=a.json", "names no val file"),
-    ("coco:train=a.json,test=b.json", "got 'test=b.json'"),
-    ("coco:train=a.json,val=b.json,train=c.json", "split 'train' given twice"),
-    ("voc:", "data must be 'synth', 'coco:PATH'"),
-])
-def test_bad_data_forms_are_one_line(data, message):
-    with pytest.raises(ConfigError, match=message):
-        data_overrides(data, "--data")
-
-
 def test_cli_says_a_bad_form_in_one_line_with_its_brackets(tmp_path):
     line = _one_error_line(_train("coco:train=a.json,test=b.json", tmp_path / "runs"))
     assert "expected train=FILE.json[@IMAGES],val=FILE.json[@IMAGES] after 'coco:'" in line

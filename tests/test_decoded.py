@@ -210,6 +210,7 @@ def _open_in_process(folder: str, names: list[str], cache: str, log: str, barrie
     Path(out).write_text(json.dumps({"folder": str(store.folder), "digest": digest}))
 
 
+@pytest.mark.slow  # two processes importing torch: a race needs real processes
 def test_two_processes_at_once_build_one_store(tmp_path):
     folder, names = _image_folder(tmp_path)
     cache, log = tmp_path / "cache", tmp_path / "decodes.log"

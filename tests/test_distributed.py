@@ -237,10 +237,16 @@ def test_grid_cell_on_two_processes_is_one_mlflow_run(tmp_path):
     (["--nproc", "2", "--set", "train.batch_size=7"], "train.batch_size: 7 images do not split evenly over 2"),
 ])
 def test_bad_distributed_input_is_one_line(tmp_path, args, message):
-    done = _train(tmp_path / "out", "--set", "train.iterations=2", *args)
-    assert done.returncode == 1
+    """Refused before any process starts: run in this process (CliRunner), not a fresh one."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    done = CliRunner().invoke(app, ["train", "smoke", "--no-progress", "--out", str(tmp_path / "out"),
+                                    "--set", "train.iterations=2", *args])
+    assert done.exit_code == 1, done.output
     assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in done.output and isinstance(done.exception, SystemExit)  # typer.Exit(1), no crash
 
 
 @pytest.mark.slow

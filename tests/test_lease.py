@@ -138,17 +138,17 @@ def test_the_rank_watchdog_ends_a_process_whose_loop_stopped_advancing():
     assert len(said) == 1 and said[0].startswith("error: rank 1 of 2 made no progress")
 
 
-def test_a_bad_stall_timeout_is_one_line(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_a_bad_stall_timeout_is_one_line(tmp_path, monkeypatch):
+    """Refused before the worker starts: run in this process (CliRunner), not a fresh one."""
+    from typer.testing import CliRunner
 
-    cli = Path(__file__).resolve().parents[1] / "cli.py"
-    done = subprocess.run([sys.executable, str(cli), "worker", "smoke", "--stall-timeout", "-1"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    assert "--stall-timeout: expected seconds >= 0 (0: never), got -1.0" in done.stdout + done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
+    from cli import app
+
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["worker", "smoke", "--stall-timeout", "-1"])
+    assert done.exit_code == 1
+    assert "--stall-timeout: expected seconds >= 0 (0: never), got -1.0" in done.output
+    assert "Traceback" not in done.output and isinstance(done.exception, SystemExit)
 
 
 def test_a_bad_collective_timeout_is_one_error(monkeypatch):

@@ -1,0 +1,176 @@
+"""`python cli.py ARGS` as a fresh process that skips the imports: a zygote process imports the
+command line's heavy modules once (torch, torchvision, the data and training code), then forks a
+child per command, which runs the command as `python cli.py ARGS` would and exits with its code.
+
+Why: tests/test_bad_input.py runs some 75 commands, each its own process, and each spent ~3.5 CPU
+seconds importing torch and the rest before its first line: most of that file's minutes. A forked
+child starts with the imports done (copy-on-write) and is still its own process: its own folder,
+environment, exit code (negative when killed by a signal), stdout and stderr, as under
+subprocess.run.
+
+What stays as in a fresh process: the environment is the request's, whole, before the command
+starts; nothing that reads the environment when imported is preloaded (the tracking module and
+MLflow, which read MLFLOW_* and the store's URI, Optuna); the zygote computes nothing, so no thread
+pool exists to fork (torch starts its threads on first use, in the child); `__main__` is cli.py,
+so multiprocessing's spawned processes start as the real command's would. The zygote itself is
+started with the environment every command shares (COLUMNS=200, the repository on PYTHONPATH),
+which is what torch, libgomp and rich read when imported.
+
+    with Zygote(env) as zygote:
+        result = zygote.run(["train", "smoke", ...], cwd, env)   # a subprocess.CompletedProcess
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = REPO / "cli.py"
+# Imported once by the zygote: none reads the environment at import beyond what every command
+# shares (see the module docstring), and they are most of a command's start-up.
+PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "typer", "rich.console", "cli", "ablate.config",
+           "ablate.experiments", "ablate.builders", "ablate.engine", "ablate.evaluation", "ablate.runner")
+
+
+class Zygote:
+    """The zygote process and its socket; `run` sends one command and waits for its result."""
+
+    def __init__(self, env: dict[str, str]):
+        self.folder = tempfile.mkdtemp(prefix="ablate-zygote-")
+        self.address = os.path.join(self.folder, "socket")
+        self.process = subprocess.Popen([sys.executable, __file__, self.address], env=env, cwd=self.folder,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        ready = self.process.stdout.readline().strip()
+        if ready != "ready":
+            raise RuntimeError(f"the CLI zygote did not start (it said {ready!r}, exit code {self.process.poll()})")
+
+    def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """`python cli.py *args` in `cwd` with exactly `env`, as subprocess.run(..., capture_output=True,
+        text=True, timeout=timeout) would return it."""
+        command = [sys.executable, str(CLI), *args]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.address)
+            conn.settimeout(timeout)
+            reader = conn.makefile("rb")
+            conn.sendall(json.dumps({"args": list(args), "cwd": str(cwd), "env": env}).encode() + b"\n")
+            pid = json.loads(reader.readline())["pid"]
+            try:
+                line = reader.readline()
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)  # the command's process, as subprocess.run kills it
+                raise subprocess.TimeoutExpired(command, timeout) from None
+            if not line:
+                raise RuntimeError(f"the CLI zygote's handler of {args} ended without a result")
+        done = json.loads(line)
+        out, err = (_text(base64.b64decode(done[k])) for k in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(command, done["returncode"], out, err)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.process.stdout.close()
+        for name in os.listdir(self.folder):
+            os.unlink(os.path.join(self.folder, name))
+        os.rmdir(self.folder)
+
+    def __enter__(self) -> Zygote:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _text(data: bytes) -> str:
+    """Bytes as subprocess.run(text=True) decodes them: UTF-8 here, universal newlines."""
+    return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
+# ----------------------------------------------------------------------------- the zygote's side
+
+
+def _serve(address: str) -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(address)
+    server.listen(128)
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        if os.fork() == 0:  # the handler: runs one command in its own child, reports, exits
+            server.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                _handle(conn)
+            finally:
+                os._exit(0)
+        conn.close()
+
+
+def _handle(conn: socket.socket) -> None:
+    request = json.loads(conn.makefile("rb").readline())
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _command(request, out.fileno(), err.fileno())  # never returns
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    result = {"returncode": os.waitstatus_to_exitcode(status)}
+    for name, f in (("stdout", out), ("stderr", err)):
+        f.seek(0)
+        result[name] = base64.b64encode(f.read()).decode()
+    conn.sendall(json.dumps(result).encode() + b"\n")
+
+
+def _command(request: dict, out: int, err: int) -> None:
+    """The command's process: `python cli.py ARGS` from here on."""
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd, target in ((null, 0), (out, 1), (err, 2)):
+            os.dup2(fd, target)
+        import cli
+
+        sys.argv = [str(CLI), *request["args"]]
+        sys.modules["__main__"] = cli  # spawned processes (multiprocessing) import cli.py, as they would
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 - an uncaught exception: its traceback, exit 1, as Python does
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        try:  # what Python does on its way out: wait for threads, run atexit's functions, flush
+            import atexit
+            import threading
+
+            threading._shutdown()
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
