@@ -223,3 +223,32 @@ def test_an_experiment_is_found_by_name_or_path(tmp_path):
     assert find_experiment(str(path)) == path
     with pytest.raises(ConfigError, match="unknown experiment 'nope' \\(known: .*smoke"):
         find_experiment("nope")
+
+
+def test_seed_list_is_the_file_s_or_zero_to_n(tmp_path):
+    exp = load_experiment(str(write(tmp_path, 'seeds = [3, 5]\n[grid]\n"loss.gamma" = [0, 2]\n')))
+    assert exp.seed_list() == [3, 5] and exp.seed_list(4) == [0, 1, 2, 3]
+    for bad in (0, 10_001):
+        with pytest.raises(ConfigError, match=f"--seeds: the number of seeds must be in \\[1, 10000\\], got {bad}"):
+            exp.seed_list(bad)
+
+
+def test_overrides_from_reads_data_then_sets_and_given_overrides_is_none_without_flags():
+    from ablate.experiments import given_overrides, overrides_from
+
+    out = overrides_from(["loss.gamma=1", "train.iterations=50"], "synth")
+    assert out["loss.gamma"] == 1 and out["train.iterations"] == 50 and out["data.source"] == "synth"
+    assert overrides_from(["data.source=coco"], "synth")["data.source"] == "coco"  # --set wins over --data
+    assert given_overrides(None, None) is None and given_overrides([], None) is None
+    assert given_overrides(["loss.gamma=0"], None) == {"loss.gamma": 0}
+
+
+def test_survey_lists_every_file_and_names_the_bad_ones(tmp_path, monkeypatch):
+    from ablate import experiments
+
+    good = write(tmp_path, 'description = "two gammas"\n[grid]\n"loss.gamma" = [0, 2]\n', "good")
+    bad = write(tmp_path, '[grid]\n"loss.gama" = [0]\n', "bad")
+    monkeypatch.setattr(experiments, "list_experiments", lambda: [bad, good])
+    rows, errors = experiments.survey()
+    assert rows == ["bad", ("good", "2", "[0]", "tiny", "two gammas")]
+    assert len(errors) == 1 and "bad.toml" in errors[0] and "loss.gama" in errors[0]
