@@ -60,12 +60,20 @@ class Page:
                                                       "awaitPromise": True}, session)
         return result.get("result", {}).get("value")
 
-    async def frame_session(self, url_prefix: str) -> str:
+    async def frame_session(self, url_prefix: str, seconds: float = 120.0) -> str:
         """A session in the page's iframe whose URL starts with `url_prefix` (a sandboxed frame
-        runs in a process of its own: its document is not reachable from the page's)."""
-        targets = (await self.send("Target.getTargets"))["targetInfos"]
-        [frame] = [t for t in targets if t["type"] == "iframe" and t["url"].startswith(url_prefix)]
-        return (await self.send("Target.attachToTarget", {"targetId": frame["targetId"], "flatten": True}))["sessionId"]
+        runs in a process of its own: its document is not reachable from the page's). Polled: the
+        iframe element can exist before its document (and so its target) does."""
+        deadline, urls = time.monotonic() + seconds, []
+        while time.monotonic() < deadline:
+            targets = (await self.send("Target.getTargets"))["targetInfos"]
+            frames = [t for t in targets if t["type"] == "iframe" and t["url"].startswith(url_prefix)]
+            if frames:
+                session = await self.send("Target.attachToTarget", {"targetId": frames[0]["targetId"], "flatten": True})
+                return session["sessionId"]
+            urls = [(t["type"], t["url"]) for t in targets]
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"no iframe at {url_prefix}* within {seconds:.0f} s; the targets were {urls}")
 
     async def goto(self, url: str) -> None:
         await self.send("Page.navigate", {"url": url})
