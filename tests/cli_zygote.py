@@ -2,22 +2,23 @@
 command line's heavy modules once (torch, torchvision, the data and training code), then forks a
 child per command, which runs the command as `python cli.py ARGS` would and exits with its code.
 
-Why: tests/test_bad_input.py runs some 75 commands, each its own process, and each spent ~3.5 CPU
+Why: tests/test_bad_input.py runs some 135 commands, each its own process, and each spent ~3.5 CPU
 seconds importing torch and the rest before its first line: most of that file's minutes. A forked
 child starts with the imports done (copy-on-write) and is still its own process: its own folder,
 environment, exit code (negative when killed by a signal), stdout and stderr, as under
 subprocess.run.
 
 What stays as in a fresh process: the environment is the request's, whole, before the command
-starts; nothing that reads the environment when imported is preloaded (the tracking module and
-MLflow, which read MLFLOW_* and the store's URI, Optuna); the zygote computes nothing, so no thread
-pool exists to fork (torch starts its threads on first use, in the child); `__main__` is cli.py,
-so multiprocessing's spawned processes start as the real command's would. The zygote itself is
-started with the environment every command shares (COLUMNS=200, the repository on PYTHONPATH),
-which is what torch, libgomp and rich read when imported.
+starts; the preloaded modules read none of the variables a command may set (MLflow and Optuna read
+theirs when called, and start no thread when imported), and ablate's tracking module, which sets
+variables when imported, is imported by the command itself; the zygote computes nothing, so no
+thread pool exists to fork (torch starts its threads on first use, in the child); `__main__` is
+cli.py, so multiprocessing's spawned processes start as the real command's would. A zygote is
+started with the environment of its commands less ABLATE_* and MLFLOW_TRACKING_URI (what torch,
+libgomp and rich read when imported: OMP_NUM_THREADS, COLUMNS, ...); commands that differ in
+anything else get a zygote of their own.
 
-    with Zygote(env) as zygote:
-        result = zygote.run(["train", "smoke", ...], cwd, env)   # a subprocess.CompletedProcess
+    result = run(["train", "smoke", ...], cwd, env, timeout=300)  # a subprocess.CompletedProcess
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"
 # Imported once by the zygote: none reads the environment at import beyond what every command
 # shares (see the module docstring), and they are most of a command's start-up.
-PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "typer", "rich.console", "cli", "ablate.config",
-           "ablate.experiments", "ablate.builders", "ablate.engine", "ablate.evaluation", "ablate.runner")
+PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "typer", "rich.console", "mlflow", "optuna", "cli",
+           "ablate.config", "ablate.experiments", "ablate.builders", "ablate.engine", "ablate.evaluation",
+           "ablate.runner")
 
 
 class Zygote:
@@ -88,6 +91,30 @@ class Zygote:
         self.close()
 
 
+# Variables the command reads when it runs, never when the preloaded modules are imported:
+# commands that differ only in these share a zygote.
+RUNTIME_ONLY = ("ABLATE_", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST")
+_SHARED: dict[tuple, Zygote] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Zygote.run on the zygote of this environment (less the RUNTIME_ONLY variables), started by its
+    first command; they end with the test session (`close_all`, in conftest.py)."""
+    key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith(RUNTIME_ONLY)))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = Zygote({k: v for k, v in env.items() if not k.startswith(RUNTIME_ONLY)})
+        zygote = _SHARED[key]
+    return zygote.run(args, cwd, env, timeout)
+
+
+def close_all() -> None:
+    with _SHARED_LOCK:
+        while _SHARED:
+            _SHARED.popitem()[1].close()
+
+
 def _text(data: bytes) -> str:
     """Bytes as subprocess.run(text=True) decodes them: UTF-8 here, universal newlines."""
     return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
@@ -95,19 +122,31 @@ def _text(data: bytes) -> str:
 
 # ----------------------------------------------------------------------------- the zygote's side
 
+SET_BY_IMPORTS: dict[str, str] = {}  # variables the preloaded modules set when imported
+
 
 def _serve(address: str) -> None:
     import importlib
 
+    sys.path[0] = str(REPO)  # as for `python cli.py`: the script's folder first, not tests/
+    before = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
+    global SET_BY_IMPORTS  # MLflow's telemetry session id: set again in each command's environment
+    SET_BY_IMPORTS = {k: v for k, v in os.environ.items() if before.get(k) != v}
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(address)
     server.listen(128)
+    server.settimeout(1.0)
+    parent = os.getppid()
     print("ready", flush=True)
-    while True:
-        conn, _ = server.accept()
+    while os.getppid() == parent:  # a test session killed before closing it: the zygote ends too
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
+        conn.settimeout(None)
         if os.fork() == 0:  # the handler: runs one command in its own child, reports, exits
             server.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -141,6 +180,8 @@ def _command(request: dict, out: int, err: int) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        for key, value in SET_BY_IMPORTS.items():  # as the imports would have, had they run here
+            os.environ.setdefault(key, value)
         null = os.open(os.devnull, os.O_RDONLY)
         for fd, target in ((null, 0), (out, 1), (err, 2)):
             os.dup2(fd, target)

@@ -107,3 +107,12 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("ABLATE_CACHE", None)
     else:
         os.environ["ABLATE_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cli_zygotes():
+    """The zygotes that fork the tests' command-line processes (tests/cli_zygote.py) end with the session."""
+    yield
+    import cli_zygote
+
+    cli_zygote.close_all()

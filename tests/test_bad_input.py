@@ -22,7 +22,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from cli_zygote import Zygote  # noqa: E402
+import cli_zygote  # noqa: E402
 from conftest import write_tiny_coco  # noqa: E402
 
 from ablate.errors import printable  # noqa: E402
@@ -510,26 +509,12 @@ def train_model(root: Path) -> None:
     torch.save(ckpt, root / "noclass.pt")
 
 
-_ZYGOTE: list[Zygote] = []  # started by the first command, closed by the module's `zygote` fixture
-_ZYGOTE_LOCK = threading.Lock()
-
-
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python cli.py *args` in its own process, forked from the module's zygote (tests/cli_zygote.py:
-    the imports done once, not in each of the ~75 commands)."""
+    """`python cli.py *args` in its own process, forked from a zygote (tests/cli_zygote.py: the
+    imports done once, not in each of the 135 commands)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
-    environ.update(PYTHONPATH=str(REPO), COLUMNS="200")
-    with _ZYGOTE_LOCK:
-        if not _ZYGOTE:
-            _ZYGOTE.append(Zygote(environ))  # the environment every command shares (no case's own)
-    return _ZYGOTE[0].run(args, cwd, {**environ, **(env or {})}, timeout=300)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def zygote():
-    yield
-    while _ZYGOTE:
-        _ZYGOTE.pop().close()
+    environ.update(PYTHONPATH=str(REPO), COLUMNS="200", **(env or {}))
+    return cli_zygote.run(args, cwd, environ, timeout=300)
 
 
 @dataclass

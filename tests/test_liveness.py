@@ -22,6 +22,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+import cli_zygote
 import servers
 from ablate.tracking import STEP_METRICS
 
@@ -39,7 +40,9 @@ def env(tmp_path):
 
 
 def ablate(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    """`python cli.py *args`, its own process forked from a zygote that did the imports once
+    (tests/cli_zygote.py); the workers the tests signal or kill are started as plain processes."""
+    return cli_zygote.run(list(args), cwd, env, timeout)
 
 
 def wait_for(predicate, timeout: float, poll: float = 0.2):

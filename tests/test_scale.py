@@ -19,6 +19,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+import cli_zygote
 import servers
 from ablate import tracking
 from ablate.experiments import load_experiment
@@ -44,7 +45,9 @@ def env(tmp_path):
 
 
 def ablate(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    """`python cli.py *args`, its own process forked from a zygote that did the imports once
+    (tests/cli_zygote.py); the workers the tests signal or kill are started as plain processes."""
+    return cli_zygote.run(list(args), cwd, env, timeout)
 
 
 def test_bad_storage_urls_fail_fast_in_one_masked_line(tmp_path, env, pg):
