@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ablate.data.source import HELP as DATA_HELP
+
 app = typer.Typer(help="Run, track and report the ablations of a dense detector (RetinaNet, focal loss).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="The embedded procedural data set.", no_args_is_help=True)
@@ -24,11 +26,7 @@ console = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value "
                                                      "(repeatable), e.g. --set loss.gamma=1 --set train.iterations=50")]
-DataOption = Annotated[str | None, typer.Option("--data", help=(
-    "'synth' (embedded, default) | 'coco:PATH' (a folder in the COCO 2017 layout) | 'coco:train=FILE,val=FILE' "
-    "(a COCO-format file per split, as Roboflow, CVAT or Label Studio export it; FILE@IMAGES names its image "
-    "folder, by default the file's own) | 'voc:PATH' (Pascal VOC, the VOCdevkit/VOC2007 folder; splits from "
-    "ImageSets/Main, picked by data.train_split and data.val_split)"))]
+DataOption = Annotated[str | None, typer.Option("--data", help=DATA_HELP)]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 NprocOption = Annotated[int | None, typer.Option(
     "--nproc", help="Processes training each run together (DDP: one per GPU, or per CPU core); they share "
@@ -64,9 +62,9 @@ def friendly_errors(command):
 def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
     """--set pairs and the --data shorthand as dotted-key overrides."""
     from ablate.config import parse_set
-    from ablate.experiments import data_overrides
+    from ablate.data.source import DataSource
 
-    out: dict[str, Any] = data_overrides(data, "--data") if data else {}
+    out: dict[str, Any] = DataSource.parse(data, "--data").overrides() if data else {}
     for assignment in sets or []:
         key, value = parse_set(assignment)
         out[key] = value

@@ -18,7 +18,7 @@ from ablate import builders
 from ablate.config import build_config
 from ablate.errors import ConfigError, DataError
 from ablate.evaluation import coco_evaluate
-from ablate.experiments import data_overrides
+from ablate.data.source import DataSource
 from cli import app
 
 
@@ -55,13 +55,14 @@ def _one_error_line(result) -> str:
 
 
 def test_data_forms_set_every_data_key():
-    files = data_overrides("coco:train=ds/train/_annotations.coco.json,val=v/ann.json@v/images/", "--data")
+    text = "coco:train=ds/train/_annotations.coco.json,val=v/ann.json@v/images/"
+    files = DataSource.parse(text, "--data").overrides()
     assert files == {"data.source": "coco", "data.root": "", "data.train_annotations": "ds/train/_annotations.coco.json",
                      "data.train_images": "", "data.val_annotations": "v/ann.json", "data.val_images": "v/images/"}
-    assert data_overrides("voc:/d/VOCdevkit/VOC2007", "x")["data.root"] == "/d/VOCdevkit/VOC2007"
+    assert DataSource.parse("voc:/d/VOCdevkit/VOC2007", "x").overrides()["data.root"] == "/d/VOCdevkit/VOC2007"
     # --data replaces an experiment's data: the split files of one do not leak into the other
-    assert data_overrides("coco:/coco", "x")["data.train_annotations"] == ""
-    assert data_overrides("synth", "x")["data.val_images"] == ""
+    assert DataSource.parse("coco:/coco", "x").overrides()["data.train_annotations"] == ""
+    assert DataSource.parse("synth", "x").overrides()["data.val_images"] == ""
 
 
 @pytest.mark.parametrize("data, message", [
@@ -72,7 +73,7 @@ def test_data_forms_set_every_data_key():
 ])
 def test_bad_data_forms_are_one_line(data, message):
     with pytest.raises(ConfigError, match=message):
-        data_overrides(data, "--data")
+        DataSource.parse(data, "--data")
 
 
 def test_cli_says_a_bad_form_in_one_line_with_its_brackets(tmp_path):
@@ -91,7 +92,8 @@ def test_help_shows_every_form():
 
 
 def _split(data: str, split: str):
-    cfg = build_config("tiny", {**data_overrides(data, "--data"), "data.min_size": 48, "data.max_size": 1000})
+    cfg = build_config("tiny", {**DataSource.parse(data, "--data").overrides(), "data.min_size": 48,
+                                "data.max_size": 1000})
     return builders.build_dataset(cfg.data, builders.data_root(cfg), split, train=False)
 
 
@@ -218,7 +220,7 @@ def test_a_train_split_without_boxes_warns(tiny_coco, tmp_path):
     # Quiet (a grid worker has no console): the warning goes through `warnings`.
     from ablate.runner import run_training
 
-    cfg = build_config("tiny", {**data_overrides(f"coco:{tiny_coco}", "t"), "train.iterations": 1,
+    cfg = build_config("tiny", {**DataSource.parse(f"coco:{tiny_coco}", "t").overrides(), "train.iterations": 1,
                                 "train.batch_size": 2, "train.out_dir": str(tmp_path / "quiet")})
     with pytest.warns(UserWarning, match="the train split has no boxes to learn from"):
         assert run_training(cfg, console=None, show_progress=False)["status"] == "finished"
