@@ -115,6 +115,7 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
         overrides["train.backend"] = backend
     cfg = exp.base_config(overrides)
     from ablate.checkpoint import discard_resume  # torch: only once the input is known good
+    from ablate.analysis import draw_loss_curve
     from ablate.runner import resume_spec, run_training
     from ablate.runs import Outcome
     from ablate.signals import graceful_stop
@@ -122,6 +123,7 @@ def train(experiment: Annotated[str, typer.Argument(help="Experiment name (exper
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
         summary = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
+    draw_loss_curve(summary, exp.name, console)  # the run folder's plot: training never imports the plotting
     if summary.get("rank"):  # another process of a torchrun launch: rank 0 reports the run
         raise typer.Exit({Outcome.FINISHED: 0, Outcome.INTERRUPTED: 130}.get(summary["status"], 3))
     if summary["status"] is Outcome.INTERRUPTED:
@@ -577,7 +579,7 @@ def data_synth(set_: SetOption = None,
                progress: ProgressOption = True) -> None:
     """Write the embedded data set (COCO layout) into the cache; print where, and its statistics."""
     from ablate import builders
-    from ablate.analysis import anchor_balance
+    from ablate.imbalance import anchor_balance
     from ablate.config import build_config
     from ablate.data.synth import synth_stats
 

@@ -1,11 +1,11 @@
-"""ablate.analysis.anchor_balance with an injected anchor generator and matcher, by hand."""
+"""ablate.imbalance.anchor_balance with an injected anchor generator and matcher, by hand."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ablate.analysis import anchor_balance
+from ablate.imbalance import anchor_balance
 from ablate.matching import Matcher
 from ablate.model.anchors import AnchorGenerator
 
