@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -48,6 +47,7 @@ def train(experiment: o.Experiment, set_: o.Set = None, data: o.Data = None, see
     cfg = exp.base_config({"train.seed": seed if seed is not None else exp.seeds[0], **overrides_from(set_, data),
                            **{key: value for key, value in options.items() if value is not None}})
     from ablate.checkpoint import discard_resume  # torch: only once the input is known good
+    from ablate.analysis import draw_loss_curve
     from ablate.runner import resume_spec, run_training
     from ablate.runs import Outcome
     from ablate.signals import graceful_stop
@@ -55,6 +55,7 @@ def train(experiment: o.Experiment, set_: o.Set = None, data: o.Data = None, see
     spec = resume_spec(cfg, resume, checkpoint_every)
     with graceful_stop() as stop:
         run = run_training(cfg, name=exp.name, console=console, show_progress=progress, resume=spec, stop=stop)
+    draw_loss_curve(run.run_dir, exp.name, console)  # the run folder's plot: training never imports the plotting
     if spec and run.rank == 0 and run.outcome is not Outcome.INTERRUPTED:
         discard_resume(spec.path)  # the run is over: nothing to go on from
     raise typer.Exit(print_run(run, resumable=spec is not None))
@@ -62,9 +63,7 @@ def train(experiment: o.Experiment, set_: o.Set = None, data: o.Data = None, see
 
 @app.command("eval")
 @friendly_errors
-def eval_(checkpoint: o.Checkpoint, set_: o.Set = None, data: o.Data = None,
-          out: Annotated[Path | None, typer.Option(help="Where to write detections.json and eval.json "
-                                                   "(default: beside the checkpoint).")] = None,
+def eval_(checkpoint: o.Checkpoint, set_: o.Set = None, data: o.Data = None, out: o.EvalFolder = None,
           progress: o.Progress = True) -> None:
     """Evaluate a checkpoint on the val split (COCO AP, AP50, AP75, APs/m/l, AR100)."""
     from ablate.paths import check_writable_folder
@@ -79,10 +78,8 @@ def eval_(checkpoint: o.Checkpoint, set_: o.Set = None, data: o.Data = None,
 
 @app.command()
 @friendly_errors
-def infer(checkpoint: o.Checkpoint, images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG).")],
-          out: Annotated[Path, typer.Option(help="Folder for the annotated PNGs.")] = Path("detections"),
-          score_min: Annotated[float, typer.Option(help="Draw detections scoring at least this.")] = 0.3,
-          set_: o.Set = None) -> None:
+def infer(checkpoint: o.Checkpoint, images: o.Images, out: o.DetectionsFolder = Path("detections"),
+          score_min: o.ScoreMin = 0.3, set_: o.Set = None) -> None:
     """Detect objects in images and save each with its boxes, class names and scores drawn."""
     from ablate.paths import check_writable_folder, output_paths
 
@@ -173,8 +170,7 @@ def run(experiment: o.Experiment, seeds: o.Seeds = None, jobs: o.RunJobs = None,
 
 @app.command()
 @friendly_errors
-def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its experiment's name).")],
-           storage: o.Storage = None, jobs: o.WorkerJobs = None, checkpoint_dir: o.CheckpointDir = None,
+def worker(experiment: o.Grid, storage: o.Storage = None, jobs: o.WorkerJobs = None, checkpoint_dir: o.CheckpointDir = None,
            checkpoint_every: o.CheckpointEvery = None, gpus_per_cell: o.GpusPerCell = 1, nproc: o.Nproc = None,
            stall_timeout: o.StallTimeout = None, progress: o.Progress = True) -> None:
     """Pull runs of a planned grid from the queue and train them until the queue is empty (any number
@@ -195,8 +191,7 @@ def worker(experiment: Annotated[str, typer.Argument(help="The grid's name (its 
 
 @app.command()
 @friendly_errors
-def search(experiment: Annotated[str, typer.Argument(help="Experiment name or path (with a [search] table).")],
-           trials: o.Trials = None, jobs: o.SearchJobs = 1, seed: o.SamplerSeed = 0, set_: o.Set = None,
+def search(experiment: o.SearchExperiment, trials: o.Trials = None, jobs: o.SearchJobs = 1, seed: o.SamplerSeed = 0, set_: o.Set = None,
            data: o.Data = None, progress: o.Progress = True) -> None:
     """Optuna TPE over the space the experiment declares, pruning on the intermediate AP."""
     from ablate import search as tpe_search, workers
@@ -259,7 +254,7 @@ def ui(experiment: o.Ablation = None, port: o.Port = 5000, open_: o.OpenPage = F
 
 @analyze_app.command("loss-cdf")
 @friendly_errors
-def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained checkpoint.pt (e.g. focal, gamma 2).")],
+def analyze_loss_cdf(checkpoint: o.TrainedCheckpoint,
                      gammas: o.Gammas = "0,0.5,1,2", out: o.Folder = None, max_images: o.MaxImages = 0,
                      set_: o.Set = None) -> None:
     """Figure 4: CDFs of the normalised focal loss of positive and negative examples, per gamma,
@@ -281,22 +276,13 @@ def analyze_loss_cdf(checkpoint: Annotated[Path, typer.Argument(help="A trained 
 @friendly_errors
 def data_synth(set_: o.Set = None, preset: o.AnchorPreset = "tiny", progress: o.Progress = True) -> None:
     """Write the embedded data set (COCO layout) into the cache; print where, and its statistics."""
-    from ablate import builders
-    from ablate.analysis import anchor_balance
     from ablate.config import build_config
-    from ablate.data.synth import synth_stats
+    from ablate.imbalance import embedded_set
 
-    cfg = build_config(preset, overrides_from(set_, "synth"))
-    root = builders.data_root(cfg, progress=progress)
+    root, lines = embedded_set(build_config(preset, overrides_from(set_, "synth")), preset, progress)
     print(root)
-    stats = synth_stats(root)
-    for key, value in stats.items():
-        console.print(escape(f"  {key}: {value}"))
-    train_set = builders.build_dataset(cfg.data, root, cfg.data.train_split, train=False, progress=progress)
-    b = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
-    console.print(f"  anchors ({preset} preset): {b['anchors_per_image']:.0f} per image, foreground "
-                  f"{b['fg_per_image']:.1f}, background {b['bg_per_image']:.0f}: 1:{b['bg_per_fg']:.0f} "
-                  f"(x {len(train_set.category_names)} classes in the sigmoid outputs)")
+    for line in lines:
+        console.print(escape(f"  {line}"))
 
 
 def main() -> None:

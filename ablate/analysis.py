@@ -1,37 +1,20 @@
-"""Diagnostics of the paper's setting: the anchor imbalance, loss curves, and the loss CDFs of Figure 4."""
+"""Diagnostics of the paper's setting, drawn: a run's loss curve, the loss CDFs of Figure 4 and the
+loss family of Figure 1. The anchor imbalance, which a run measures, is in ablate.imbalance: training
+never imports this module (the edges that run training draw the loss curve once it returns)."""
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
 from ablate import builders
 from ablate.checkpoint import load_checkpoint
-from ablate.data.coco import CocoDetection, collate
-from ablate.errors import ConfigError
-from ablate.matching import BACKGROUND, IGNORED, Matcher
-from ablate.model.anchors import AnchorGenerator, feature_sizes_for
-
-
-def anchor_balance(dataset: CocoDetection, anchor_generator: AnchorGenerator, matcher: Matcher,
-                   num_images: int = 128, batch_size: int = 16) -> dict[str, float]:
-    """Foreground, background and ignored anchors per image over the first `num_images` images,
-    as `matcher` assigns the anchors of `anchor_generator`; `bg_per_fg` is the imbalance the focal
-    loss is about (the paper's setting has ~100k anchors for a handful of objects: about 1:1000
-    before counting classes)."""
-    counts = torch.zeros(3)
-    seen = 0
-    for start in range(0, min(num_images, len(dataset)), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, num_images, len(dataset)))])
-        anchors, _ = anchor_generator(feature_sizes_for(*batch.images.shape[-2:]))
-        matched = matcher(batch.gt_boxes, batch.gt_labels, anchors)
-        counts += torch.stack([(matched >= 0).sum(), (matched == BACKGROUND).sum(), (matched == IGNORED).sum()])
-        seen += len(batch.images)
-    fg, bg, ignored = (counts / max(1, seen)).tolist()
-    return {"anchors_per_image": fg + bg + ignored, "fg_per_image": fg, "bg_per_image": bg,
-            "ignored_per_image": ignored, "bg_per_fg": bg / max(fg, 1e-9)}
+from ablate.errors import ConfigError, one_line
+from ablate.matching import IGNORED, Matcher
 
 
 def parse_gammas(text: str) -> list[float]:
@@ -66,6 +49,33 @@ def loss_curve_png(history: list[dict[str, float]], path: Path, title: str = "")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def draw_loss_curve(run_dir: str | Path | None, title: str, console=None) -> None:
+    """loss_curve.png in the folder of a run (`RunRecord.run_dir`), from its metrics.jsonl;
+    nothing for a run that logged no line, or a rank without a folder (None). A plot that
+    cannot be drawn (a font, a backend, a full disk) is a warning: the run's files and checkpoint
+    are what matter, and the curve is in metrics.jsonl."""
+    if run_dir is None:
+        return
+    run_dir = Path(run_dir)
+    try:
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return
+    if not history:
+        return
+    path = run_dir / "loss_curve.png"
+    try:
+        loss_curve_png(history, path, title=title)
+    except Exception as e:  # noqa: BLE001 - any failure of the plotting stack
+        message = f"warning: {path} not drawn ({type(e).__name__}: {one_line(e)}); the losses are in metrics.jsonl"
+        if console:
+            from rich.markup import escape
+
+            console.print(escape(message), style="yellow", soft_wrap=True)
+        else:
+            warnings.warn(message, stacklevel=2)
 
 
 def normalized_loss_cdf(losses: torch.Tensor, points: int = 200) -> tuple[torch.Tensor, torch.Tensor]:

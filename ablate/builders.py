@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ablate.config import Config, DataConfig, TrainConfig, trunk_norm
 from ablate.criterion import DetectionLoss
-from ablate.data import coco, voc
+from ablate.data import coco, source, voc
 from ablate.data.coco import Batch, CocoDetection, collate
 from ablate.data.synth import SynthSpec, ensure_synth
 from ablate.distributed import SINGLE, Ranks, rank_seed
@@ -50,9 +50,9 @@ def data_root(cfg: Config, progress: bool = True) -> Path | None:
         return None
     if d.source == "voc":
         raise ConfigError("data.root: set it to the VOC folder (VOCdevkit/VOC2007) for data.source=voc "
-                          "(or use --data voc:PATH)")
-    raise ConfigError("data.root: set it to the COCO folder for data.source=coco (or use --data coco:PATH, "
-                      "or coco:train=FILE.json,val=FILE.json)")
+                          f"(or use --data {source.VOC_FOLDER})")
+    raise ConfigError(f"data.root: set it to the COCO folder for data.source=coco (or use --data "
+                      f"{source.COCO_FOLDER}, or {source.COCO_FILES})")
 
 
 def split_files(cfg: DataConfig, split: str) -> tuple[str, str]:
@@ -66,7 +66,7 @@ def _need_root(cfg: DataConfig, root: Path | None, split: str) -> Path:
     if root is None:
         role = "train" if split == cfg.train_split else "val"
         raise ConfigError(f"data.{role}_annotations: not set, and no data.root to find split '{split}' in "
-                          "(name both splits: --data coco:train=FILE.json,val=FILE.json)")
+                          f"(name both splits: --data {source.COCO_FILES})")
     return root
 
 

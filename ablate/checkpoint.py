@@ -15,7 +15,6 @@ need torch to read them. Both are written atomically, the sidecar after the chec
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Callable

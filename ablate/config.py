@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ablate.data import source as data_source
 from ablate.errors import ConfigError
 
 
@@ -182,7 +183,7 @@ _RENAMED = {old: new for new, old in HASH_ALIASES.items()}
 
 # Keys added since runs were recorded, with the default they were added with: a config leaving one at
 # that default hashes as it did before the key existed, so every recorded run keeps its hash.
-SPLIT_FILE_KEYS = ("data.train_annotations", "data.train_images", "data.val_annotations", "data.val_images")
+SPLIT_FILE_KEYS = data_source.SPLIT_KEYS  # data.{train,val}_{annotations,images}
 HASH_IF_SET: dict[str, Any] = {key: "" for key in SPLIT_FILE_KEYS}
 
 # Keys that change where or how fast a run goes, never what it computes: left out of the hash.
@@ -190,7 +191,7 @@ UNHASHED_KEYS = frozenset({"train.out_dir", "train.log_every", "data.num_workers
                            "data.cache_images", "train.nproc", "train.backend"})
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("synth", "coco", "voc"),
+    "data.source": data_source.KINDS,
     "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"),
     "model.trunk_norm": ("auto", "bn", "frozen_bn"),
     "model.head_norm": ("none", "gn"),

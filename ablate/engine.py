@@ -1,8 +1,8 @@
 """The training loop and evaluation. Both return plain metric dicts; what to do with them (files,
-MLflow) is the caller's business, reached through the `on_log` / `on_checkpoint` callbacks.
+MLflow) is the caller's business, reached through the loop's hooks (`TrainHooks`).
 
-Both take plain arguments and injected parts (model, criterion, post-processing); the runner
-builds them from a config."""
+Both take injected parts (model, criterion, optimiser and schedule: `TrainParts`; post-processing)
+and plain settings (`TrainPlan`); the runner builds them from a config."""
 
 from __future__ import annotations
 
@@ -85,108 +85,151 @@ def autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
-def train(model: torch.nn.Module, criterion: DetectionLoss, batches: Iterator[Batch],
-          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-          device: torch.device, *, iterations: int, log_every: int = 10, amp: bool = True,
-          channels_last: bool = True, checkpoint_every: int = 0, on_log: LogFn | None = None,
-          on_checkpoint: Callable[[int], None] | None = None, show_progress: bool = True,
-          progress: Progress | None = None, eval_every: int = 0,
-          on_eval: Callable[[int], bool] | None = None, state: TrainState | None = None,
-          stop: Callable[[], bool] | None = None, save_every: int = 0,
-          save_state: Callable[[TrainState], None] | None = None, ranks: Ranks = SINGLE) -> TrainOutcome:
-    """Run SGD steps until `iterations` are done. A non-finite loss stops the run as DIVERGED
-    (before the step that would poison the weights); everything logged until then is kept.
+@dataclass(frozen=True)
+class TrainParts:
+    """What is trained and what trains it: the model (already on the plan's device; DDP-wrapped on
+    several ranks), the detection loss, the optimiser and its schedule."""
 
-    Every `log_every` iterations (and at the end) the interval's mean losses and counts go to
-    `on_log(iteration, metrics)`; every `checkpoint_every` (0: never) `on_checkpoint(iteration)`
-    is called before the end; every `eval_every` iterations `on_eval(iteration)` may stop the run
-    early (PRUNED). `amp`: bf16 autocast on CUDA; `channels_last`: NHWC input images, where
-    `ablate.model.memory_format` finds it safe.
+    model: torch.nn.Module
+    criterion: DetectionLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Where and how long: `iterations` SGD steps on `device`, the interval's line logged every
+    `log_every` (and at the end). `amp`: bf16 autocast on CUDA; `channels_last`: NHWC input images,
+    where `ablate.model.memory_format` finds it safe."""
+
+    device: torch.device
+    iterations: int
+    log_every: int = 10
+    amp: bool = True
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What the loop calls out to (files, MLflow, a pruner, a signal): each optional, and a hook
+    with a period runs only when both are set (a period of 0: never)."""
+
+    log: LogFn | None = None  # (iteration, the interval's metrics), every plan.log_every and at the end
+    checkpoint: Callable[[int], None] | None = None  # (iteration), every checkpoint_every, before the end
+    checkpoint_every: int = 0
+    evaluate: Callable[[int], bool] | None = None  # (iteration), every eval_every; True ends the run PRUNED
+    eval_every: int = 0
+    save_state: Callable[[TrainState], None] | None = None  # a resume point: every save_every, and when stopped
+    save_every: int = 0
+    stop: Callable[[], bool] | None = None  # asked once per iteration; True ends the run INTERRUPTED
+    progress: Progress | None = None  # a display to add the bar to (a grid's); None: one of its own
+    show_progress: bool = True
+
+
+class _Clock:
+    """Brings a state's timers up to now: the run's seconds over every attempt, and the interval's."""
+
+    def __init__(self, state: TrainState):
+        self.state, self.seconds_before = state, state.seconds
+        self.start = self.interval_start = time.perf_counter()
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        self.state.seconds = self.seconds_before + now - self.start
+        self.state.interval_seconds += now - self.interval_start
+        self.interval_start = now
+
+
+def train(parts: TrainParts, batches: Iterator[Batch], plan: TrainPlan, *, hooks: TrainHooks = TrainHooks(),
+          state: TrainState | None = None, ranks: Ranks = SINGLE) -> TrainOutcome:
+    """Run SGD steps until `plan.iterations` are done. A non-finite loss stops the run as DIVERGED
+    (before the step that would poison the weights); everything logged until then is kept. The
+    hooks are called in this order after a step: log, checkpoint, evaluate, save_state, stop.
 
     Resuming: `state` is where a stopped run got to (iteration, history, the interval's sums); the
-    model, optimiser, schedule, loss and `batches` must be at that point too. `stop()` is asked
-    once per iteration: True ends the run as INTERRUPTED. `save_state(state)` is called every
-    `save_every` iterations (0: never) and when stopped, before the end, to write a resume point.
+    parts and `batches` must be at that point too. None: a new run.
 
-    `ranks`: this process's place in a run on several processes (DDP: `model` wrapped, `batches`
+    `ranks`: this process's place in a run on several processes (DDP: the model wrapped, `batches`
     this rank's share). The logged figures are the global batch's; every rank stops, diverges or
     saves at the same iteration (a stop asked on any rank stops all).
     """
-    model.train()
-    images_format = memory_format(model, device, channels_last)  # NCHW where oneDNN's NHWC kernel is faulty
+    parts.model.train()
+    images_format = memory_format(parts.model, plan.device, plan.channels_last)  # NCHW where oneDNN's NHWC is faulty
     state = state or TrainState()
-    start = interval_start = time.perf_counter()
-    seconds_before = state.seconds
+    clock = _Clock(state)
 
-    def clock() -> None:  # bring the state's timers up to now
-        nonlocal interval_start
-        now = time.perf_counter()
-        state.seconds = seconds_before + now - start
-        state.interval_seconds += now - interval_start
-        interval_start = now
+    def end(status: Outcome, iterations: int, diverged_at: int | None = None) -> TrainOutcome:
+        clock()
+        return TrainOutcome(status, iterations, state.seconds, diverged_at=diverged_at, history=state.history)
 
     # Judged by the run's lease: every iteration is progress, and none for its stall timeout is a stall.
-    with progress_task(progress, "train", iterations, show_progress) as (bar, task), lease.judged():
+    with progress_task(hooks.progress, "train", plan.iterations, hooks.show_progress) as (bar, task), lease.judged():
         bar.update(task, completed=state.iteration)
-        for it in range(state.iteration, iterations):
+        for it in range(state.iteration, plan.iterations):
             t0 = time.perf_counter()
-            batch = next(batches).to(device, non_blocking=True)
+            batch = next(batches).to(plan.device, non_blocking=True)
             state.data_seconds += time.perf_counter() - t0
-            images = batch.images.contiguous(memory_format=images_format)
-            with autocast(device, amp):
-                cls_logits, box_deltas, anchors, _ = model(images)
-            out = criterion(cls_logits, box_deltas, anchors, batch.gt_boxes, batch.gt_labels)
-            loss = out["loss"]
-            # The step's figures, summed over the ranks in one go with the stop flag: one sync per
-            # step (also the divergence check), and every rank decides to stop at the same step.
-            stop_here = stop is not None and stop()
-            step = ranks.all_sum(torch.stack([out[key].detach().double() for key in LOGGED]
-                                             + [loss.new_tensor(float(stop_here), dtype=torch.float64)]))
-            summed = step.tolist()
-            values = dict(zip(LOGGED, summed))
-            for key in LOSSES:  # each rank's loss is its share times world_size (DDP averages)
-                values[key] /= ranks.world_size
+            loss, values, stopping = forward(parts, batch.images.contiguous(memory_format=images_format), batch,
+                                             plan, hooks.stop, ranks)
             if not math.isfinite(values["loss"]):
-                clock()
-                return TrainOutcome(Outcome.DIVERGED, it, state.seconds, diverged_at=it, history=state.history)
-            optimizer.zero_grad(set_to_none=True)
+                return end(Outcome.DIVERGED, it, diverged_at=it)
+            parts.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            parts.optimizer.step()
+            parts.scheduler.step()
             for key in LOGGED:
                 state.sums[key] = state.sums.get(key, 0.0) + values[key]
             state.images += len(batch.images) * ranks.world_size
             state.iteration = done = it + 1
             lease.advance()
             lease.hang_here_if_asked(done, ranks.rank)
-            if done % log_every == 0 or done == iterations:
+            if done % plan.log_every == 0 or done == plan.iterations:
                 clock()
-                metrics = interval_metrics(state, optimizer.param_groups[0]["lr"])
-                state.history.append(metrics)
-                if on_log:
-                    on_log(done, metrics)
-                bar.update(task, completed=done, info=f"loss {metrics['loss']:.3f} "
-                           f"({metrics['img_per_s']:.1f} img/s)")
-                state.sums, state.images, state.interval_seconds, state.data_seconds = {}, 0, 0.0, 0.0
-            if done == iterations:
+                log_interval(state, parts.optimizer.param_groups[0]["lr"], hooks.log, bar, task)
+            if done == plan.iterations:
                 break
-            if on_checkpoint and checkpoint_every and done % checkpoint_every == 0:
-                on_checkpoint(done)
-            if on_eval and eval_every and done % eval_every == 0:
-                pruned = on_eval(done)
-                model.train()
+            if hooks.checkpoint and hooks.checkpoint_every and done % hooks.checkpoint_every == 0:
+                hooks.checkpoint(done)
+            if hooks.evaluate and hooks.eval_every and done % hooks.eval_every == 0:
+                pruned = hooks.evaluate(done)
+                parts.model.train()
                 if pruned:
-                    clock()
-                    return TrainOutcome(Outcome.PRUNED, done, state.seconds, history=state.history)
-            stopping = summed[-1] > 0  # the stop flag, summed over the ranks with the figures
-            if save_state and (stopping or (save_every and done % save_every == 0)):
+                    return end(Outcome.PRUNED, done)
+            if hooks.save_state and (stopping or (hooks.save_every and done % hooks.save_every == 0)):
                 clock()
-                save_state(state)
+                hooks.save_state(state)
             if stopping:
-                clock()
-                return TrainOutcome(Outcome.INTERRUPTED, done, state.seconds, history=state.history)
-    clock()
-    return TrainOutcome(Outcome.FINISHED, iterations, state.seconds, history=state.history)
+                return end(Outcome.INTERRUPTED, done)
+    return end(Outcome.FINISHED, plan.iterations)
+
+
+def forward(parts: TrainParts, images: torch.Tensor, batch: Batch, plan: TrainPlan, stop: Callable[[], bool] | None,
+            ranks: Ranks) -> tuple[torch.Tensor, dict[str, float], bool]:
+    """One step's loss (to backpropagate), its figures (LOGGED) summed over the ranks and whether
+    any rank asked to stop. One sync per step carries both (it is also the divergence check), so
+    that every rank decides to stop at the same step."""
+    with autocast(plan.device, plan.amp):
+        cls_logits, box_deltas, anchors, _ = parts.model(images)
+    out = parts.criterion(cls_logits, box_deltas, anchors, batch.gt_boxes, batch.gt_labels)
+    loss = out["loss"]
+    stop_here = stop is not None and stop()
+    step = ranks.all_sum(torch.stack([out[key].detach().double() for key in LOGGED]
+                                     + [loss.new_tensor(float(stop_here), dtype=torch.float64)]))
+    summed = step.tolist()
+    values = dict(zip(LOGGED, summed))
+    for key in LOSSES:  # each rank's loss is its share times world_size (DDP averages)
+        values[key] /= ranks.world_size
+    return loss, values, summed[-1] > 0
+
+
+def log_interval(state: TrainState, lr: float, log: LogFn | None, bar: Progress, task) -> None:
+    """The interval ending now into the history, the `log` hook and the bar; the next one starts."""
+    metrics = interval_metrics(state, lr)
+    state.history.append(metrics)
+    if log:
+        log(state.iteration, metrics)
+    bar.update(task, completed=state.iteration, info=f"loss {metrics['loss']:.3f} ({metrics['img_per_s']:.1f} img/s)")
+    state.sums, state.images, state.interval_seconds, state.data_seconds = {}, 0, 0.0, 0.0
 
 
 def interval_metrics(state: TrainState, lr: float) -> dict[str, float]:

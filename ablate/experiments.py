@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.config import PRESETS, Config, apply_overrides, build_config, check_seed, flatten, parse_set
+from ablate.data.source import DataSource
 from ablate.errors import ConfigError, one_line
 from ablate.runs import PlannedRun
 
@@ -154,7 +155,7 @@ class Experiment:
 
     def base_config(self, extra: dict[str, Any] | None = None, source: str = "--set") -> Config:
         """The preset, then the data set, then [config], then `extra` (e.g. --set)."""
-        cfg = apply_overrides(build_config(self.preset), data_overrides(self.data, str(self.path)), str(self.path))
+        cfg = apply_overrides(build_config(self.preset), DataSource.parse(self.data, str(self.path)).overrides(), str(self.path))
         cfg = apply_overrides(cfg, self.overrides, str(self.path))
         return apply_overrides(cfg, extra or {}, source)
 
@@ -231,54 +232,6 @@ def cell_label(overrides: dict[str, Any]) -> str:
         alias = ALIASES.get(key, key.split(".")[-1])
         parts.append(format_override_value(value) if alias == "" else f"{alias}={format_override_value(value)}")
     return " ".join(parts)
-
-
-DATA_FORMS = "'synth', 'coco:PATH', 'coco:train=FILE.json[@IMAGES],val=FILE.json[@IMAGES]' or 'voc:PATH'"
-
-
-def data_overrides(data: str, source: str) -> dict[str, Any]:
-    """The data set named by `--data` (or an experiment's `data`) as config overrides; every data key
-    is set, so that it replaces whatever data an experiment file chose.
-
-    synth                            the embedded procedural set
-    coco:PATH                        a folder in the COCO 2017 layout
-    coco:train=FILE[@IMAGES],val=FILE[@IMAGES]
-                                     a COCO-format file per split, as exported; IMAGES defaults to
-                                     the file's folder (Roboflow), e.g. CVAT: FILE@images/
-    voc:PATH                         a Pascal VOC folder (VOCdevkit/VOC2007)
-    """
-    keys = {"data.root": "", "data.train_annotations": "", "data.train_images": "",
-            "data.val_annotations": "", "data.val_images": ""}
-    kind, _, rest = data.partition(":")
-    if data == "synth":
-        return {"data.source": "synth", **keys}
-    if kind == "voc" and rest:
-        return {"data.source": "voc", **keys, "data.root": rest}
-    if kind == "coco" and rest.startswith(("train=", "val=")):
-        return {"data.source": "coco", **keys, **_split_files(rest, data, source)}
-    if kind == "coco" and rest:
-        return {"data.source": "coco", **keys, "data.root": rest}
-    raise ConfigError(f"{source}: data must be {DATA_FORMS}, got '{data}'")
-
-
-def _split_files(spec: str, data: str, source: str) -> dict[str, str]:
-    """'train=A.json@imgs,val=B.json' -> data.train_annotations, data.train_images, data.val_..."""
-    out: dict[str, str] = {}
-    for part in spec.split(","):
-        split, eq, files = part.partition("=")
-        split = split.strip()
-        if split not in ("train", "val") or not eq or not files.strip():
-            raise ConfigError(f"{source}: expected train=FILE.json[@IMAGES],val=FILE.json[@IMAGES] after 'coco:', "
-                              f"got '{part}' in '{data}'")
-        if f"data.{split}_annotations" in out:
-            raise ConfigError(f"{source}: split '{split}' given twice in '{data}'")
-        # The last '@': annotation file names seldom hold one, and image folders come after it.
-        ann, at, images = files.strip().rpartition("@") if "@" in files else (files.strip(), "", "")
-        out[f"data.{split}_annotations"], out[f"data.{split}_images"] = ann, images
-    missing = [s for s in ("train", "val") if f"data.{s}_annotations" not in out]
-    if missing:
-        raise ConfigError(f"{source}: '{data}' names no {missing[0]} file (both train= and val= are needed)")
-    return out
 
 
 def experiments_dirs() -> list[Path]:
@@ -601,7 +554,7 @@ def validate(exp: Experiment) -> None:
 
 def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
     """--set pairs and the --data shorthand as dotted-key overrides."""
-    out: dict[str, Any] = data_overrides(data, "--data") if data else {}
+    out: dict[str, Any] = DataSource.parse(data, "--data").overrides() if data else {}
     for assignment in sets or []:
         key, value = parse_set(assignment)
         out[key] = value

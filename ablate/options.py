@@ -10,20 +10,25 @@ from typing import Annotated
 
 import typer
 
+from ablate.data.source import HELP as DATA_HELP
+
 Experiment = Annotated[str, typer.Argument(help="Experiment name (experiments/NAME.toml) or path.")]
 Checkpoint = Annotated[Path, typer.Argument(help="A checkpoint.pt written by `ablate train`.")]
 Set = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value (repeatable), "
                                                "e.g. --set loss.gamma=1 --set train.iterations=50")]
-Data = Annotated[str | None, typer.Option("--data", help=(
-    "'synth' (embedded, default) | 'coco:PATH' (a folder in the COCO 2017 layout) | 'coco:train=FILE,val=FILE' "
-    "(a COCO-format file per split, as Roboflow, CVAT or Label Studio export it; FILE@IMAGES names its image "
-    "folder, by default the file's own) | 'voc:PATH' (Pascal VOC, the VOCdevkit/VOC2007 folder; splits from "
-    "ImageSets/Main, picked by data.train_split and data.val_split)"))]
+Data = Annotated[str | None, typer.Option("--data", help=DATA_HELP)]  # the forms, from ablate.data.source
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 Nproc = Annotated[int | None, typer.Option(
     "--nproc", help="Processes training each run together (DDP: one per GPU, or per CPU core); they share "
     "out the global batch (train.nproc, default 1). Or launch `ablate train` under torchrun")]
 Folder = Annotated[Path | None, typer.Option("--out", help="Folder (default: beside the checkpoint).")]
+
+# `ablate eval` and `ablate infer`
+EvalFolder = Annotated[Path | None, typer.Option(
+    "--out", help="Where to write detections.json and eval.json (default: beside the checkpoint).")]
+Images = Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG).")]
+DetectionsFolder = Annotated[Path, typer.Option("--out", help="Folder for the annotated PNGs.")]
+ScoreMin = Annotated[float, typer.Option(help="Draw detections scoring at least this.")]
 
 # `ablate train`
 Seed = Annotated[int | None, typer.Option(help="Seed (default: the experiment's first).")]
@@ -74,6 +79,9 @@ Budgets = Annotated[str | None, typer.Option(
     "(the LR steps scale with it; 1 is the cell as declared)")]
 
 # `ablate search`, `report`, `findings`, `ui`, `analyze`, `data`
+Grid = Annotated[str, typer.Argument(help="The grid's name (its experiment's name).")]
+SearchExperiment = Annotated[str, typer.Argument(help="Experiment name or path (with a [search] table).")]
+TrainedCheckpoint = Annotated[Path, typer.Argument(help="A trained checkpoint.pt (e.g. focal, gamma 2).")]
 Trials = Annotated[int | None, typer.Option(help="Trials to run (default: the file's).")]
 SearchJobs = Annotated[int, typer.Option("--jobs", help="Trials run at once, each in its own process.")]
 SamplerSeed = Annotated[int, typer.Option("--seed", help="Seed of the TPE sampler.")]

@@ -21,7 +21,8 @@ import pandas as pd
 
 from ablate.budgets import budgets_text
 from ablate.errors import AblateError
-from ablate.experiments import Experiment, data_overrides
+from ablate.data.source import DataSource
+from ablate.experiments import Experiment
 from ablate.runs import DONE
 
 
@@ -78,36 +79,13 @@ def command_flags(overrides: dict[str, Any]) -> str:
     (experiments.overrides_from's inverse), leading space included; '' for none."""
     rest = dict(overrides)
     flags = []
-    data = data_flag(rest)
+    data = DataSource.from_overrides(rest)
     if data is not None:  # only when --data gives back exactly these keys; else they stay --set pairs
-        flags.append(f"--data {shlex.quote(data)}")
-        for key in data_overrides(data, "--data"):
+        flags.append(f"--data {shlex.quote(str(data))}")
+        for key in data.overrides():
             rest.pop(key)
     flags += [f"--set {shlex.quote(f'{key}={set_text(value)}')}" for key, value in sorted(rest.items())]
     return "".join(f" {flag}" for flag in flags)
-
-
-def data_flag(overrides: dict[str, Any]) -> str | None:
-    """The --data value whose overrides (experiments.data_overrides) are all in `overrides` with
-    the same values, e.g. 'coco:/x' or 'coco:train=a.json@imgs,val=b.json'; None if there is none."""
-    get = lambda key: str(overrides.get(key) or "")  # noqa: E731
-    source, root = overrides.get("data.source"), get("data.root")
-    if source == "synth":
-        candidate = "synth"
-    elif source in ("coco", "voc") and root:
-        candidate = f"{source}:{root}"
-    elif source == "coco":
-        splits = [f"{split}={get(f'data.{split}_annotations')}"
-                  + (f"@{get(f'data.{split}_images')}" if get(f"data.{split}_images") else "")
-                  for split in ("train", "val")]
-        candidate = "coco:" + ",".join(splits)
-    else:
-        return None
-    try:
-        wanted = data_overrides(candidate, "--data")
-    except AblateError:
-        return None
-    return candidate if all(key in overrides and overrides[key] == value for key, value in wanted.items()) else None
 
 
 def set_text(value: Any) -> str:

@@ -8,11 +8,14 @@ into parts, the engine only computes. A run folder holds:
     detections.json    COCO results on the val split
     eval.json          COCO metrics
     summary.json       status (an Outcome), final metrics, timings, data statistics, resumed_from
+and loss_curve.png, which the caller draws from metrics.jsonl (analysis.draw_loss_curve): training
+imports no plotting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -29,12 +32,12 @@ from rich.markup import escape
 
 from ablate import builders, distributed, engine
 from ablate.model import memory_format
-from ablate.analysis import anchor_balance, loss_curve_png
 from ablate.checkpoint import (ResumeSpec, atomic_write, load_resume, rng_states, save_checkpoint, save_resume,
                                set_rng_states)
 from ablate.config import Config, config_hash, from_dict, to_dict
-from ablate.errors import AblateError, DataError, one_line
+from ablate.errors import AblateError, DataError
 from ablate.evaluation import save_results
+from ablate.imbalance import anchor_balance
 from ablate.paths import NAME_MAX, check_writable_folder
 from ablate.runs import Outcome, RunRecord
 
@@ -135,6 +138,9 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
     after writing the resume checkpoint (if `resume`), without evaluating. On CPU a resumed run's
     losses, weights and metrics equal an uninterrupted run's bit for bit (with data.num_workers 0;
     with workers, its images and their order, but not its flips: see builders.build_loader).
+
+    The run's folder gets no plot: the caller draws loss_curve.png from its metrics.jsonl
+    (analysis.draw_loss_curve), so that training never imports the plotting stack.
     """
     if run_dir is None:  # before any work: a run that cannot write its folder should not train first
         check_writable_folder(cfg.train.out_dir, "train.out_dir")
@@ -154,24 +160,88 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
         builders.check_same_classes(train_set.category_names, val_set, f"the train split ({train_set.ann_file})")
     builders.fetch_weights(cfg)
     # The run folder only once the data and weights are known good: bad input leaves no empty run behind.
+    run_dir = open_run_dir(cfg, run_dir, saved, name)
+    with phases("setup"):
+        balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
+    if console:
+        say_data(console, cfg, root, train_set, val_set, balance, ranks)
+    with phases("setup"):
+        parts, state, loader = build_training_parts(cfg, train_set, device, ranks, saved)
+    check_parts(cfg, train_set, parts.model, device, console, saved, loader, resume)
+    net = distributed.unwrap(parts.model)  # what is saved and evaluated
+    if saved:  # the lines logged before the checkpoint, each once (a killed run may have logged more)
+        write_metrics(run_dir / "metrics.jsonl", state.history)
+
+    def evaluate() -> tuple[dict[str, float], list[dict]]:
+        return engine.evaluate(net, val_loader, val_set, builders.build_postprocess(cfg), device,
+                               amp=cfg.train.amp, show_progress=show_progress, progress=progress)
+
+    asked = engine.TrainHooks(log=on_log, evaluate=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None,
+                              eval_every=eval_every, stop=stop, progress=progress, show_progress=show_progress)
+    hooks = folder_hooks(asked, cfg, run_dir, parts, train_set, len(loader), resume, ranks)
+    start_rngs(cfg, saved, ranks)
+    if saved and console:
+        console.print(escape(f"resuming from {resume.path} at iteration {state.iteration}"))
+    with phases("train"), out_of_memory_names_keys(cfg):
+        outcome = engine.train(parts, builders.forever(loader), train_plan(cfg, device), hooks=hooks, state=state,
+                               ranks=ranks)
+    record = RunRecord(outcome.status, iterations=outcome.iterations, diverged_at=outcome.diverged_at,
+                       train_seconds=outcome.seconds, resumed_from=saved["iteration"] if saved else None,
+                       processes=ranks.world_size, config_hash=config_hash(cfg), run_dir=str(run_dir),
+                       data={"root": str(root or train_set.ann_file), **train_set.stats.as_dict()}, anchors=balance)
+    if outcome.status is Outcome.INTERRUPTED:
+        record.resume_checkpoint = str(resume.path) if resume else None
+    save_and_evaluate(record, outcome, cfg, run_dir, net, train_set, evaluate, phases)
+    record.phase_seconds = phases.seconds
+    write_json(run_dir / "summary.json", record.summary_json())
+    return record
+
+
+def save_and_evaluate(record: RunRecord, outcome: engine.TrainOutcome, cfg: Config, run_dir: Path,
+                      net: torch.nn.Module, train_set, evaluate: Callable[[], tuple[dict[str, float], list[dict]]],
+                      phases: Phases) -> None:
+    """A finished run's model (checkpoint.pt), then its detections and COCO metrics on the val split
+    (detections.json, eval.json), the metrics into `record`; nothing for a run that did not finish."""
+    with phases("write"):
+        if outcome.status is Outcome.FINISHED:
+            save_checkpoint(run_dir / "checkpoint.pt", net, cfg, train_set.category_names, train_set.category_ids,
+                            outcome.iterations)
+    if outcome.status is not Outcome.FINISHED:
+        return
+    with phases("eval"):
+        metrics, records = evaluate()
+        save_results(records, run_dir / "detections.json")
+        write_json(run_dir / "eval.json", metrics)
+    record.metrics, record.eval_seconds = metrics, phases.seconds["eval"]
+
+
+def open_run_dir(cfg: Config, run_dir: Path | None, saved: dict[str, Any] | None, name: str) -> Path:
+    """The run's folder (`run_dir`, else a resumed run's when it is still there, else a new one),
+    with its config.json."""
     if run_dir is None and saved and Path(saved["run_dir"]).is_dir():
         run_dir = Path(saved["run_dir"])
     run_dir = run_dir or new_run_dir(cfg.train.out_dir, name)
     write_json(run_dir / "config.json", {"hash": config_hash(cfg), "config": to_dict(cfg)})
-    with phases("setup"):
-        balance = anchor_balance(train_set, builders.build_anchor_generator(cfg), builders.build_matcher(cfg))
-    if console:
-        console.print(escape(f"data {root or train_set.ann_file}: {len(train_set)} train / {len(val_set)} val images, "
-                             f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}"))
-        console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground "
-                      f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
-                      f"(1:{balance['bg_per_fg']:.0f}), ignored {balance['ignored_per_image']:.1f}")
-    if ranks.distributed and console:
+    return run_dir
+
+
+def say_data(console: Console, cfg: Config, root: Path | None, train_set, val_set, balance: dict[str, float],
+             ranks: distributed.Ranks) -> None:
+    """The data, its anchor imbalance and the processes, as the run starts."""
+    console.print(escape(f"data {root or train_set.ann_file}: {len(train_set)} train / {len(val_set)} val images, "
+                         f"{len(train_set.category_names)} classes; train stats {train_set.stats.as_dict()}"))
+    console.print(f"anchors per image {balance['anchors_per_image']:.0f}: foreground "
+                  f"{balance['fg_per_image']:.1f}, background {balance['bg_per_image']:.0f} "
+                  f"(1:{balance['bg_per_fg']:.0f}), ignored {balance['ignored_per_image']:.1f}")
+    if ranks.distributed:
         console.print(f"training on {ranks.world_size} processes ({dist_backend()}): "
                       f"{cfg.train.batch_size // ranks.world_size} images each per batch of {cfg.train.batch_size}")
-    with phases("setup"):
-        parts = build_training_parts(cfg, train_set, device, ranks, saved)
-    model, optimizer, scheduler, criterion, state, loader = parts
+
+
+def check_parts(cfg: Config, train_set, model: torch.nn.Module, device: torch.device, console: Console | None,
+                saved: dict[str, Any] | None, loader, resume: ResumeSpec | None) -> None:
+    """Before the first step: a train split without boxes and a model kept in NCHW said loudly, and
+    a resumed run's data position checked."""
     if train_set.stats.num_boxes == 0:
         warn_no_boxes(train_set, console)
     unsafe = memory_format.unsafe_convolutions(model) if device.type == "cpu" else []
@@ -180,60 +250,38 @@ def train_and_evaluate(cfg: Config, *, name: str = "train", run_dir: Path | None
                              f"{memory_format.ONEDNN_MIN_SAFE_CHANNELS} input channels: training in NCHW, not "
                              "channels_last (oneDNN issue 6035 hangs or corrupts it on CPU)"), style="yellow")
     check_data_position(saved, loader, resume)
+
+
+def train_plan(cfg: Config, device: torch.device) -> engine.TrainPlan:
     t = cfg.train
-    net = distributed.unwrap(model)  # what is saved and evaluated
-    classes = (train_set.category_names, train_set.category_ids)
-    if saved:  # the lines logged before the checkpoint, each once (a killed run may have logged more)
-        write_metrics(run_dir / "metrics.jsonl", state.history)
+    return engine.TrainPlan(device, t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last)
+
+
+def folder_hooks(asked: engine.TrainHooks, cfg: Config, run_dir: Path, parts: engine.TrainParts, train_set,
+                 batches_per_epoch: int, resume: ResumeSpec | None, ranks: distributed.Ranks) -> engine.TrainHooks:
+    """The caller's hooks (`asked`) with the run folder's: each logged line appended to metrics.jsonl
+    (then `asked.log`), a model checkpoint every train.checkpoint_every, and with `resume` a resume
+    checkpoint every resume.every iterations and when stopped."""
+    net = distributed.unwrap(parts.model)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if on_log:
-            on_log(step, metrics)
+        if asked.log:
+            asked.log(step, metrics)
 
-    def evaluate() -> tuple[dict[str, float], list[dict]]:
-        return engine.evaluate(net, val_loader, val_set, builders.build_postprocess(cfg), device,
-                               amp=cfg.train.amp, show_progress=show_progress, progress=progress)
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(run_dir / f"checkpoint_{iteration}.pt", net, cfg, train_set.category_names,
+                        train_set.category_ids, iteration)
 
     def save_state(state: engine.TrainState) -> None:
         rngs = ranks.gather(rng_states())  # every rank's, for each to go on with its own
-        parts = resume_parts(net, optimizer, scheduler, criterion, state, len(loader), run_dir, rngs)
-        save_resume(resume, state.iteration, cfg, config_hash(cfg), parts)
+        saved = resume_parts(net, parts.optimizer, parts.scheduler, parts.criterion, state, batches_per_epoch,
+                             run_dir, rngs)
+        save_resume(resume, state.iteration, cfg, config_hash(cfg), saved)
 
-    start_rngs(cfg, saved, ranks)
-    if saved and console:
-        console.print(escape(f"resuming from {resume.path} at iteration {state.iteration}"))
-    with phases("train"), out_of_memory_names_keys(cfg):
-        outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
-                               iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
-                               checkpoint_every=t.checkpoint_every, on_log=log,
-                               on_checkpoint=lambda it: save_checkpoint(run_dir / f"checkpoint_{it}.pt", net, cfg,
-                                                                        *classes, it),
-                               show_progress=show_progress, progress=progress, eval_every=eval_every,
-                               on_eval=(lambda it: on_eval(it, evaluate()[0])) if on_eval else None,
-                               state=state, stop=stop, save_every=resume.every if resume else 0,
-                               save_state=save_state if resume else None, ranks=ranks)
-    record = RunRecord(outcome.status, iterations=outcome.iterations, diverged_at=outcome.diverged_at,
-                       train_seconds=outcome.seconds, resumed_from=saved["iteration"] if saved else None,
-                       processes=ranks.world_size, config_hash=config_hash(cfg), run_dir=str(run_dir),
-                       data={"root": str(root or train_set.ann_file), **train_set.stats.as_dict()}, anchors=balance)
-    if outcome.status is Outcome.INTERRUPTED:
-        record.resume_checkpoint = str(resume.path) if resume else None
-    with phases("write"):  # the model first: a plot that fails must not cost it
-        if outcome.status is Outcome.FINISHED:
-            save_checkpoint(run_dir / "checkpoint.pt", net, cfg, *classes, outcome.iterations)
-        if outcome.history:
-            draw_loss_curve(outcome.history, run_dir / "loss_curve.png", name, console)
-    if outcome.status is Outcome.FINISHED:
-        with phases("eval"):
-            metrics, records = evaluate()
-            save_results(records, run_dir / "detections.json")
-            write_json(run_dir / "eval.json", metrics)
-        record.metrics, record.eval_seconds = metrics, phases.seconds["eval"]
-    record.phase_seconds = phases.seconds
-    write_json(run_dir / "summary.json", record.summary_json())
-    return record
+    return dataclasses.replace(asked, log=log, checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every,
+                               save_state=save_state if resume else None, save_every=resume.every if resume else 0)
 
 
 @contextlib.contextmanager
@@ -249,19 +297,6 @@ def out_of_memory_names_keys(cfg: Config):
                           f"({cfg.data.max_size}), train.batch_size ({cfg.train.batch_size}) or the anchors per "
                           f"location (model.num_scales {cfg.model.num_scales} x {len(cfg.model.aspect_ratios)} "
                           "model.aspect_ratios)") from None
-
-
-def draw_loss_curve(history: list[dict[str, float]], path: Path, title: str, console: Console | None) -> None:
-    """loss_curve.png of the run; a plot that cannot be drawn (a font, a backend, a full disk) is a
-    warning: the run's files and its checkpoint are what matter, and the curve is in metrics.jsonl."""
-    try:
-        loss_curve_png(history, path, title=title)
-    except Exception as e:  # noqa: BLE001 - any failure of the plotting stack
-        message = f"warning: {path} not drawn ({type(e).__name__}: {one_line(e)}); the losses are in metrics.jsonl"
-        if console:
-            console.print(escape(message), style="yellow", soft_wrap=True)
-        else:
-            warnings.warn(message, stacklevel=2)
 
 
 def check_trainable(train_set) -> None:
@@ -319,9 +354,9 @@ def resume_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def build_training_parts(cfg: Config, train_set, device: torch.device, ranks: distributed.Ranks,
-                         saved: dict[str, Any] | None):
-    """Model (DDP-wrapped on several ranks), optimiser, schedule, criterion, the loop's state (a
-    resumed run's) and this rank's loader, from `cfg`; every rank builds the same."""
+                         saved: dict[str, Any] | None) -> tuple[engine.TrainParts, engine.TrainState, Any]:
+    """The parts (model DDP-wrapped on several ranks, criterion, optimiser, schedule), the loop's
+    state (a resumed run's) and this rank's loader, from `cfg`; every rank builds the same."""
     model = builders.build_model(cfg, len(train_set.category_names))
     if ranks.distributed:
         model = distributed.global_batchnorm(model, device)
@@ -338,24 +373,23 @@ def build_training_parts(cfg: Config, train_set, device: torch.device, ranks: di
     model = distributed.wrap(model, device, ranks)
     loader = builders.build_loader(train_set, t.batch_size, cfg.data.num_workers, shuffle=True, seed=t.seed,
                                    pin_memory=device.type == "cuda", start=state.iteration, ranks=ranks)
-    return model, optimizer, scheduler, criterion, state, loader
+    return engine.TrainParts(model, criterion, optimizer, scheduler), state, loader
 
 
 def train_other_share(cfg: Config, train_set, device: torch.device, ranks: distributed.Ranks,
                       saved: dict[str, Any] | None, resume: ResumeSpec | None, stop) -> RunRecord:
     """A rank other than 0: the same parts and loop as rank 0, on its share of each batch; it
     joins rank 0's resume checkpoints (its RNG states) and writes nothing itself."""
-    model, optimizer, scheduler, criterion, state, loader = build_training_parts(cfg, train_set, device, ranks, saved)
+    parts, state, loader = build_training_parts(cfg, train_set, device, ranks, saved)
 
     def save_state(state: engine.TrainState) -> None:
         ranks.gather(rng_states())
 
     start_rngs(cfg, saved, ranks)
-    t = cfg.train
-    outcome = engine.train(model, criterion, builders.forever(loader), optimizer, scheduler, device,
-                           iterations=t.iterations, log_every=t.log_every, amp=t.amp, channels_last=t.channels_last,
-                           show_progress=False, state=state, stop=stop, save_every=resume.every if resume else 0,
-                               save_state=save_state if resume else None, ranks=ranks)
+    hooks = engine.TrainHooks(save_state=save_state if resume else None, save_every=resume.every if resume else 0,
+                              stop=stop, show_progress=False)
+    outcome = engine.train(parts, builders.forever(loader), train_plan(cfg, device), hooks=hooks, state=state,
+                           ranks=ranks)
     return RunRecord(outcome.status, iterations=outcome.iterations, rank=ranks.rank)
 
 

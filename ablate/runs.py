@@ -131,7 +131,7 @@ class RunRecord:
     rank: int = 0  # the process that returned it: only rank 0 reports a run
     run_dir: str | None = None
     resume_checkpoint: str | None = None  # an interrupted run's, to go on from
-    anchors: dict[str, float] = field(default_factory=dict)  # ablate.analysis.anchor_balance of its train set
+    anchors: dict[str, float] = field(default_factory=dict)  # ablate.imbalance.anchor_balance of its train set
     data: dict[str, Any] = field(default_factory=dict)  # its data source and train-split statistics
     phase_seconds: dict[str, float] = field(default_factory=dict)
     eval_seconds: float | None = None

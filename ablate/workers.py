@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ablate import lease, scheduling, signals, tracking
+from ablate.analysis import draw_loss_curve
 from ablate.checkpoint import ResumeSpec, discard_resume, sidecar_path
 from ablate.distributed import RankLost
 from ablate.engine import progress_bar
@@ -146,6 +147,7 @@ def _train_claimed(planned: PlannedRun, cfg, child: tracking.ChildRun, progress:
         run = run_training(cfg, name=planned.name.replace(" ", "_"), console=None,
                            show_progress=progress is not None, progress=progress, on_log=log,
                            eval_every=eval_every, on_eval=evaluate if on_eval else None, resume=resume, stop=stop)
+        draw_loss_curve(run.run_dir, planned.name.replace(" ", "_"))  # before record() logs the folder's files
         return record(child, run, resume)
     except tracking.LostClaim:  # taken for dead and taken over: the other worker records the run
         return None

@@ -18,7 +18,7 @@ from ablate import builders
 from ablate.config import build_config
 from ablate.errors import ConfigError, DataError
 from ablate.evaluation import coco_evaluate
-from ablate.experiments import data_overrides
+from ablate.data.source import DataSource
 from cli import app
 
 
@@ -70,7 +70,8 @@ def test_help_shows_every_form():
 
 
 def _split(data: str, split: str):
-    cfg = build_config("tiny", {**data_overrides(data, "--data"), "data.min_size": 48, "data.max_size": 1000})
+    cfg = build_config("tiny", {**DataSource.parse(data, "--data").overrides(), "data.min_size": 48,
+                                "data.max_size": 1000})
     return builders.build_dataset(cfg.data, builders.data_root(cfg), split, train=False)
 
 
@@ -197,7 +198,7 @@ def test_a_train_split_without_boxes_warns(tiny_coco, tmp_path):
     # Quiet (a grid worker has no console): the warning goes through `warnings`.
     from ablate.runner import run_training
 
-    cfg = build_config("tiny", {**data_overrides(f"coco:{tiny_coco}", "t"), "train.iterations": 1,
+    cfg = build_config("tiny", {**DataSource.parse(f"coco:{tiny_coco}", "t").overrides(), "train.iterations": 1,
                                 "train.batch_size": 2, "train.out_dir": str(tmp_path / "quiet")})
     with pytest.warns(UserWarning, match="the train split has no boxes to learn from"):
         assert run_training(cfg, console=None, show_progress=False).outcome == "finished"

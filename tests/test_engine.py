@@ -33,12 +33,14 @@ def _setup():
     return model, optimizer, scheduler, batches
 
 
-def _train(criterion=None, **kwargs):
+def _train(criterion=None, *, iterations: int, log_every: int = 10, amp: bool = True, state=None, **hooks):
     model, optimizer, scheduler, batches = _setup()
     logged, checkpoints = [], []
-    outcome = engine.train(model, criterion or DetectionLoss(), batches, optimizer, scheduler, torch.device("cpu"),
-                           on_log=lambda it, m: logged.append(it), on_checkpoint=checkpoints.append,
-                           show_progress=False, **kwargs)
+    parts = engine.TrainParts(model, criterion or DetectionLoss(), optimizer, scheduler)
+    plan = engine.TrainPlan(torch.device("cpu"), iterations, log_every=log_every, amp=amp)
+    hooks = engine.TrainHooks(log=lambda it, m: logged.append(it), checkpoint=checkpoints.append, show_progress=False,
+                              **hooks)
+    outcome = engine.train(parts, batches, plan, hooks=hooks, state=state)
     return outcome, logged, checkpoints
 
 
@@ -66,9 +68,9 @@ def test_a_non_finite_loss_stops_the_run_as_diverged():
     assert logged == [1, 2]
 
 
-def test_on_eval_can_prune_the_run():
+def test_the_evaluate_hook_can_prune_the_run():
     seen = []
-    outcome, _, _ = _train(iterations=6, log_every=1, eval_every=2, on_eval=lambda it: seen.append(it) or it >= 4)
+    outcome, _, _ = _train(iterations=6, log_every=1, eval_every=2, evaluate=lambda it: seen.append(it) or it >= 4)
     assert seen == [2, 4] and (outcome.status, outcome.iterations) == (Outcome.PRUNED, 4)
 
 

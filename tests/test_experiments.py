@@ -10,7 +10,7 @@ import pytest
 
 from ablate.config import PRESETS
 from ablate.errors import ConfigError
-from ablate.experiments import (MAX_CELLS, Cell, cell_label, data_overrides, find_experiment, format_override_value,
+from ablate.experiments import (MAX_CELLS, Cell, cell_label, find_experiment, format_override_value,
                                 list_experiments, load_experiment)
 
 
@@ -91,30 +91,6 @@ def test_unknown_preset_in_experiment_names_the_file(tmp_path):
     path.write_text('preset = "tinyy"\n')
     with pytest.raises(ConfigError, match=str(path)):
         load_experiment(str(path))
-
-
-# ----------------------------------------------------------------------------- --data forms
-
-
-def test_data_forms_set_every_data_key():
-    files = data_overrides("coco:train=ds/train/_annotations.coco.json,val=v/ann.json@v/images/", "--data")
-    assert files == {"data.source": "coco", "data.root": "", "data.train_annotations": "ds/train/_annotations.coco.json",
-                     "data.train_images": "", "data.val_annotations": "v/ann.json", "data.val_images": "v/images/"}
-    assert data_overrides("voc:/d/VOCdevkit/VOC2007", "x")["data.root"] == "/d/VOCdevkit/VOC2007"
-    # --data replaces an experiment's data: the split files of one do not leak into the other
-    assert data_overrides("coco:/coco", "x")["data.train_annotations"] == ""
-    assert data_overrides("synth", "x")["data.val_images"] == ""
-
-
-@pytest.mark.parametrize("data, message", [
-    ("coco:train=a.json", "names no val file"),
-    ("coco:train=a.json,test=b.json", "got 'test=b.json'"),
-    ("coco:train=a.json,val=b.json,train=c.json", "split 'train' given twice"),
-    ("voc:", "data must be 'synth', 'coco:PATH'"),
-])
-def test_bad_data_forms_are_one_line(data, message):
-    with pytest.raises(ConfigError, match=message):
-        data_overrides(data, "--data")
 
 
 # ----------------------------------------------------------------------------- cells

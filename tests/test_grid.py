@@ -411,9 +411,9 @@ def _fake_grid(workdir: Path, overrides: dict) -> str:
 
 
 def test_report_and_show_name_each_override_set_with_its_command(workdir):
-    from ablate.experiments import data_overrides
+    from ablate.data.source import DataSource
 
-    coco_parent = _fake_grid(workdir, data_overrides("coco:/data/coco", "--data"))  # as the CLI records it
+    coco_parent = _fake_grid(workdir, DataSource.parse("coco:/data/coco", "--data").overrides())  # as the CLI records it
     _fake_grid(workdir, {"train.iterations": 50})
     for command in ("report", "show"):
         result = invoke(command, "smoke")

@@ -86,8 +86,10 @@ _TRAIN_NARROW = textwrap.dedent("""
                        "image_id": i, "orig_size": (64, 64)}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    engine.train(model, DetectionLoss(), itertools.repeat(collate([sample(1), sample(2)])), optimizer, scheduler,
-                 torch.device("cpu"), iterations=3, amp=False, channels_last=channels_last, show_progress=False)
+    engine.train(engine.TrainParts(model, DetectionLoss(), optimizer, scheduler),
+                 itertools.repeat(collate([sample(1), sample(2)])),
+                 engine.TrainPlan(torch.device("cpu"), 3, amp=False, channels_last=channels_last),
+                 hooks=engine.TrainHooks(show_progress=False))
     # The last step's gradients (zeroed only before the next step) and the weights after 3 steps.
     torch.save({"grads": {n: p.grad for n, p in model.named_parameters()},
                 "weights": model.state_dict()}, out)

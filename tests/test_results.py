@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 
 from ablate.errors import AblateError
-from ablate.experiments import data_overrides, load_experiment
+from ablate.data.source import DataSource
+from ablate.experiments import load_experiment
 from ablate.results import command_flags, reproduce_command, resolve_overrides, select_runs
 from ablate.experiments import overrides_from
 
-COCO = data_overrides("coco:/data/coco 2017", "--data")  # every data key, as the CLI records it
+COCO = DataSource.parse("coco:/data/coco 2017", "--data").overrides()  # every data key, as the CLI records it
 SHORT = {"train.iterations": 50}
 
 
@@ -80,8 +81,9 @@ def test_sets_whose_runs_are_no_cells_of_the_file_now_are_ignored(exp):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, COCO, {"data.source": "synth"}, SHORT, data_overrides("synth", "--data"), data_overrides("voc:/v 2007", "--data"),
-    data_overrides("coco:train=a b.json@imgs,val=v.json", "--data"), {"data.source": "coco", "data.root": "/old"},
+    {}, COCO, {"data.source": "synth"}, SHORT, *(DataSource.parse(text, "--data").overrides() for text in
+                                                ("synth", "voc:/v 2007", "coco:train=a b.json@imgs,val=v.json")),
+    {"data.source": "coco", "data.root": "/old"},
     {"data.source": "coco", "data.root": "/x", "loss.cls": "alpha_ce", "loss.alpha": 0.75,
      "model.prior": None, "model.aspect_ratios": [1.0, 2.0], "train.device": "cpu", "data.categories": ["none"]},
     {"train.device": "none"}, {"loss.cls": "1.5"},

@@ -1,11 +1,13 @@
 """ablate.runner: a run's folder and files, the resume checkpoint it continues from, the checks
 before training (a trainable split, as many processes as wrote the checkpoint, the same batches per
-epoch), an allocation failure as one line naming the keys, and a failing plot that never costs the
-checkpoint."""
+epoch), an allocation failure as one line naming the keys, a failing plot that never costs the
+checkpoint, and training that imports no plotting (the run folder's plot is drawn by its caller)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,21 +105,24 @@ class _Split:
 @pytest.mark.slow
 def test_a_failing_plot_never_costs_the_checkpoint(tmp_path: Path, monkeypatch):
     """The loss-curve plot raised (a non-UTF-8 experiment name broke matplotlib's font code) before
-    checkpoint.pt was written: the model is saved first, and the plot's failure is a warning."""
+    checkpoint.pt was written: the plot is now drawn after the run returns (by the edge that ran it,
+    from metrics.jsonl), and its failure is a warning."""
+    from ablate import analysis
 
     def broken_plot(*args, **kwargs):
         raise RuntimeError("FT2Font: cannot draw this title")
 
-    monkeypatch.setattr(runner, "loss_curve_png", broken_plot)
+    monkeypatch.setattr(analysis, "loss_curve_png", broken_plot)
     root = write_tiny_coco(tmp_path / "tiny")
     cfg = build_config("tiny", {"data.source": "coco", "data.root": str(root), "data.cache_images": False,
                                 "data.min_size": 64, "data.max_size": 64, "train.batch_size": 2,
                                 "train.iterations": 2, "train.log_every": 1, "train.out_dir": str(tmp_path / "runs")})
+    run = runner.run_training(cfg, name="plot", console=None, show_progress=False)
     with pytest.warns(UserWarning, match="loss_curve.png not drawn"):
-        summary = runner.run_training(cfg, name="plot", console=None, show_progress=False)
-    assert summary.outcome is Outcome.FINISHED
-    assert (Path(summary.run_dir) / "checkpoint.pt").is_file()
-    assert (Path(summary.run_dir) / "eval.json").is_file()
+        analysis.draw_loss_curve(run.run_dir, "plot")
+    assert run.outcome is Outcome.FINISHED
+    assert (Path(run.run_dir) / "checkpoint.pt").is_file()
+    assert (Path(run.run_dir) / "eval.json").is_file()
 
 
 def test_running_out_of_memory_names_the_keys_to_lower():
@@ -132,3 +137,42 @@ def test_running_out_of_memory_names_the_keys_to_lower():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with runner.out_of_memory_names_keys(cfg):
             raise RuntimeError("shape mismatch")
+
+
+NO_PLOTTING = """
+import sys
+{before}
+plotting = sorted(m for m in sys.modules if m.split(".")[0] in ("matplotlib", "seaborn")
+                  or m.startswith(("ablate.report", "ablate.analysis")))
+assert not plotting, plotting[:5]
+"""
+
+
+def _check_no_plotting(code: str, cwd: Path) -> None:
+    """Run `code` in a fresh interpreter, then fail if any plotting module was imported."""
+    result = subprocess.run([sys.executable, "-c", NO_PLOTTING.format(before=code)], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_importing_training_imports_no_plotting(tmp_path: Path):
+    _check_no_plotting("import ablate.runner, ablate.engine, ablate.imbalance", tmp_path)
+
+
+def test_a_training_run_imports_no_plotting(tmp_path: Path, tiny_coco: Path):
+    """run_training to the end (train, checkpoint, evaluate, write): still no plotting module; the
+    edge that ran it draws loss_curve.png from metrics.jsonl afterwards."""
+    overrides = {"data.source": "coco", "data.root": str(tiny_coco), "data.cache_images": False,
+                 "data.min_size": 64, "data.max_size": 64, "train.batch_size": 2, "train.iterations": 2,
+                 "train.log_every": 1, "train.out_dir": str(tmp_path / "runs")}
+    code = ("from ablate.config import build_config\nfrom ablate.runner import run_training\n"
+            f"run = run_training(build_config('tiny', {overrides!r}), name='t', console=None, show_progress=False)\n"
+            f"open({str(tmp_path / 'run_dir.txt')!r}, 'w').write(run.run_dir)")
+    _check_no_plotting(code, tmp_path)
+    run_dir = Path((tmp_path / "run_dir.txt").read_text())
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert not (run_dir / "loss_curve.png").exists()
+    from ablate.analysis import draw_loss_curve
+
+    draw_loss_curve(run_dir, "t")
+    assert (run_dir / "loss_curve.png").stat().st_size > 0
