@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from ablate import options as o
 from ablate.console import console, friendly_errors, metrics_text, print_run, say
-from ablate.experiments import given_overrides, overrides_from
+from ablate.options import given_overrides, overrides_from
 
 app = typer.Typer(help="Run, track and report the ablations of a dense detector (RetinaNet, focal loss).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -248,7 +248,7 @@ def ui(experiment: o.Ablation = None, port: o.Port = 5000, open_: o.OpenPage = F
     from ablate import ui as mlflow_ui
 
     name = Path(experiment).stem if experiment and experiment.endswith(".toml") else experiment
-    raise typer.Exit(mlflow_ui.run(name, port, open_, genai, say=say,
+    raise typer.Exit(mlflow_ui.browse(name, port, open_, genai, say=say,
                                    warn=lambda line: console.print(escape(line), style="yellow")))
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 from ablate.budgets import budget_overrides, parse_budgets
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
-from ablate.results import select_runs
+from ablate.cell_runs import select_runs
 from ablate.runs import DONE, Outcome
 from ablate.family import judge_comparisons
 from ablate.sequential import SequentialRule, Verdict, default_comparisons

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablate.config import PRESETS, Config, apply_overrides, build_config, check_seed, flatten, parse_set
+from ablate.config import PRESETS, Config, apply_overrides, build_config, check_seed, flatten
 from ablate.data.source import DataSource
 from ablate.errors import ConfigError, one_line
 from ablate.runs import PlannedRun
@@ -550,17 +550,3 @@ def validate(exp: Experiment) -> None:
         for key in exp.search.space:
             if key not in known:
                 raise ConfigError(f"{exp.path}: 'search.space.{key}' is no config key")
-
-
-def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
-    """--set pairs and the --data shorthand as dotted-key overrides."""
-    out: dict[str, Any] = DataSource.parse(data, "--data").overrides() if data else {}
-    for assignment in sets or []:
-        key, value = parse_set(assignment)
-        out[key] = value
-    return out
-
-
-def given_overrides(sets: list[str] | None, data: str | None) -> dict[str, Any] | None:
-    """overrides_from, or None when neither flag was given (report and show then use the tracked runs')."""
-    return overrides_from(sets, data) if sets or data else None

@@ -84,7 +84,7 @@ def show(exp: Experiment, seeds: list[int], given: dict[str, Any] | None, say: C
          out: Console) -> None:
     """`ablate show`: the plan (each cell x seed, its config hash, done or to run) and each cell's
     overrides, with `given` overrides, else those the tracked runs were made with (said)."""
-    from ablate.results import command_flags, resolve_overrides
+    from ablate.cell_runs import command_flags, resolve_overrides
 
     tracker = tracking.Tracker(exp.name, tracking.init_store())
     overrides = resolve_overrides(exp, given, runs_frame(tracker.load_runs()), tracker.override_sets(), "show")

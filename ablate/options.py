@@ -6,11 +6,12 @@ commands share most of them (`--set`, `--data`, the worker options of `run` and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ablate.data.source import HELP as DATA_HELP
+from ablate.config import parse_set
+from ablate.data.source import HELP as DATA_HELP, DataSource
 
 Experiment = Annotated[str, typer.Argument(help="Experiment name (experiments/NAME.toml) or path.")]
 Checkpoint = Annotated[Path, typer.Argument(help="A checkpoint.pt written by `ablate train`.")]
@@ -100,3 +101,20 @@ GenAI = Annotated[bool, typer.Option(
 Gammas = Annotated[str, typer.Option(help="Comma-separated gammas.")]
 MaxImages = Annotated[int, typer.Option(help="Val images to use (0: all).")]
 AnchorPreset = Annotated[str, typer.Option("--preset", help="Preset whose anchors measure the imbalance.")]
+
+
+# What --set and --data mean: dotted-key config overrides.
+
+
+def overrides_from(sets: list[str] | None, data: str | None) -> dict[str, Any]:
+    """--set pairs and the --data shorthand as dotted-key overrides."""
+    out: dict[str, Any] = DataSource.parse(data, "--data").overrides() if data else {}
+    for assignment in sets or []:
+        key, value = parse_set(assignment)
+        out[key] = value
+    return out
+
+
+def given_overrides(sets: list[str] | None, data: str | None) -> dict[str, Any] | None:
+    """overrides_from, or None when neither flag was given (report and show then use the tracked runs')."""
+    return overrides_from(sets, data) if sets or data else None

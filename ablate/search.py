@@ -23,7 +23,7 @@ from ablate.runs import Outcome, PlannedRun, RunRecord
 from ablate.workers import WorkerOptions
 
 
-def work(name: str, options: WorkerOptions, *, exp: Experiment, trials: int, extra: dict[str, Any],
+def work_trials(name: str, options: WorkerOptions, *, exp: Experiment, trials: int, extra: dict[str, Any],
                 seed: int, parent_id: str, stop=None, progress: Progress | None = None, messages=None,
                 worker: int = 0) -> None:
     """Run `trials` TPE trials of the experiment's [search] space (in this process)."""
@@ -84,12 +84,12 @@ def run_search(exp: Experiment, trials: int, extra: dict[str, Any], *, options: 
         try:
             if jobs <= 1:
                 with signals.graceful_stop() as stop, progress_bar(show_progress) as progress:
-                    work(name, options, trials=trials, stop=stop,
+                    work_trials(name, options, trials=trials, stop=stop,
                                 progress=progress if show_progress else None, **args)
                     stopped = stop()
             else:
                 shares = [trials // jobs + (1 if w < trials % jobs else 0) for w in range(jobs)]
-                outcomes = workers.run_processes(work, name, jobs, options, show_progress, total=trials,
+                outcomes = workers.run_processes(work_trials, name, jobs, options, show_progress, total=trials,
                                                  shares=shares, **args)
                 stopped = bool(outcomes.get(str(Outcome.INTERRUPTED)))
         except KeyboardInterrupt:

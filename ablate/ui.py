@@ -121,7 +121,7 @@ def pages(base: str, name: str | None, uri: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def run(name: str | None, port: int, open_page: bool, genai: bool, say: Callable[[str], None],
+def browse(name: str | None, port: int, open_page: bool, genai: bool, say: Callable[[str], None],
         warn: Callable[[str], None]) -> int:
     """`ablate ui [NAME]`: check the store, start the server, print the pages' URLs while it
     boots, open the first in a browser once it answers (`open_page`); returns the exit code."""

@@ -299,7 +299,7 @@ def close_parent_if_over(study, tracker: tracking.Tracker, parent_id: str, name:
             plan = [tuple(entry) for entry in study.user_attrs.get(scheduling.PLAN_ATTR, [])]
             # Imported here: the report's statistics (scipy, pandas) cost every worker ~1.5 s of
             # start-up, and only the worker that closes the grid needs them.
-            from ablate.summary import write_grid_summary
+            from ablate.grid_summary import write_grid_summary
 
             write_grid_summary(tracker, parent_id, plan, name)
     finally:

@@ -209,16 +209,6 @@ def test_seed_list_is_the_file_s_or_zero_to_n(tmp_path):
             exp.seed_list(bad)
 
 
-def test_overrides_from_reads_data_then_sets_and_given_overrides_is_none_without_flags():
-    from ablate.experiments import given_overrides, overrides_from
-
-    out = overrides_from(["loss.gamma=1", "train.iterations=50"], "synth")
-    assert out["loss.gamma"] == 1 and out["train.iterations"] == 50 and out["data.source"] == "synth"
-    assert overrides_from(["data.source=coco"], "synth")["data.source"] == "coco"  # --set wins over --data
-    assert given_overrides(None, None) is None and given_overrides([], None) is None
-    assert given_overrides(["loss.gamma=0"], None) == {"loss.gamma": 0}
-
-
 def test_survey_lists_every_file_and_names_the_bad_ones(tmp_path, monkeypatch):
     from ablate import experiments
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from ablate.config import Config, flatten
 from ablate.runs import PlannedRun
 from ablate.scheduling import PLANNED_ATTR
-from ablate.summary import aligned
+from ablate.grid_summary import aligned
 from cli import app
 
 REPO = Path(__file__).resolve().parent.parent

@@ -46,7 +46,7 @@ def test_the_graph_reader_sees_lazy_imports_and_the_known_edges():
     graph = import_graph()
     assert "ablate.tracking" in graph["ablate.grid"]
     assert "ablate.scheduling" in graph["ablate.workers"]
-    assert "ablate.summary" in graph["ablate.workers"]  # imported inside close_parent_if_over
+    assert "ablate.grid_summary" in graph["ablate.workers"]  # imported inside close_parent_if_over
 
 
 def test_no_module_reaches_itself():
@@ -73,3 +73,20 @@ def test_search_is_apart_from_the_grid_queue_loop():
     graph = import_graph()
     assert "ablate.search" not in reachable(graph, "ablate.grid")
     assert "ablate.grid" not in reachable(graph, "ablate.workers")
+
+
+# The same job for each data format (its files located, its class names listed): one name per job.
+SAME_JOB_PER_FORMAT = {"locate", "class_names"}
+
+
+def test_no_two_modules_define_a_public_name_for_different_things():
+    """A class or function name is defined in one module of the package (issue 23: two `Verdict`
+    classes, two `evaluate`, two `format_value` had to be told apart by their module)."""
+    where: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(module_name(path))
+    twice = {name: modules for name, modules in where.items() if len(modules) > 1 and name not in SAME_JOB_PER_FORMAT}
+    assert not twice, twice
+    assert sorted(where["locate"]) == ["ablate.data.coco", "ablate.data.voc"]

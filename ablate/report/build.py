@@ -1,12 +1,12 @@
 """The report's edge: an experiment's tracked runs in, reports/NAME out.
 
-It reads the runs that stand for the experiment's cells from tracking (ablate.results picks them,
+It reads the runs that stand for the experiment's cells from tracking (ablate.cell_runs picks them,
 with the --data / --set values given or, without any, those the runs were made with),
 has ablate.analysis draw the paper's Figure 1 (the loss family) and, when the file's [report]
 table asks for it, Figure 4 (loss CDFs from a trained checkpoint), and hands everything to
 write_report, then has ablate.report.html make report.html (the whole report in one page, with
 links to the runs in the MLflow UI). The report's files then go onto the grid's MLflow parent run
-(ablate.summary), so that the run page in the MLflow UI shows the report and its artifact viewer
+(ablate.grid_summary), so that the run page in the MLflow UI shows the report and its artifact viewer
 renders report.html; the experiment's description links to that page. The torch-side work is
 imported only when a report is built.
 """
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ablate import summary, tracking
+from ablate import grid_summary, tracking
 from ablate.errors import AblateError
 from ablate.experiments import Experiment
 from ablate.report.spec import ReportSpec
 from ablate.report.write import write_report
-from ablate.results import command_flags, reproduce_command, resolve_overrides, select_runs
+from ablate.cell_runs import command_flags, reproduce_command, resolve_overrides, select_runs
 
 if TYPE_CHECKING:
     from ablate.sequential import SequentialRule
@@ -141,8 +141,8 @@ def attach_to_parent(tracker: tracking.Tracker, name: str, parent_id: str, writt
     files = list(written.values())
     tracker.attach_files(parent_id, files, "report")
     results = pd.read_csv(written["results"])
-    tracker.log_summary(parent_id, summary.summary_metrics(results), {},
-                        summary.report_note(name, written["table"].read_text(), files, tracker.experiment_id,
+    tracker.log_summary(parent_id, grid_summary.summary_metrics(results), {},
+                        grid_summary.report_note(name, written["table"].read_text(), files, tracker.experiment_id,
                                             parent_id, list(results["cell"])))
 
 

@@ -1,4 +1,4 @@
-"""ablate.results: which tracked runs a report reads, and with which --data / --set values."""
+"""ablate.cell_runs: which tracked runs a report reads, and with which --data / --set values."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from ablate.errors import AblateError
 from ablate.data.source import DataSource
 from ablate.experiments import load_experiment
-from ablate.results import command_flags, reproduce_command, resolve_overrides, select_runs
-from ablate.experiments import overrides_from
+from ablate.cell_runs import command_flags, reproduce_command, resolve_overrides, select_runs
+from ablate.options import overrides_from
 
 COCO = DataSource.parse("coco:/data/coco 2017", "--data").overrides()  # every data key, as the CLI records it
 SHORT = {"train.iterations": 50}

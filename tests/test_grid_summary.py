@@ -1,4 +1,4 @@
-"""ablate.summary: the grid's per-cell AP on its parent run, by hand."""
+"""ablate.grid_summary: the grid's per-cell AP on its parent run, by hand."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from mlflow.utils.validation import _validate_metric_name
 
 from ablate.experiments import list_experiments, load_experiment
-from ablate.summary import aligned, cell_table, metric_name, report_note, summary_markdown, summary_metrics
+from ablate.grid_summary import aligned, cell_table, metric_name, report_note, summary_markdown, summary_metrics
 
 T_975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
 

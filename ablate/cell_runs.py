@@ -76,7 +76,7 @@ def choices(exp: Experiment, sets: list[dict[str, Any]], command: str) -> str:
 
 def command_flags(overrides: dict[str, Any]) -> str:
     """' --data coco:/x --set train.iterations=50': the flags that give `overrides` back
-    (experiments.overrides_from's inverse), leading space included; '' for none."""
+    (options.overrides_from's inverse), leading space included; '' for none."""
     rest = dict(overrides)
     flags = []
     data = DataSource.from_overrides(rest)

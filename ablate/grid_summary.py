@@ -19,7 +19,7 @@ import pandas as pd
 from ablate.report.spec import ReportSpec
 from ablate.report.stats import aggregate, ci_bounds, is_missing, mean_std_text, percent
 from ablate.report.tables import markdown_table
-from ablate.results import pick_runs
+from ablate.cell_runs import pick_runs
 from ablate.runs import runs_frame
 from ablate.tracking import PERCENT_DECIMALS, cell_route, report_route
 
