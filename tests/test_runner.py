@@ -155,17 +155,15 @@ def _check_no_plotting(code: str, cwd: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_importing_training_imports_no_plotting(tmp_path: Path):
-    _check_no_plotting("import ablate.runner, ablate.engine, ablate.imbalance", tmp_path)
-
-
 def test_a_training_run_imports_no_plotting(tmp_path: Path, tiny_coco: Path):
-    """run_training to the end (train, checkpoint, evaluate, write): still no plotting module; the
-    edge that ran it draws loss_curve.png from metrics.jsonl afterwards."""
+    """Importing training (runner, engine, imbalance) and running it to the end (train, checkpoint,
+    evaluate, write): still no plotting module; the edge that ran it draws loss_curve.png from
+    metrics.jsonl afterwards. (One fresh interpreter for both: each costs ~3 s of imports.)"""
     overrides = {"data.source": "coco", "data.root": str(tiny_coco), "data.cache_images": False,
                  "data.min_size": 64, "data.max_size": 64, "train.batch_size": 2, "train.iterations": 2,
                  "train.log_every": 1, "train.out_dir": str(tmp_path / "runs")}
-    code = ("from ablate.config import build_config\nfrom ablate.runner import run_training\n"
+    code = ("import ablate.runner, ablate.engine, ablate.imbalance\n"
+            "from ablate.config import build_config\nfrom ablate.runner import run_training\n"
             f"run = run_training(build_config('tiny', {overrides!r}), name='t', console=None, show_progress=False)\n"
             f"open({str(tmp_path / 'run_dir.txt')!r}, 'w').write(run.run_dir)")
     _check_no_plotting(code, tmp_path)

@@ -21,9 +21,9 @@ TAG = tracking.TAG
 
 
 @pytest.fixture
-def tracker(tmp_path, monkeypatch):
+def tracker(tmp_path, monkeypatch, fresh_mlflow_store):
     monkeypatch.chdir(tmp_path)
-    return tracking.Tracker("smoke", tracking.init_store(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    return tracking.Tracker("smoke", fresh_mlflow_store())
 
 
 @pytest.fixture

@@ -142,11 +142,12 @@ def test_resumable_run_id_reads_the_sidecar(tmp_path):
     assert workers.resumable_run_id(path) is None
 
 
-def test_a_parent_run_left_open_with_an_empty_queue_is_closed_by_the_next_run(tmp_path, monkeypatch):
+def test_a_parent_run_left_open_with_an_empty_queue_is_closed_by_the_next_run(tmp_path, monkeypatch,
+                                                                             fresh_mlflow_store):
     from ablate import grid, scheduling, tracking
 
     monkeypatch.chdir(tmp_path)
-    tracker = tracking.Tracker("g", tracking.init_store(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    tracker = tracking.Tracker("g", fresh_mlflow_store())
     study = scheduling.grid_study("g", scheduling.storage(tmp_path / "q.journal"))
     parent = grid.open_parent(study, tracker, [0], 1)
     assert grid.open_parent(study, tracker, [0], 1) == parent  # a second coordinator joins it
