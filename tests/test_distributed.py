@@ -227,7 +227,7 @@ def test_grid_cell_on_two_processes_is_one_mlflow_run(tmp_path):
         assert child.data.tags["ablate.processes"] == "2"
         assert 0.0 <= child.data.metrics["AP"] <= 100.0  # percent in MLflow
         history = client.get_metric_history(child.info.run_id, "loss")
-        assert [m.step for m in history] == [2, 4, 6]  # logged once, by rank 0
+        assert sorted(m.step for m in history) == [2, 4, 6]  # logged once, by rank 0
 
 
 @pytest.mark.parametrize("args, message", [
