@@ -309,14 +309,14 @@ def _hang_point() -> tuple[int, int | None, str | None] | None:
     return int(iteration), int(rank) if rank else None, marker or None
 
 
-HANG_POINT = _hang_point()
-
-
 def hang_here_if_asked(iteration: int, rank: int = 0) -> None:
-    """Block this thread for ever at the test hook's iteration (see _hang_point); nothing otherwise."""
-    if HANG_POINT is None:
+    """Block this thread for ever at the test hook's iteration (see _hang_point); nothing otherwise.
+    The variable is read here, not when the module is imported: what a command's environment says
+    counts, even in a process forked after the import (the tests' zygote, tests/cli_zygote.py)."""
+    point = _hang_point()
+    if point is None:
         return
-    at, on_rank, marker = HANG_POINT
+    at, on_rank, marker = point
     if iteration != at or (on_rank is not None and rank != on_rank):
         return
     if marker:

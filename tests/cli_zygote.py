@@ -19,11 +19,19 @@ libgomp and rich read when imported: OMP_NUM_THREADS, COLUMNS, ...); commands th
 anything else get a zygote of their own.
 
     result = run(["train", "smoke", ...], cwd, env, timeout=300)  # a subprocess.CompletedProcess
+    worker = start(["worker", "grid", ...], cwd, env, log=path)  # like subprocess.Popen: pid, poll,
+    worker.wait(timeout=600)                                      # wait, communicate, send_signal, kill
+
+A started command is as killable, stoppable and signalled as a Popen's: its pid is the command's
+own process (the zygote's handler waits for it and reports its exit code, negative when a signal
+ended it); `new_session=True` makes it the leader of a process group of its own, as
+start_new_session=True does, so os.killpg(pid, ...) ends it with the processes it started.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -32,7 +40,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"
@@ -58,23 +68,26 @@ class Zygote:
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         """`python cli.py *args` in `cwd` with exactly `env`, as subprocess.run(..., capture_output=True,
         text=True, timeout=timeout) would return it."""
-        command = [sys.executable, str(CLI), *args]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(self.address)
-            conn.settimeout(timeout)
-            reader = conn.makefile("rb")
-            conn.sendall(json.dumps({"args": list(args), "cwd": str(cwd), "env": env}).encode() + b"\n")
-            pid = json.loads(reader.readline())["pid"]
-            try:
-                line = reader.readline()
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)  # the command's process, as subprocess.run kills it
-                raise subprocess.TimeoutExpired(command, timeout) from None
-            if not line:
-                raise RuntimeError(f"the CLI zygote's handler of {args} ended without a result")
-        done = json.loads(line)
-        out, err = (_text(base64.b64decode(done[k])) for k in ("stdout", "stderr"))
-        return subprocess.CompletedProcess(command, done["returncode"], out, err)
+        proc = self.start(args, cwd, env, merge_stderr=False)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # the command's process, as subprocess.run kills it
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def start(self, args: list[str], cwd: Path, env: dict[str, str], *, log: Path | None = None,
+              merge_stderr: bool = True, new_session: bool = False) -> Started:
+        """`python cli.py *args` in `cwd` with exactly `env`, started: its output appended to `log`
+        (stdout and stderr), or kept for communicate() (stderr merged into stdout when
+        `merge_stderr`, as stderr=subprocess.STDOUT does)."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.address)
+        request = {"args": list(args), "cwd": str(cwd), "env": env, "log": str(log) if log else None,
+                   "merge": merge_stderr, "new_session": new_session}
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        return Started([sys.executable, str(CLI), *args], conn)
 
     def close(self) -> None:
         self.process.terminate()
@@ -91,6 +104,61 @@ class Zygote:
         self.close()
 
 
+class Started:
+    """A command Zygote.start started, with the part of subprocess.Popen's interface the tests use:
+    pid, returncode, poll, wait, communicate, send_signal, terminate, kill."""
+
+    def __init__(self, args: list[str], conn: socket.socket):
+        self.args, self._conn = args, conn
+        self._reader: IO[bytes] = conn.makefile("rb")
+        self.pid: int = json.loads(self._reader.readline())["pid"]
+        self.returncode: int | None = None
+        self._output: tuple[str, str | None] = ("", None)
+        self._done = threading.Event()
+        threading.Thread(target=self._collect, daemon=True, name=f"zygote-{self.pid}").start()
+
+    def _collect(self) -> None:
+        """Wait (in a thread) for the handler's report of the command's end."""
+        try:
+            line = self._reader.readline()
+            if not line:
+                raise RuntimeError(f"the CLI zygote's handler of {self.args[2:]} ended without a result")
+            done = json.loads(line)
+            out, err = (_text(base64.b64decode(done[k])) if done[k] is not None else None for k in ("stdout", "stderr"))
+            self._output = (out, err)
+            self.returncode = done["returncode"]
+        finally:
+            self._reader.close()
+            self._conn.close()
+            self._done.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        if self.returncode is None:
+            raise RuntimeError(f"the CLI zygote's handler of {self.args[2:]} ended without a result")
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        """(stdout, stderr) once the command ended; stderr None when merged into stdout."""
+        self.wait(timeout)
+        return self._output
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 # Variables the command reads when it runs, never when the preloaded modules are imported:
 # commands that differ only in these share a zygote.
 RUNTIME_ONLY = ("ABLATE_", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST")
@@ -98,15 +166,24 @@ _SHARED: dict[tuple, Zygote] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Zygote.run on the zygote of this environment (less the RUNTIME_ONLY variables), started by its
-    first command; they end with the test session (`close_all`, in conftest.py)."""
+def zygote_for(env: dict[str, str]) -> Zygote:
+    """The zygote of this environment (less the RUNTIME_ONLY variables), started by its first
+    command; they end with the test session (`close_all`, in conftest.py)."""
     key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith(RUNTIME_ONLY)))
     with _SHARED_LOCK:
         if key not in _SHARED:
             _SHARED[key] = Zygote({k: v for k, v in env.items() if not k.startswith(RUNTIME_ONLY)})
-        zygote = _SHARED[key]
-    return zygote.run(args, cwd, env, timeout)
+        return _SHARED[key]
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Zygote.run on the zygote of this environment."""
+    return zygote_for(env).run(args, cwd, env, timeout)
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str], **how) -> Started:
+    """Zygote.start on the zygote of this environment."""
+    return zygote_for(env).start(args, cwd, env, **how)
 
 
 def close_all() -> None:
@@ -159,18 +236,34 @@ def _serve(address: str) -> None:
 
 def _handle(conn: socket.socket) -> None:
     request = json.loads(conn.makefile("rb").readline())
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    if request.get("log"):  # stdout and stderr appended to the test's log file
+        out = err = open(request["log"], "ab")
+    else:
+        out = tempfile.TemporaryFile()
+        err = out if request.get("merge") else tempfile.TemporaryFile()
     pid = os.fork()
     if pid == 0:
         conn.close()
+        if request.get("new_session"):
+            os.setsid()
         _command(request, out.fileno(), err.fileno())  # never returns
+    while request.get("new_session") and _group_of(pid) not in (pid, None):
+        time.sleep(0.001)  # the pid is told once the child leads its group (killpg reaches it whole)
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
     _, status = os.waitpid(pid, 0)
-    result = {"returncode": os.waitstatus_to_exitcode(status)}
-    for name, f in (("stdout", out), ("stderr", err)):
-        f.seek(0)
-        result[name] = base64.b64encode(f.read()).decode()
+    result = {"returncode": os.waitstatus_to_exitcode(status), "stdout": None, "stderr": None}
+    if not request.get("log"):
+        for name, f in (("stdout", out), ("stderr", err)) if err is not out else (("stdout", out),):
+            f.seek(0)
+            result[name] = base64.b64encode(f.read()).decode()
     conn.sendall(json.dumps(result).encode() + b"\n")
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:  # it already ended
+        return None
 
 
 def _command(request: dict, out: int, err: int) -> None:

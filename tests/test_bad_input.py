@@ -727,10 +727,9 @@ def test_ablate_train_stopped_by_sighup_keeps_its_resume_checkpoint(tmp_path: Pa
     import signal
 
     out = tmp_path / "runs"
-    cmd = [sys.executable, str(REPO / "cli.py"), "train", "smoke", "--out", str(out), "--no-progress",
-           "--set", "train.iterations=400", "--checkpoint-every", "5"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = ["train", "smoke", "--out", str(out), "--no-progress", "--set", "train.iterations=400",
+           "--checkpoint-every", "5"]
+    proc = cli_zygote.start(cmd, Path.cwd(), {**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         while not list(out.glob("resume-*.json")):  # the first checkpoint: training is under way
             assert proc.poll() is None, proc.communicate()[0]

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+import cli_zygote
+
 from ablate import distributed
 from ablate.builders import ShuffledBatches
 from ablate.criterion import DetectionLoss
@@ -147,9 +149,9 @@ def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
 
 
 def _train(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "train", "smoke", "--no-progress", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=300, cwd=out.parent,
-                          env={**os.environ, **(env or {})})
+    """`python cli.py train smoke ...`, its own process forked from the zygote (tests/cli_zygote.py)."""
+    return cli_zygote.run(["train", "smoke", "--no-progress", "--out", str(out), *args], out.parent,
+                          {**os.environ, **(env or {})}, timeout=300)
 
 
 def _losses(out: Path) -> list[dict]:
@@ -184,8 +186,8 @@ def test_stopped_two_process_run_resumes_exactly(tmp_path):
     ranks' RNGs; the same command goes on, and its losses equal an uninterrupted run's."""
     args = ["--nproc", "2", "--checkpoint-every", "5", "--set", "train.iterations=40", *EXACT]
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([*CLI, "train", "smoke", "--no-progress", "--out", str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = cli_zygote.start(["train", "smoke", "--no-progress", "--out", str(out), *args], tmp_path, dict(os.environ),
+                            merge_stderr=False)
     deadline = time.time() + 120
     while not list(out.glob("resume-*.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

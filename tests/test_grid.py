@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
+
+import cli_zygote
 
 from ablate.config import Config, flatten
 from ablate.runs import PlannedRun
@@ -142,11 +143,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(workdir
         grid, '[[variants]]\nloss.cls = "focal"\n\n[[variants]]\nloss.cls = "alpha_ce"\ntrain.iterations = 120'))
     # One thread: two would spin against each other and the polling on a busy 2-core machine.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(REPO / "cli.py"), "run", str(path), "--no-progress", "--checkpoint-every", "10"]
     log = workdir / "killme.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = cli_zygote.start(["run", str(path), "--no-progress", "--checkpoint-every", "10"], workdir, env, log=log,
+                            new_session=True)
     saved: dict = {}
     deadline = time.time() + 600
     try:
@@ -238,13 +237,12 @@ def test_two_folders_sharing_one_store_run_each_cell_once(workdir):
 
     init_store(uri)  # a fresh sqlite store is created once; racing migrations is another matter
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, str(REPO / "cli.py"), "run", "smoke", "--seeds", "2", "--no-progress"]
+    args = ["run", "smoke", "--seeds", "2", "--no-progress"]
     folders = [workdir / "a", workdir / "b"]
     procs = []
     for folder in folders:
         folder.mkdir()
-        procs.append(subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(cli_zygote.start(args, folder, env))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     c = MlflowClient(uri)
@@ -258,7 +256,7 @@ def test_two_folders_sharing_one_store_run_each_cell_once(workdir):
     planned = sum(int(m) for m in re.findall(r"(\d+) to run", "".join(outputs)))
     skipped = sum(int(m) for m in re.findall(r"(\d+) skipped \(done elsewhere\)", "".join(outputs)))
     assert planned - 4 == skipped, outputs
-    third = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    third = cli_zygote.run(args, workdir, env, timeout=300)
     assert "4 already done, 0 to run" in third.stdout + third.stderr
 
 
@@ -270,8 +268,7 @@ def test_by_default_a_grid_runs_as_many_workers_as_the_machine_has_cores(workdir
     monkeypatch.delenv("ABLATE_JOBS")
     env = dict(os.environ)
     expected = default_jobs(2, visible=[])
-    done = subprocess.run([sys.executable, str(REPO / "cli.py"), "run", "smoke", "--no-progress"], cwd=workdir,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = cli_zygote.run(["run", "smoke", "--no-progress"], workdir, env, timeout=300)
     assert done.returncode == 0, done.stderr
     runs = children(workdir)
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

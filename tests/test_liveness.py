@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,8 +40,13 @@ def env(tmp_path):
 
 def ablate(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python cli.py *args`, its own process forked from a zygote that did the imports once
-    (tests/cli_zygote.py); the workers the tests signal or kill are started as plain processes."""
+    (tests/cli_zygote.py)."""
     return cli_zygote.run(list(args), cwd, env, timeout)
+
+
+def started(*args: str, cwd: Path, env: dict, **how) -> cli_zygote.Started:
+    """`python cli.py *args` started (as subprocess.Popen would, pid and all) from the zygote."""
+    return cli_zygote.start(list(args), cwd, env, **how)
 
 
 def wait_for(predicate, timeout: float, poll: float = 0.2):
@@ -87,11 +91,9 @@ def test_a_hung_run_is_recorded_stalled_ended_and_resumed_on_another_worker(tmp_
         procs = []
         for folder in folders:
             folder.mkdir()
-            with open(folder / "worker.log", "w") as log:
-                procs.append(subprocess.Popen(
-                    [*CLI, "worker", "twocells", "--storage", queue, "--checkpoint-dir", str(checkpoints),
-                     "--checkpoint-every", "20", "--stall-timeout", "8", "--jobs", "1", "--no-progress"],
-                    cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(started("worker", "twocells", "--storage", queue, "--checkpoint-dir", str(checkpoints),
+                                 "--checkpoint-every", "20", "--stall-timeout", "8", "--jobs", "1", "--no-progress",
+                                 cwd=folder, env=env, log=folder / "worker.log"))
         try:
             hung = wait_for(lambda: hang_mark(marker), timeout=600)
             assert hung is not None, "no cell reached iteration 40"
@@ -164,9 +166,8 @@ def test_a_stuck_rank_ends_every_rank_within_the_collective_timeout(tmp_path):
     marker = tmp_path / "hung"
     env = {**os.environ, "ABLATE_CACHE": str(tmp_path / "cache"), "ABLATE_TEST_HANG": f"10:1@{marker}",
            "ABLATE_COLLECTIVE_TIMEOUT": "5"}
-    done = subprocess.run([*CLI, "train", "smoke", "--no-progress", "--out", str(tmp_path / "out"), "--nproc", "2",
-                           "--set", "train.iterations=400"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)
+    done = ablate("train", "smoke", "--no-progress", "--out", str(tmp_path / "out"), "--nproc", "2",
+                  "--set", "train.iterations=400", cwd=tmp_path, env=env, timeout=300)
     ended = time.time()
     hung = hang_mark(marker)
     assert hung is not None, done.stderr
@@ -198,9 +199,8 @@ def test_a_killed_rank_fails_the_attempt_and_the_grid_cell_resumes(tmp_path, env
     path = tmp_path / "onecell.toml"
     path.write_text(GRID.replace("[0.0, 1.0, 2.0]", "[2.0]"))
     env = {**env, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*CLI, "run", str(path), "--nproc", "2", "--jobs", "1", "--checkpoint-every", "20",
-                             "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = started("run", str(path), "--nproc", "2", "--jobs", "1", "--checkpoint-every", "20", "--no-progress",
+                   cwd=tmp_path, env=env)
     try:
         sidecar = wait_for(lambda: next((p for p in (tmp_path / ".ablate" / "checkpoints").glob("*/resume.json")
                                          if json.loads(p.read_text()).get("iteration", 0) >= 20), None), timeout=600)
@@ -246,9 +246,8 @@ def test_a_tracking_server_away_for_a_minute_costs_no_training_and_no_metric_twi
     with servers.restartable_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts") as server:
         env = {**env, "MLFLOW_TRACKING_URI": server.url}
         assert ablate("run", str(path), "--jobs", "0", cwd=tmp_path, env=env).returncode == 0
-        with open(tmp_path / "worker.log", "w") as log:
-            worker = subprocess.Popen([*CLI, "worker", "onecell", "--jobs", "1", "--checkpoint-every", "100",
-                                       "--no-progress"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        worker = started("worker", "onecell", "--jobs", "1", "--checkpoint-every", "100", "--no-progress",
+                         cwd=tmp_path, env=env, log=tmp_path / "worker.log")
         try:
             client = MlflowClient(server.url)
 
@@ -291,12 +290,11 @@ def test_a_tracking_server_away_longer_than_the_patience_leaves_the_cell_to_resu
     path = tmp_path / "onecell.toml"
     path.write_text(GRID.replace("[0.0, 1.0, 2.0]", "[2.0]"))
     (tmp_path / "artifacts").mkdir()
-    worker_args = [*CLI, "worker", "onecell", "--jobs", "1", "--checkpoint-every", "20", "--no-progress"]
+    worker_args = ["worker", "onecell", "--jobs", "1", "--checkpoint-every", "20", "--no-progress"]
     with servers.restartable_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts") as server:
         env = {**env, "MLFLOW_TRACKING_URI": server.url, "ABLATE_TRACKING_PATIENCE": "5"}
         assert ablate("run", str(path), "--jobs", "0", cwd=tmp_path, env=env).returncode == 0
-        worker = subprocess.Popen(worker_args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
+        worker = started(*worker_args, cwd=tmp_path, env=env)
         try:
             client = MlflowClient(server.url)
             sidecar = wait_for(lambda: next((p for p in (tmp_path / ".ablate" / "checkpoints").glob("*/resume.json")
@@ -314,7 +312,7 @@ def test_a_tracking_server_away_longer_than_the_patience_leaves_the_cell_to_resu
         assert "Traceback" not in output, output
         assert sidecar.is_file()  # the checkpoint stays for the next attempt
         server.start()
-        again = subprocess.run(worker_args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        again = ablate(*worker_args, cwd=tmp_path, env=env)
         assert again.returncode == 0, again.stdout + again.stderr
         experiment = client.get_experiment_by_name("onecell").experiment_id
         [run] = client.search_runs([experiment], filter_string="tags.`ablate.cell` != ''")

@@ -9,8 +9,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import cli_zygote
 from ablate import builders, checkpoint, signals
 from ablate.checkpoint import ResumeSpec, discard_resume, load_resume, save_resume
 from ablate.config import build_config, config_hash
@@ -228,8 +227,9 @@ def test_graceful_stop_outside_the_main_thread_never_stops():
 
 
 def cli(*args: str, out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), "train", "smoke", "--out", str(out), "--no-progress",
-            "--set", "train.iterations=30", "--set", "synth.num_val=8", *args]
+    """The arguments of `python cli.py train smoke ...` (run from the zygote, tests/cli_zygote.py)."""
+    return ["train", "smoke", "--out", str(out), "--no-progress", "--set", "train.iterations=30",
+            "--set", "synth.num_val=8", *args]
 
 
 def run_folder_of(out: Path) -> Path:
@@ -240,8 +240,7 @@ def run_folder_of(out: Path) -> Path:
 @pytest.mark.slow
 def test_ablate_train_stopped_by_sigterm_resumes_to_the_same_result(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cli("--checkpoint-every", "5", out=tmp_path / "a"), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = cli_zygote.start(cli("--checkpoint-every", "5", out=tmp_path / "a"), ROOT, env)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "a").glob("resume-*.json")):  # the first checkpoint: training is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
@@ -254,10 +253,10 @@ def test_ablate_train_stopped_by_sigterm_resumes_to_the_same_result(tmp_path):
     stopped_at = json.loads(path.with_suffix(".json").read_text())["iteration"]
     assert 5 <= stopped_at < 30
 
-    resumed = subprocess.run(cli("--resume", str(path), out=tmp_path / "a"), env=env, capture_output=True, text=True)
+    resumed = cli_zygote.run(cli("--resume", str(path), out=tmp_path / "a"), ROOT, env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert not path.exists() and not path.with_suffix(".json").exists()  # a finished run's are discarded
-    full = subprocess.run(cli(out=tmp_path / "b"), env=env, capture_output=True, text=True)
+    full = cli_zygote.run(cli(out=tmp_path / "b"), ROOT, env, timeout=300)
     assert full.returncode == 0, full.stderr
 
     runs = [run_folder_of(tmp_path / name) for name in ("a", "b")]

@@ -46,8 +46,13 @@ def env(tmp_path):
 
 def ablate(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python cli.py *args`, its own process forked from a zygote that did the imports once
-    (tests/cli_zygote.py); the workers the tests signal or kill are started as plain processes."""
+    (tests/cli_zygote.py)."""
     return cli_zygote.run(list(args), cwd, env, timeout)
+
+
+def started(*args: str, cwd: Path, env: dict, **how) -> cli_zygote.Started:
+    """`python cli.py *args` started (as subprocess.Popen would, pid and all) from the zygote."""
+    return cli_zygote.start(list(args), cwd, env, **how)
 
 
 def test_bad_storage_urls_fail_fast_in_one_masked_line(tmp_path, env, pg):
@@ -91,12 +96,10 @@ def test_a_grid_on_a_server_prints_its_url_masked_and_no_view_run_lines(tmp_path
 def test_two_coordinators_at_once_enqueue_each_run_once(tmp_path, env, pg):
     queue = pg.create_database("two_coordinators")
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    subprocess.run([*CLI, "list"], cwd=tmp_path, env=env, capture_output=True)
     from ablate.tracking import init_store
 
     init_store(env["MLFLOW_TRACKING_URI"])  # create the sqlite store once; the coordinators race otherwise
-    procs = [subprocess.Popen([*CLI, "run", "smoke", "--seeds", "2", "--storage", queue], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [started("run", "smoke", "--seeds", "2", "--storage", queue, cwd=tmp_path, env=env) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     study = optuna.load_study(study_name="smoke", storage=queue)
@@ -126,10 +129,9 @@ def test_three_workers_one_killed_mid_cell_every_cell_finishes_once(tmp_path, en
         procs = []
         for folder in folders:
             folder.mkdir()
-            log = open(folder / "worker.log", "w")
-            procs.append(subprocess.Popen([*CLI, "worker", "threecells", "--storage", queue, "--checkpoint-dir",
-                                           str(checkpoints), "--checkpoint-every", "20", "--no-progress"],
-                                          cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(started("worker", "threecells", "--storage", queue, "--checkpoint-dir", str(checkpoints),
+                                 "--checkpoint-every", "20", "--no-progress", cwd=folder, env=env,
+                                 log=folder / "worker.log"))
         client = MlflowClient(url)
         killed_run = None
         deadline = time.time() + 600
@@ -195,10 +197,9 @@ def test_a_worker_taken_for_dead_that_wakes_up_records_nothing(tmp_path, env, pg
     checkpoints = tmp_path / "shared-checkpoints"
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     assert ablate("run", str(path), "--storage", queue, cwd=tmp_path, env=env).returncode == 0
-    worker = [*CLI, "worker", "onecell", "--storage", queue, "--checkpoint-dir", str(checkpoints),
+    worker = ["worker", "onecell", "--storage", queue, "--checkpoint-dir", str(checkpoints),
               "--checkpoint-every", "20", "--no-progress"]
-    sleeper = subprocess.Popen(worker, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    sleeper = started(*worker, cwd=tmp_path, env=env)
     sidecar = None
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -211,7 +212,7 @@ def test_a_worker_taken_for_dead_that_wakes_up_records_nothing(tmp_path, env, pg
     os.kill(sleeper.pid, signal.SIGSTOP)
     try:
         time.sleep(5)  # > 3 missed heartbeats of 1 s
-        taker = ablate(*worker[2:], cwd=tmp_path, env=env)
+        taker = ablate(*worker, cwd=tmp_path, env=env)
         assert taker.returncode == 0, taker.stderr[-2000:]
     finally:
         os.kill(sleeper.pid, signal.SIGCONT)
