@@ -11,6 +11,18 @@ from PIL import Image
 
 
 
+# The files of the end-to-end tests, longest first (measured: docs/tests.md), then the rest in their
+# usual order. Under `pytest -n 2` each file goes whole to the first free process in this order; a
+# long file started last would leave the other core idle at the end.
+LONGEST_FIRST = ("test_liveness.py", "test_scale.py", "test_grid.py", "test_distributed.py", "test_bad_input.py",
+                 "test_resume.py", "test_adaptive.py", "test_ui_browser.py", "test_memory_format.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
+
+
 @pytest.fixture(autouse=True)
 def one_worker_by_default(monkeypatch):
     """Grids in tests run in the test's own process unless a test asks for workers (--jobs N, or

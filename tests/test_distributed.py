@@ -29,6 +29,9 @@ CLI = [sys.executable, str(REPO / "cli.py")]
 # process differs from itself at 1 vs 2 threads by 1e-2 within 10 steps (measured), which would
 # hide what is compared. GlobalBatchNorm2d has a test of its own below.
 EXACT = ["--set", "model.trunk_norm=frozen_bn", "--set", "data.hflip_prob=0", "--set", "train.log_every=1"]
+# 64 px images: a third of smoke's 128 px training time; splitting a batch over ranks, global
+# BatchNorm and resume do not depend on the image size.
+SMALL = ["--set", "data.min_size=64", "--set", "data.max_size=64"]
 
 
 # ------------------------------------------------------------------------------------ units
@@ -163,7 +166,7 @@ def _losses(out: Path) -> list[dict]:
 def test_two_processes_train_as_one(tmp_path):
     """20 steps at the same global batch (8): the losses of 2 gloo processes (one thread each) equal
     one process's (one thread) within 1e-4 relative, the counts exactly; one run folder."""
-    steps = ["--set", "train.iterations=20", *EXACT]
+    steps = ["--set", "train.iterations=20", *EXACT, *SMALL]
     one = _train(tmp_path / "one", *steps, env={"OMP_NUM_THREADS": "1"})
     two = _train(tmp_path / "two", "--nproc", "2", *steps)
     assert one.returncode == 0, one.stderr
@@ -184,7 +187,7 @@ def test_two_processes_train_as_one(tmp_path):
 def test_stopped_two_process_run_resumes_exactly(tmp_path):
     """SIGTERM to rank 0 stops both ranks at one iteration with a resume checkpoint holding both
     ranks' RNGs; the same command goes on, and its losses equal an uninterrupted run's."""
-    args = ["--nproc", "2", "--checkpoint-every", "5", "--set", "train.iterations=40", *EXACT]
+    args = ["--nproc", "2", "--checkpoint-every", "5", "--set", "train.iterations=40", *EXACT, *SMALL]
     out = tmp_path / "stopped"
     proc = cli_zygote.start(["train", "smoke", "--no-progress", "--out", str(out), *args], tmp_path, dict(os.environ),
                             merge_stderr=False)
@@ -198,7 +201,7 @@ def test_stopped_two_process_run_resumes_exactly(tmp_path):
     [resume] = out.glob("resume-*.pt")
     saved = torch.load(resume, weights_only=True)
     assert len(saved["rng_ranks"]) == 2 and 0 < saved["iteration"] < 40
-    on_one = _train(out, "--checkpoint-every", "5", "--set", "train.iterations=40", *EXACT)
+    on_one = _train(out, "--checkpoint-every", "5", "--set", "train.iterations=40", *EXACT, *SMALL)
     assert on_one.returncode == 1 and "written by 2 process(es), resumed on 1; resume with --nproc 2" in on_one.stderr
     again = _train(out, *args)
     assert again.returncode == 0, again.stderr
@@ -216,8 +219,8 @@ def test_grid_cell_on_two_processes_is_one_mlflow_run(tmp_path):
     """`ablate run smoke --nproc 2`: each cell trained by two processes is one MLflow run with its AP."""
     import mlflow
 
-    run = subprocess.run([*CLI, "run", "smoke", "--nproc", "2", "--no-progress", "--set", "train.iterations=6",
-                          "--set", "train.log_every=2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = cli_zygote.run(["run", "smoke", "--nproc", "2", "--no-progress", "--set", "train.iterations=6",
+                          "--set", "train.log_every=2", *SMALL], tmp_path, dict(os.environ), timeout=300)
     assert run.returncode == 0, run.stderr
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     [experiment] = [e for e in client.search_experiments() if e.name == "smoke"]

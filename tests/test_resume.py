@@ -229,7 +229,7 @@ def test_graceful_stop_outside_the_main_thread_never_stops():
 def cli(*args: str, out: Path) -> list[str]:
     """The arguments of `python cli.py train smoke ...` (run from the zygote, tests/cli_zygote.py)."""
     return ["train", "smoke", "--out", str(out), "--no-progress", "--set", "train.iterations=30",
-            "--set", "synth.num_val=8", *args]
+            "--set", "synth.num_val=8", "--set", "data.min_size=64", "--set", "data.max_size=64", *args]
 
 
 def run_folder_of(out: Path) -> Path:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,22 +82,29 @@ def tiny_grid(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def start_ui(folder: Path, port: int) -> tuple[subprocess.Popen, dict[str, str]]:
-    """`ablate ui browse` as a user starts it; returns it and {page: URL} from what it printed,
-    once the server answers."""
+def start_ui(folder: Path, port: int) -> tuple[subprocess.Popen, dict[str, str], str]:
+    """`ablate ui browse` as a user starts it; returns it, {page: URL} from what it printed, and
+    what it printed, once the server answers."""
     proc = subprocess.Popen([sys.executable, "-m", "cli", "ui", "browse", "--port", str(port)], cwd=folder,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "400"})  # one URL per line
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     urls, seen = {}, []
-    while "Uvicorn running" not in "".join(seen):
-        line = lines.get(timeout=300)
+    deadline = time.monotonic() + 300
+    # The URLs are listed while the server boots: on a busy machine after uvicorn's own lines.
+    while ("Uvicorn running" not in "".join(seen) or len(urls) < 2) and time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
         seen.append(line)
         found = re.match(r"\s+browse (report|runs): (http\S+)", line)
         if found:
             urls[found.group(1)] = found.group(2)
-    return proc, urls
+    return proc, urls, "".join(seen)
 
 
 async def check_pages(urls: dict[str, str], report_file: Path) -> None:
@@ -144,9 +152,9 @@ async def check_pages(urls: dict[str, str], report_file: Path) -> None:
 
 @pytest.mark.timeout(1200)  # a grid, its report, the UI and a browser on 2 shared cores
 def test_a_person_sees_the_cells_and_the_report_in_the_browser(tiny_grid):
-    proc, urls = start_ui(tiny_grid, free_port())
+    proc, urls, printed = start_ui(tiny_grid, free_port())
     try:
-        assert set(urls) == {"report", "runs"}, urls
+        assert set(urls) == {"report", "runs"}, printed
         assert urls["report"].endswith("/artifactPath/report/report.html?workflowType=machine_learning")
         asyncio.run(check_pages(urls, tiny_grid / "reports" / "browse" / "report.html"))
     finally:
