@@ -253,7 +253,8 @@ def _handle(conn: socket.socket) -> None:
     _, status = os.waitpid(pid, 0)
     result = {"returncode": os.waitstatus_to_exitcode(status), "stdout": None, "stderr": None}
     if not request.get("log"):
-        for name, f in (("stdout", out), ("stderr", err)) if err is not out else (("stdout", out),):
+        kept = {"stdout": out} if err is out else {"stdout": out, "stderr": err}  # merged: stderr stays None
+        for name, f in kept.items():
             f.seek(0)
             result[name] = base64.b64encode(f.read()).decode()
     conn.sendall(json.dumps(result).encode() + b"\n")

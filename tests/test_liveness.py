@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +24,6 @@ import cli_zygote
 import servers
 from ablate.tracking import STEP_METRICS
 
-REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, str(REPO / "cli.py")]
 pytestmark = pytest.mark.slow
 
 GRID = servers.THREE_CELL_GRID

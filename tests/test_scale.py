@@ -24,8 +24,6 @@ import servers
 from ablate import tracking
 from ablate.experiments import load_experiment
 
-REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, str(REPO / "cli.py")]
 pytestmark = pytest.mark.slow
 
 GRID = servers.THREE_CELL_GRID
